@@ -1,0 +1,56 @@
+"""cffi out-of-line API-mode builder for Realm's native kernels (``realm.kernels._native``).
+
+``native/kernels.h`` is the single source of the C declarations: its preprocessor lines are
+dropped (except integer ``#define`` constants) and the rest is fed to ``ffi.cdef``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent
+NATIVE = ROOT / "native"
+SOURCES = ["kernels.c", "pool.c", "scalar.c", "avx2.c", "avx512.c", "matmul.c", "ops.c"]
+_DEFINE = re.compile(r"^#define\s+REALM_\w+\s+-?\d+\b")
+
+
+def cdef_text(header: str) -> str:
+    """Return the header with everything cffi's cdef cannot parse removed."""
+    keep = []
+    for line in header.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            if _DEFINE.match(stripped):
+                keep.append(stripped.split("/*")[0].rstrip())
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+def _compile_args() -> list[str]:
+    args = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if os.environ.get("REALM_NATIVE_SANITIZE"):  # e.g. "address": a debugging build
+        args += [f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}", "-fno-omit-frame-pointer", "-O1"]
+    return args
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text((NATIVE / "kernels.h").read_text()))
+ffibuilder.set_source(
+    "realm.kernels._native",
+    '#include "kernels.h"',
+    sources=[str(Path("native") / s) for s in SOURCES],
+    include_dirs=["native"],
+    extra_compile_args=_compile_args(),
+    extra_link_args=["-lpthread", "-lm"]
+    + ([f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}"] if os.environ.get("REALM_NATIVE_SANITIZE") else []),
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(verbose="-v" in sys.argv)

@@ -1,0 +1,118 @@
+/* Realm native kernels: declarations shared by the .c files, never seen by cffi. */
+#ifndef REALM_INTERNAL_H
+#define REALM_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define QK 32  /* elements per Q8_0 / Q4_0 block */
+
+/* ---- GGML block layouts, bit for bit ---- */
+typedef struct {
+    uint16_t d;      /* scale, IEEE half */
+    int8_t qs[QK];   /* value = d * qs[i] */
+} block_q8_0;        /* 34 bytes */
+
+typedef struct {
+    uint16_t d;          /* scale, IEEE half */
+    uint8_t qs[QK / 2];  /* element i in the low nibble of qs[i], i+16 in the high; value = d * (q - 8) */
+} block_q4_0;            /* 18 bytes */
+
+/* Activations quantized on the fly for integer dot products (never stored in files). */
+typedef struct {
+    float d;         /* scale */
+    int32_t sum;     /* sum of qs: folds Q4_0's "-8" offset into one multiply */
+    int8_t qs[QK];
+} block_q8x;         /* 40 bytes */
+
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match GGML");
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 must match GGML");
+
+/* ---- scalar conversions (IEEE half and bfloat16, round to nearest even) ---- */
+static inline float realm_fp32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t realm_fp32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float realm_f16_to_f32(uint16_t h) {
+    /* exact: every half is representable as a float */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    const uint32_t mant = h & 0x3ffu;
+    if (exp == 0) {  /* zero or subnormal: mant * 2^-24 */
+        const float v = (float)mant * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    if (exp == 31) return realm_fp32_from_bits(sign | 0x7f800000u | (mant << 13));
+    return realm_fp32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+static inline uint16_t realm_f32_to_f16(float f) {
+    /* round to nearest, ties to even: the same bits as numpy's float32 -> float16 cast */
+    const uint32_t u = realm_fp32_to_bits(f);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;         /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;        /* rounds to infinity */
+    if (a < 0x38800000u) {                              /* half subnormal (or zero) */
+        return sign | (uint16_t)nearbyintf(fabsf(f) * 0x1p24f);
+    }
+    uint32_t h = (((a >> 23) - 112u) << 10) | ((a & 0x7fffffu) >> 13);
+    const uint32_t rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return sign | (uint16_t)h;
+}
+
+static inline float realm_bf16_to_f32(uint16_t h) { return realm_fp32_from_bits((uint32_t)h << 16); }
+
+static inline uint16_t realm_f32_to_bf16(float f) {
+    uint32_t u = realm_fp32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64); /* quiet NaN */
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16);
+}
+
+/* ---- per-ISA vector primitives: one table per level, chosen at start-up ----
+ * The scalar table is the specification; SIMD tables must agree with it within the
+ * tolerances named in tests/kernels. */
+typedef struct {
+    const char *name;
+    float (*dot_f32)(int64_t n, const float *w, const float *x);
+    float (*dot_f16)(int64_t n, const uint16_t *w, const float *x);
+    float (*dot_bf16)(int64_t n, const uint16_t *w, const float *x);
+    float (*dot_q8_0)(int64_t nb, const block_q8_0 *w, const block_q8x *x);
+    float (*dot_q4_0)(int64_t nb, const block_q4_0 *w, const block_q8x *x);
+    void (*quantize_q8x)(block_q8x *out, const float *x, int64_t nb);
+    /* y += a * x, for attention's weighted sum over values */
+    void (*axpy_f32)(int64_t n, float a, const float *x, float *y);
+    void (*axpy_f16)(int64_t n, float a, const uint16_t *x, float *y);
+    /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k] for an f32 block: GEMM (may be NULL) */
+    int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const float *b,
+                    int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
+} realm_isa_ops;
+
+extern const realm_isa_ops realm_ops_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+extern const realm_isa_ops realm_ops_avx2;
+extern const realm_isa_ops realm_ops_avx512;
+#define REALM_X86 1
+#endif
+
+const realm_isa_ops *realm_ops(void);  /* the active table */
+
+/* ---- thread pool ---- */
+typedef void (*realm_task_fn)(void *ctx, int ith, int nth);
+/* Runs fn(ctx, ith, nth) for ith in [0, nth) on the pool (the caller is thread 0).
+ * max_threads <= 0 means all pool threads. Returns REALM_OK or REALM_ETHREAD. */
+int realm_parallel(realm_task_fn fn, void *ctx, int max_threads);
+
+static inline void realm_split(int64_t n, int ith, int nth, int64_t *begin, int64_t *end) {
+    const int64_t per = (n + nth - 1) / nth;
+    int64_t b = per * ith, e = b + per;
+    if (b > n) b = n;
+    if (e > n) e = n;
+    *begin = b;
+    *end = e;
+}
+
+#endif

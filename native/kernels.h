@@ -1,0 +1,96 @@
+/* Realm native kernels: the one declaration of the C ABI.
+ *
+ * build_ffi.py feeds this file to cffi's ffi.cdef (lines starting with '#' other than
+ * integer '#define's are dropped), so every declaration here is written once.
+ *
+ * Conventions (docs/kernels.md):
+ *   - every exported symbol starts with realm_; the output pointer comes first;
+ *   - every function returns an int status: 0 (REALM_OK) or a negative REALM_E* code,
+ *     and never aborts, prints or exits;
+ *   - arrays are dense row-major; weight rows use GGML's block layouts bit for bit;
+ *   - work is split across the persistent thread pool; callers release the GIL.
+ */
+#ifndef REALM_KERNELS_H
+#define REALM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- status codes ---- */
+#define REALM_OK 0
+#define REALM_EINVAL -1        /* a bad argument: null pointer, size, type, mode */
+#define REALM_ENOMEM -2        /* an allocation failed */
+#define REALM_EUNSUPPORTED -3  /* valid, but not supported by this build or CPU */
+#define REALM_ETHREAD -4       /* the thread pool could not start its threads */
+
+/* ---- element / block types: GGML's type ids ---- */
+#define REALM_TYPE_F32 0
+#define REALM_TYPE_F16 1
+#define REALM_TYPE_Q4_0 2
+#define REALM_TYPE_Q8_0 8
+#define REALM_TYPE_BF16 30
+
+/* ---- instruction-set levels ---- */
+#define REALM_ISA_SCALAR 0     /* portable C: the reference every other level is tested against */
+#define REALM_ISA_AVX2 1       /* AVX2 + FMA + F16C */
+#define REALM_ISA_AVX512 2     /* AVX-512 F/BW/VL + VNNI */
+
+/* ---- RoPE modes (GGML's numbering) ---- */
+#define REALM_ROPE_NORMAL 0    /* rotate adjacent pairs (x[2i], x[2i+1]): llama */
+#define REALM_ROPE_NEOX 2      /* rotate half-split pairs (x[i], x[i + n_rot/2]): NeoX, qwen2 */
+
+/* ---- runtime configuration ---- */
+const char *realm_status_message(int status);
+int realm_isa_detected(void);              /* best level this CPU supports */
+int realm_isa_active(void);                /* level in use */
+int realm_isa_set(int isa);                /* use a level <= detected (tests, benchmarks) */
+int realm_threads_set(int n_threads);      /* resize the pool; n <= 0 means all online cores */
+int realm_threads_get(void);
+
+/* ---- block formats ---- */
+int64_t realm_type_block_elems(int type);  /* elements per block (1 for float types) */
+int64_t realm_type_block_bytes(int type);  /* bytes per block */
+int64_t realm_row_bytes(int type, int64_t n);  /* bytes of a row of n elements; < 0 if invalid */
+int realm_quantize(void *out, int type, const float *x, int64_t n);
+int realm_dequantize(float *out, const void *src, int type, int64_t n);
+
+/* ---- linear algebra ----
+ * y[b, r] = sum_c w[r, c] * x[b, c]    w: (n_rows, n_cols) of wtype; x: (batch, n_cols) f32;
+ * y: (batch, n_rows) f32. batch == 1 is decode; batch > 1 is prefill or batched decode, and
+ * reads the weights once for all rows of x. Quantized weights quantize x to 8 bits and use
+ * integer dot products.
+ */
+int realm_matmul(float *y, const void *w, int wtype, const float *x,
+                 int64_t n_rows, int64_t n_cols, int64_t batch);
+
+/* ---- element-wise and row operations (all f32) ---- */
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; weight may be NULL (no scale). */
+int realm_rmsnorm(float *out, const float *x, const float *weight,
+                  int64_t n_rows, int64_t n, float eps);
+/* In place on x: (n_tokens, n_heads, head_dim); the first n_rot dims of each head rotate by
+ * angle pos[t] * freq_scale * freq_base^(-2i / n_rot). */
+int realm_rope(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
+               int32_t head_dim, int32_t n_rot, int32_t mode, float freq_base,
+               float freq_scale);
+int realm_softmax(float *x, int64_t n_rows, int64_t n);                /* in place, per row */
+int realm_swiglu(float *out, const float *gate, const float *up, int64_t n);  /* silu(g)*u */
+int realm_add(float *out, const float *a, const float *b, int64_t n);
+/* out[i] = dequantize(table[ids[i]]): table (n_rows, row_len) of type; out (n_ids, row_len). */
+int realm_get_rows(float *out, const void *table, int type, int64_t n_rows, int64_t row_len,
+                   const int32_t *ids, int64_t n_ids);
+
+/* ---- attention ----
+ * q: (n_q, n_heads, head_dim) f32; k, v: (n_kv, n_kv_heads, head_dim) of kv_type (F32, F16);
+ * out: (n_q, n_heads, head_dim) f32. Query i attends to cache positions j <= q_pos[i]
+ * (causal) and j < n_kv; head h reads kv head h / (n_heads / n_kv_heads) (grouped-query).
+ * head_dim <= 256. scores are q.k * scale; the softmax subtracts the row maximum.
+ */
+int realm_attention(float *out, const float *q, const void *k, const void *v, int kv_type,
+                    const int32_t *q_pos, int64_t n_q, int64_t n_kv, int32_t n_heads,
+                    int32_t n_kv_heads, int32_t head_dim, float scale);
+
+/* ---- machine limits, measured natively for the benchmarks ---- */
+/* Reads n_bytes of buf iters times with every pool thread; *seconds gets the best pass. */
+int realm_read_bandwidth(double *seconds, const void *buf, int64_t n_bytes, int32_t iters);
+
+#endif

@@ -1,0 +1,12 @@
+"""Realm: a multi-tenant LLM inference runtime for Trio.
+
+Tenants run as WebAssembly guests supervised by Trio actors; the heavy math runs in a native
+kernel library (``realm.kernels``) on weights shared by every tenant.
+"""
+
+from ._errors import KernelError as KernelError
+from ._errors import ModelError as ModelError
+from ._errors import RealmError as RealmError
+from ._errors import TokenizerError as TokenizerError
+
+__version__ = "0.1.0"

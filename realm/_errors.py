@@ -1,0 +1,34 @@
+"""Realm's error tree: one shallow hierarchy, each class mapped to one protocol error code."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class RealmError(Exception):
+    """Base of every error Realm raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+
+class KernelError(RealmError, ValueError):
+    """A native kernel was given arguments it cannot use, or failed (status from C)."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str, *, kernel: str, status: int | None = None) -> None:
+        super().__init__(f"{kernel}: {message}")
+        self.kernel = kernel
+        self.status = status
+
+
+class ModelError(RealmError):
+    """A model file cannot be loaded or used."""
+
+    code: ClassVar[str] = "INVALID_PARAMS"
+
+
+class TokenizerError(RealmError):
+    """Tokenizer data is missing or unusable, or text/ids cannot be converted."""
+
+    code: ClassVar[str] = "INVALID_PARAMS"

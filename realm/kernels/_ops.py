@@ -1,0 +1,452 @@
+"""Checked Python entry points to the native kernels.
+
+This is the only module that touches the compiled ``ffi``/``lib``. Every function checks the
+dtype, shape, contiguity, alignment and writability of its numpy arguments before a pointer
+reaches C, and passes the arrays' own memory (``ffi.from_buffer``, no copies). cffi releases
+the GIL for the duration of each native call, so kernels run in parallel with Python threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .._errors import KernelError
+from ._native import ffi, lib
+from ._types import DTYPE_WEIGHT_TYPES, Isa, RopeMode, WeightType
+
+MAX_HEAD_DIM = 256  # attention kernel limit (scores and outputs live in registers/L1)
+_INT32_MAX = 2**31 - 1
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def _fail(kernel: str, message: str) -> KernelError:
+    return KernelError(message, kernel=kernel)
+
+
+def _array(
+    kernel: str,
+    name: str,
+    a: Any,
+    dtype: np.dtype[Any] | type | tuple[type, ...],
+    *,
+    ndim: tuple[int, ...] | None = None,
+    writable: bool = False,
+) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise _fail(kernel, f"{name} must be a numpy array, got {type(a).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        want = " or ".join(np.dtype(d).name for d in dtypes)
+        raise _fail(kernel, f"{name} must have dtype {want}, got {a.dtype}")
+    if ndim is not None and a.ndim not in ndim:
+        want = " or ".join(str(n) for n in ndim)
+        raise _fail(kernel, f"{name} must have {want} dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise _fail(kernel, f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    if not a.flags.aligned:
+        raise _fail(kernel, f"{name} is not aligned to its dtype")
+    if writable and not a.flags.writeable:
+        raise _fail(kernel, f"{name} must be writable")
+    if a.size == 0:
+        raise _fail(kernel, f"{name} must not be empty, got shape {a.shape}")
+    return a
+
+
+def _out(
+    kernel: str, out: np.ndarray | None, shape: tuple[int, ...], inputs: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    _array(kernel, "out", out, np.float32, writable=True)
+    if out.shape != shape:
+        raise _fail(kernel, f"out must have shape {shape}, got {out.shape}")
+    for a in inputs:
+        if np.shares_memory(out, a):
+            raise _fail(kernel, "out must not overlap an input")
+    return out
+
+
+def _ptr(ctype: str, a: np.ndarray) -> Any:
+    return ffi.cast(ctype, ffi.from_buffer(a, require_writable=False))
+
+
+def _check(kernel: str, status: int) -> None:
+    if status != lib.REALM_OK:
+        message = ffi.string(lib.realm_status_message(status)).decode()
+        raise KernelError(message, kernel=kernel, status=status)
+
+
+def _weight_type(kernel: str, w: np.ndarray, wtype: WeightType | int | None) -> WeightType:
+    if wtype is None:
+        try:
+            return DTYPE_WEIGHT_TYPES[w.dtype]
+        except KeyError:
+            raise _fail(
+                kernel, f"wtype is required for weights of dtype {w.dtype} (raw blocks)"
+            ) from None
+    try:
+        return WeightType(wtype)
+    except ValueError:
+        raise _fail(kernel, f"unknown weight type {wtype!r}") from None
+
+
+def _row_elems(kernel: str, w: np.ndarray, wt: WeightType, name: str = "w") -> int:
+    """Elements per row of a 2-D weight array holding ``wt`` (typed or raw bytes)."""
+    if w.dtype in DTYPE_WEIGHT_TYPES:
+        if DTYPE_WEIGHT_TYPES[w.dtype] != wt:
+            raise _fail(kernel, f"{name} has dtype {w.dtype} but wtype is {wt.name}")
+        return int(w.shape[-1])
+    if w.dtype == np.uint16 and wt == WeightType.BF16:
+        return int(w.shape[-1])
+    if w.dtype != np.uint8:
+        raise _fail(kernel, f"{name} of type {wt.name} must be uint8 blocks, got dtype {w.dtype}")
+    try:
+        return wt.row_elems(int(w.shape[-1]))
+    except ValueError as e:
+        raise _fail(kernel, f"{name}: {e}") from None
+
+
+_WEIGHT_DTYPES = (np.float32, np.float16, np.uint16, np.uint8)
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def set_threads(n: int | None = None) -> int:
+    """Resize the native thread pool (None or 0: all online cores); returns the new size."""
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 256:
+        raise _fail("set_threads", f"n must be an int in [0, 256] or None, got {n!r}")
+    _check("set_threads", lib.realm_threads_set(n))
+    return int(lib.realm_threads_get())
+
+
+def threads() -> int:
+    """Number of threads in the native pool (the caller's thread included)."""
+    return int(lib.realm_threads_get())
+
+
+def detected_isa() -> Isa:
+    """The best instruction-set level this CPU supports."""
+    return Isa(lib.realm_isa_detected())
+
+
+def active_isa() -> Isa:
+    """The instruction-set level the kernels use now."""
+    return Isa(lib.realm_isa_active())
+
+
+def set_isa(isa: Isa | int) -> None:
+    """Use a lower instruction-set level than detected (tests and benchmarks)."""
+    try:
+        level = Isa(isa)
+    except ValueError:
+        raise _fail("set_isa", f"unknown ISA level {isa!r}") from None
+    if level > detected_isa():
+        raise _fail("set_isa", f"{level.name} is not supported by this CPU ({detected_isa().name})")
+    _check("set_isa", lib.realm_isa_set(int(level)))
+
+
+@contextlib.contextmanager
+def use_isa(isa: Isa | int) -> Iterator[None]:
+    """Run a block at one instruction-set level, then restore the previous one."""
+    before = active_isa()
+    set_isa(isa)
+    try:
+        yield
+    finally:
+        set_isa(before)
+
+
+# --- block formats ---------------------------------------------------------------------
+
+
+def quantize(x: np.ndarray, wtype: WeightType | int) -> np.ndarray:
+    """Encode float32 rows ``(..., n)`` as ``wtype``: raw blocks ``(..., row_bytes)`` in uint8.
+
+    Bit for bit GGML's reference quantization (as the ``gguf`` package's ``quants``).
+    """
+    k = "quantize"
+    x = _array(k, "x", x, np.float32)
+    wt = _weight_type(k, x, wtype)
+    n = int(x.shape[-1]) if x.ndim else 1
+    try:
+        rb = wt.row_bytes(n)
+    except ValueError as e:
+        raise _fail(k, str(e)) from None
+    out = np.empty((*x.shape[:-1], rb), dtype=np.uint8)
+    _check(k, lib.realm_quantize(_ptr("void *", out), int(wt), _ptr("float *", x), x.size))
+    return out
+
+
+def dequantize(data: np.ndarray, wtype: WeightType | int) -> np.ndarray:
+    """Decode rows of ``wtype`` (typed, or raw uint8 blocks) into float32 ``(..., n)``."""
+    k = "dequantize"
+    data = _array(k, "data", data, _WEIGHT_DTYPES, ndim=None)
+    wt = _weight_type(k, data, wtype)
+    if data.ndim == 0:
+        raise _fail(k, "data must have at least one dimension")
+    n = _row_elems(k, data, wt, "data")
+    rows = data.size // data.shape[-1]
+    out = np.empty((*data.shape[:-1], n), dtype=np.float32)
+    _check(k, lib.realm_dequantize(_ptr("float *", out), _ptr("void *", data), int(wt), rows * n))
+    return out
+
+
+# --- linear algebra --------------------------------------------------------------------
+
+
+def matmul(
+    w: np.ndarray,
+    x: np.ndarray,
+    *,
+    wtype: WeightType | int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``y[b, r] = sum_c w[r, c] * x[b, c]``: weights ``(n_rows, ·)`` times activations.
+
+    Args:
+        w: weights, 2-D: float32 or float16 ``(n_rows, n_cols)``; bfloat16 as uint16
+            ``(n_rows, n_cols)``; or raw blocks as uint8 ``(n_rows, row_bytes)``.
+        x: float32 ``(n_cols,)`` or ``(batch, n_cols)``.
+        wtype: required unless ``w``'s dtype names the type (float32, float16).
+        out: optional float32 result array, ``(n_rows,)`` or ``(batch, n_rows)`` like ``x``.
+    """
+    k = "matmul"
+    w = _array(k, "w", w, _WEIGHT_DTYPES, ndim=(2,))
+    x = _array(k, "x", x, np.float32, ndim=(1, 2))
+    wt = _weight_type(k, w, wtype)
+    n_cols = _row_elems(k, w, wt)
+    n_rows = int(w.shape[0])
+    if x.shape[-1] != n_cols:
+        raise _fail(k, f"x has {x.shape[-1]} columns but w rows have {n_cols} elements")
+    batch = 1 if x.ndim == 1 else int(x.shape[0])
+    shape = (n_rows,) if x.ndim == 1 else (batch, n_rows)
+    out = _out(k, out, shape, (w, x))
+    _check(
+        k,
+        lib.realm_matmul(
+            _ptr("float *", out), _ptr("void *", w), int(wt), _ptr("float *", x),
+            n_rows, n_cols, batch,
+        ),
+    )
+    return out
+
+
+# --- element-wise and row operations -----------------------------------------------------
+
+
+def rmsnorm(
+    x: np.ndarray, weight: np.ndarray | None, eps: float, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Root-mean-square normalise each row of float32 ``x`` ``(..., n)``, times ``weight`` ``(n,)``."""
+    k = "rmsnorm"
+    x = _array(k, "x", x, np.float32)
+    if x.ndim == 0:
+        raise _fail(k, "x must have at least one dimension")
+    n = int(x.shape[-1])
+    if weight is not None:
+        weight = _array(k, "weight", weight, np.float32, ndim=(1,))
+        if weight.shape[0] != n:
+            raise _fail(k, f"weight has {weight.shape[0]} elements but rows of x have {n}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise _fail(k, f"eps must be finite and >= 0, got {eps}")
+    out = _out(k, out, x.shape, (x,) if weight is None else (x, weight))
+    wptr = ffi.NULL if weight is None else _ptr("float *", weight)
+    _check(k, lib.realm_rmsnorm(_ptr("float *", out), _ptr("float *", x), wptr, x.size // n, n, eps))
+    return out
+
+
+def rope(
+    x: np.ndarray,
+    positions: np.ndarray,
+    *,
+    n_rot: int | None = None,
+    mode: RopeMode | int = RopeMode.NORMAL,
+    freq_base: float = 10000.0,
+    freq_scale: float = 1.0,
+) -> np.ndarray:
+    """Rotate float32 ``x`` ``(n_tokens, n_heads, head_dim)`` in place by token position.
+
+    The first ``n_rot`` (default: all) dims of each head rotate by angle
+    ``positions[t] * freq_scale * freq_base ** (-2 i / n_rot)``. Returns ``x``.
+    """
+    k = "rope"
+    x = _array(k, "x", x, np.float32, ndim=(3,), writable=True)
+    positions = _array(k, "positions", positions, np.int32, ndim=(1,))
+    n_tokens, n_heads, head_dim = (int(s) for s in x.shape)
+    if positions.shape[0] != n_tokens:
+        raise _fail(k, f"positions has {positions.shape[0]} entries for {n_tokens} tokens")
+    if np.shares_memory(x, positions):
+        raise _fail(k, "x must not overlap positions")
+    n_rot = head_dim if n_rot is None else n_rot
+    if isinstance(n_rot, bool) or not isinstance(n_rot, int) or not (
+        0 < n_rot <= head_dim and n_rot % 2 == 0
+    ):
+        raise _fail(k, f"n_rot must be an even int in (0, {head_dim}], got {n_rot!r}")
+    try:
+        mode = RopeMode(mode)
+    except ValueError:
+        raise _fail(k, f"unknown RoPE mode {mode!r}") from None
+    for name, v in (("freq_base", freq_base), ("freq_scale", freq_scale)):
+        if not (math.isfinite(float(v)) and float(v) > 0.0):
+            raise _fail(k, f"{name} must be finite and > 0, got {v}")
+    _check(
+        k,
+        lib.realm_rope(
+            _ptr("float *", x), _ptr("int32_t *", positions), n_tokens, n_heads, head_dim,
+            n_rot, int(mode), float(freq_base), float(freq_scale),
+        ),
+    )
+    return x
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of float32 ``x``, in place (max-subtracted). Returns ``x``."""
+    k = "softmax"
+    x = _array(k, "x", x, np.float32, writable=True)
+    if x.ndim == 0:
+        raise _fail(k, "x must have at least one dimension")
+    n = int(x.shape[-1])
+    _check(k, lib.realm_softmax(_ptr("float *", x), x.size // n, n))
+    return x
+
+
+def _same_shape(k: str, a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise _fail(k, f"{names} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """``silu(gate) * up`` element-wise on float32 arrays of one shape."""
+    k = "swiglu"
+    gate = _array(k, "gate", gate, np.float32)
+    up = _array(k, "up", up, np.float32)
+    _same_shape(k, gate, up, "gate and up")
+    out = _out(k, out, gate.shape, (gate, up))
+    _check(k, lib.realm_swiglu(_ptr("float *", out), _ptr("float *", gate), _ptr("float *", up), gate.size))
+    return out
+
+
+def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """``a + b`` element-wise on float32 arrays of one shape (out may be ``a``: in place)."""
+    k = "add"
+    a = _array(k, "a", a, np.float32)
+    b = _array(k, "b", b, np.float32)
+    _same_shape(k, a, b, "a and b")
+    if out is not None and (out is a or out is b):
+        _array(k, "out", out, np.float32, writable=True)  # exact aliasing is safe here
+    else:
+        out = _out(k, out, a.shape, (a, b))
+    _check(k, lib.realm_add(_ptr("float *", out), _ptr("float *", a), _ptr("float *", b), a.size))
+    return out
+
+
+def get_rows(
+    table: np.ndarray, ids: np.ndarray, *, wtype: WeightType | int | None = None
+) -> np.ndarray:
+    """Embedding lookup: dequantized rows ``table[ids]`` as float32 ``(len(ids), n)``."""
+    k = "get_rows"
+    table = _array(k, "table", table, _WEIGHT_DTYPES, ndim=(2,))
+    ids = _array(k, "ids", ids, np.int32, ndim=(1,))
+    wt = _weight_type(k, table, wtype)
+    n = _row_elems(k, table, wt, "table")
+    n_rows = int(table.shape[0])
+    bad = (ids < 0) | (ids >= n_rows)
+    if bad.any():
+        raise _fail(k, f"id {int(ids[bad][0])} out of range [0, {n_rows})")
+    out = np.empty((ids.shape[0], n), dtype=np.float32)
+    _check(
+        k,
+        lib.realm_get_rows(
+            _ptr("float *", out), _ptr("void *", table), int(wt), n_rows, n,
+            _ptr("int32_t *", ids), ids.shape[0],
+        ),
+    )
+    return out
+
+
+# --- attention -------------------------------------------------------------------------
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    positions: np.ndarray,
+    *,
+    scale: float | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Causal grouped-query attention of a batch of queries over a KV cache.
+
+    Args:
+        q: float32 ``(n_q, n_heads, head_dim)``.
+        k, v: cache ``(n_kv, n_kv_heads, head_dim)``, both float32 or both float16;
+            ``n_kv_heads`` divides ``n_heads``; ``head_dim <= 256``.
+        positions: int32 ``(n_q,)``; query i attends to cache rows ``0..positions[i]``.
+        scale: score scale, default ``1/sqrt(head_dim)``.
+    Returns:
+        float32 ``(n_q, n_heads, head_dim)``.
+    """
+    kn = "attention"
+    q = _array(kn, "q", q, np.float32, ndim=(3,))
+    k = _array(kn, "k", k, (np.float32, np.float16), ndim=(3,))
+    v = _array(kn, "v", v, (np.float32, np.float16), ndim=(3,))
+    positions = _array(kn, "positions", positions, np.int32, ndim=(1,))
+    if k.dtype != v.dtype:
+        raise _fail(kn, f"k and v must have one dtype, got {k.dtype} and {v.dtype}")
+    _same_shape(kn, k, v, "k and v")
+    n_q, n_heads, head_dim = (int(s) for s in q.shape)
+    n_kv, n_kv_heads, kv_dim = (int(s) for s in k.shape)
+    if kv_dim != head_dim:
+        raise _fail(kn, f"k/v head_dim {kv_dim} differs from q head_dim {head_dim}")
+    if head_dim > MAX_HEAD_DIM:
+        raise _fail(kn, f"head_dim {head_dim} exceeds the limit {MAX_HEAD_DIM}")
+    if n_heads % n_kv_heads:
+        raise _fail(kn, f"n_kv_heads {n_kv_heads} must divide n_heads {n_heads}")
+    if positions.shape[0] != n_q:
+        raise _fail(kn, f"positions has {positions.shape[0]} entries for {n_q} queries")
+    if (positions < 0).any():
+        raise _fail(kn, "positions must be >= 0")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise _fail(kn, f"scale must be finite and > 0, got {scale}")
+    out = _out(kn, out, q.shape, (q, k, v, positions))
+    kv_type = WeightType.F16 if k.dtype == np.float16 else WeightType.F32
+    _check(
+        kn,
+        lib.realm_attention(
+            _ptr("float *", out), _ptr("float *", q), _ptr("void *", k), _ptr("void *", v),
+            int(kv_type), _ptr("int32_t *", positions), n_q, n_kv, n_heads, n_kv_heads,
+            head_dim, scale,
+        ),
+    )
+    return out
+
+
+# --- machine limits --------------------------------------------------------------------
+
+
+def read_bandwidth(buf: np.ndarray, iters: int = 5) -> float:
+    """Best seconds to stream-read ``buf`` once with every pool thread (a machine limit)."""
+    k = "read_bandwidth"
+    buf = _array(k, "buf", buf, (np.uint8, np.float32, np.int64, np.uint64))
+    if buf.nbytes < 64:
+        raise _fail(k, "buf must hold at least 64 bytes")
+    if buf.ctypes.data % 8:
+        raise _fail(k, "buf must be 8-byte aligned")
+    if isinstance(iters, bool) or not isinstance(iters, int) or not 1 <= iters <= _INT32_MAX:
+        raise _fail(k, f"iters must be a positive int, got {iters!r}")
+    seconds = ffi.new("double *")
+    _check(k, lib.realm_read_bandwidth(seconds, _ptr("void *", buf), buf.nbytes, iters))
+    return float(seconds[0])
