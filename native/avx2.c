@@ -17,7 +17,7 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static float dot_f32(int64_t n, const float *w, const float *x) {
+static float vdot_f32(int64_t n, const float *w, const float *x) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -42,7 +42,7 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-static float dot_f16(int64_t n, const uint16_t *w, const float *x) {
+static float vdot_f16(int64_t n, const uint16_t *w, const float *x) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -55,57 +55,80 @@ static float dot_f16(int64_t n, const uint16_t *w, const float *x) {
     return s;
 }
 
-static float dot_bf16(int64_t n, const uint16_t *w, const float *x) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(load_bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(load_bf16x8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load_bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
-    float s = hsum256(_mm256_add_ps(a0, a1));
-    for (; i < n; i++) s += realm_bf16_to_f32(w[i]) * x[i];
-    return s;
-}
-
 /* 32 unsigned x 32 signed bytes -> 8 int32 partial sums (no overflow for |u| <= 128, |s| <= 127) */
 static inline __m256 dot_u8s8_ps(__m256i u, __m256i s) {
     const __m256i p16 = _mm256_maddubs_epi16(u, s);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-static float dot_q8_0(int64_t nb, const block_q8_0 *w, const block_q8x *x) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const __m256i qw = _mm256_loadu_si256((const __m256i *)w[i].qs);
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
-        /* |w| * (x * sign(w)): maddubs needs one unsigned operand */
-        const __m256 p = dot_u8s8_ps(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(realm_f16_to_f32(w[i].d) * x[i].d), p, acc);
+/* one weight row against every batch row (panel layout): 8-wide, one weight load per 8 */
+#define AVX2_FLOAT_DOT(NAME, WT, LOAD, TO_F32)                                                   \
+    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch) { \
+        for (int64_t b = 0; b < batch; b++) {                                                    \
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                           \
+            int64_t i = 0;                                                                       \
+            for (; i + 16 <= n; i += 16) {                                                       \
+                const float *xb = xp + ((i / 16) * batch + b) * 16;                              \
+                a0 = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(xb), a0);                      \
+                a1 = _mm256_fmadd_ps(LOAD(w + i + 8), _mm256_loadu_ps(xb + 8), a1);              \
+            }                                                                                    \
+            float s = hsum256(_mm256_add_ps(a0, a1));                                            \
+            for (; i < n; i++) s += TO_F32(w[i]) * xp[((i / 16) * batch + b) * 16 + i % 16];     \
+            y[b * ys] = s;                                                                       \
+        }                                                                                        \
     }
-    return hsum256(acc);
+
+static inline float id_f32(float v) { return v; }
+AVX2_FLOAT_DOT(dot_f32, float, _mm256_loadu_ps, id_f32)
+AVX2_FLOAT_DOT(dot_f16, uint16_t, load_f16x8, realm_f16_to_f32)
+AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
+
+static inline __m256i load_signed_x(const uint8_t *q) {
+    /* stored as q + 128: flipping the top bit gives the signed value */
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80));
 }
 
-static float dot_q4_0(int64_t nb, const block_q4_0 *w, const block_q8x *x) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.0f;  /* sum over blocks of d * 8 * sum(x) */
+static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x) {
+    const int64_t nb = x->nb;
+    for (int64_t b = 0; b < x->batch; b++) {
+        const float *d = x->d + b * nb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            const __m256i qw = _mm256_loadu_si256((const __m256i *)w[i].qs);
+            const __m256i qx = load_signed_x(realm_q8x_block(x, b, i));
+            /* |w| * (x * sign(w)): maddubs needs one unsigned operand */
+            const __m256 p = dot_u8s8_ps(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[i].d) * d[i]), p, acc);
+        }
+        y[b * ys] = hsum256(acc);
+    }
+}
+
+static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x) {
+    const int64_t nb = x->nb;
     const __m128i lo4 = _mm_set1_epi8(0x0f);
-    for (int64_t i = 0; i < nb; i++) {
-        const __m128i q = _mm_loadu_si128((const __m128i *)w[i].qs);
-        const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), lo4),
-                                            _mm_and_si128(q, lo4));
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
-        const float d = realm_f16_to_f32(w[i].d) * x[i].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), dot_u8s8_ps(qw, qx), acc);
-        offset += d * (float)(8 * x[i].sum);
+    for (int64_t b = 0; b < x->batch; b++) {
+        const float *d = x->d + b * nb;
+        const int32_t *sum = x->sum + b * nb;
+        __m256 acc = _mm256_setzero_ps();
+        float offset = 0.0f;  /* sum over blocks of scale * 8 * sum(x) */
+        for (int64_t i = 0; i < nb; i++) {
+            const __m128i qn = _mm_loadu_si128((const __m128i *)w[i].qs);
+            const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
+                                                _mm_and_si128(qn, lo4));
+            const float s = _cvtsh_ss(w[i].d) * d[i];
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), dot_u8s8_ps(qw, load_signed_x(realm_q8x_block(x, b, i))), acc);
+            offset += s * (float)(8 * sum[i]);
+        }
+        y[b * ys] = hsum256(acc) - offset;
     }
-    return hsum256(acc) - offset;
 }
 
-static void quantize_q8x(block_q8x *out, const float *x, int64_t nb) {
+static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int64_t nb = x->nb;
     for (int64_t i = 0; i < nb; i++) {
-        const float *v = x + i * QK;
+        const float *v = src + i * QK;
         __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
         __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
         __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
@@ -127,9 +150,10 @@ static void quantize_q8x(block_q8x *out, const float *x, int64_t nb) {
         /* packs works within 128-bit lanes; the permute restores element order */
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out[i].qs, p);
-        out[i].d = d;
-        out[i].sum = _mm_cvtsi128_si32(s4);
+        p = _mm256_xor_si256(p, _mm256_set1_epi8((char)0x80));  /* + 128 */
+        _mm256_storeu_si256((__m256i *)realm_q8x_block(x, b, i), p);
+        x->d[b * nb + i] = d;
+        x->sum[b * nb + i] = _mm_cvtsi128_si32(s4);
     }
 }
 
@@ -157,6 +181,8 @@ const realm_isa_ops realm_ops_avx2 = {
     .dot_q8_0 = dot_q8_0,
     .dot_q4_0 = dot_q4_0,
     .quantize_q8x = quantize_q8x,
+    .vdot_f32 = vdot_f32,
+    .vdot_f16 = vdot_f16,
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = NULL,

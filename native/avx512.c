@@ -11,24 +11,8 @@
 
 static inline __mmask16 tail16(int64_t r) { return (__mmask16)((1u << r) - 1u); }
 
-static float dot_f32(int64_t n, const float *w, const float *x) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    if (i < n) {
-        const __mmask16 m = tail16(n - i);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
+static inline __m512 load_f32x16(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_f32x16_tail(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 static inline __m512 load_f16x16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
@@ -44,127 +28,200 @@ static inline __m512 load_bf16x16_tail(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
-static float dot_f16(int64_t n, const uint16_t *w, const float *x) {
+#define GROUP 8 /* batch rows per pass over a weight row: accumulators stay in registers */
+#define INLINE static inline __attribute__((always_inline))
+
+/* One weight row against G batch rows (x in the panel layout): each weight vector is loaded
+ * (and converted) once and multiplied into G accumulators; two accumulator sets hide the FMA
+ * latency. The panels are zero-padded, so only the weight tail needs a mask. */
+#define FLOAT_DOT(NAME, WT, LOAD, LOAD_TAIL)                                                     \
+    INLINE void NAME##_group(float *y, int64_t ys, const WT *w, const float *xp, int64_t n,      \
+                             int64_t batch, int64_t b0, const int G) {                           \
+        __m512 a0[GROUP], a1[GROUP];                                                             \
+        for (int k = 0; k < G; k++) a0[k] = a1[k] = _mm512_setzero_ps();                         \
+        const int64_t full = n / 16;                                                             \
+        int64_t c = 0;                                                                           \
+        for (; c + 2 <= full; c += 2) {                                                          \
+            const __m512 w0 = LOAD(w + c * 16), w1 = LOAD(w + c * 16 + 16);                      \
+            const float *x0 = xp + (c * batch + b0) * 16, *x1 = x0 + batch * 16;                 \
+            for (int k = 0; k < G; k++) {                                                        \
+                a0[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a0[k]);                \
+                a1[k] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + k * 16), a1[k]);                \
+            }                                                                                    \
+        }                                                                                        \
+        if (c < full) {                                                                          \
+            const __m512 w0 = LOAD(w + c * 16);                                                  \
+            const float *x0 = xp + (c * batch + b0) * 16;                                        \
+            for (int k = 0; k < G; k++) a0[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a0[k]); \
+            c++;                                                                                 \
+        }                                                                                        \
+        if (c * 16 < n) {                                                                        \
+            const __m512 w0 = LOAD_TAIL(w + c * 16, tail16(n - c * 16));                         \
+            const float *x0 = xp + (c * batch + b0) * 16;                                        \
+            for (int k = 0; k < G; k++) a1[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a1[k]); \
+        }                                                                                        \
+        for (int k = 0; k < G; k++)                                                              \
+            y[(b0 + k) * ys] = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));                \
+    }                                                                                            \
+    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch) { \
+        int64_t b = 0;                                                                           \
+        for (; b + GROUP <= batch; b += GROUP) NAME##_group(y, ys, w, xp, n, batch, b, GROUP);   \
+        switch (batch - b) {                                                                     \
+        case 1: NAME##_group(y, ys, w, xp, n, batch, b, 1); break;                               \
+        case 2: NAME##_group(y, ys, w, xp, n, batch, b, 2); break;                               \
+        case 3: NAME##_group(y, ys, w, xp, n, batch, b, 3); break;                               \
+        case 4: NAME##_group(y, ys, w, xp, n, batch, b, 4); break;                               \
+        case 5: NAME##_group(y, ys, w, xp, n, batch, b, 5); break;                               \
+        case 6: NAME##_group(y, ys, w, xp, n, batch, b, 6); break;                               \
+        case 7: NAME##_group(y, ys, w, xp, n, batch, b, 7); break;                               \
+        default: break;                                                                          \
+        }                                                                                        \
+    }
+
+FLOAT_DOT(dot_f32, float, load_f32x16, load_f32x16_tail)
+FLOAT_DOT(dot_f16, uint16_t, load_f16x16, load_f16x16_tail)
+FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
+
+static float vdot_f32(int64_t n, const float *a, const float *b) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm512_fmadd_ps(load_f16x16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(load_f16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), a1);
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load_f16x16(w + i), _mm512_loadu_ps(x + i), a0);
-    if (i < n) {
-        const __mmask16 m = tail16(n - i);
-        a1 = _mm512_fmadd_ps(load_f16x16_tail(w + i, m), _mm512_maskz_loadu_ps(m, x + i), a1);
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail16(n - i);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-static float dot_bf16(int64_t n, const uint16_t *w, const float *x) {
+static float vdot_f16(int64_t n, const uint16_t *a, const float *b) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(load_bf16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a0 = _mm512_fmadd_ps(load_f16x16(a + i), _mm512_loadu_ps(b + i), a0);
+        a1 = _mm512_fmadd_ps(load_f16x16(a + i + 16), _mm512_loadu_ps(b + i + 16), a1);
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
-    if (i < n) {
-        const __mmask16 m = tail16(n - i);
-        a1 = _mm512_fmadd_ps(load_bf16x16_tail(w + i, m), _mm512_maskz_loadu_ps(m, x + i), a1);
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail16(n - i);
+        a0 = _mm512_fmadd_ps(load_f16x16_tail(a + i, m), _mm512_maskz_loadu_ps(m, b + i), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-/* lanes 0-7 hold s0, lanes 8-15 hold s1 */
-static inline __m512 two_scales(float s0, float s1) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(s0))),
-                                               _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
-}
-
-static inline __m512i two_blocks(const int8_t *a, const int8_t *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-
-static float dot_q8_0(int64_t nb, const block_q8_0 *w, const block_q8x *x) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+/* Quantized weights: a pair of blocks (64 signed bytes, their 4-byte groups interleaved as
+ * in the activations' layout) times G activation rows. VNNI's vpdpbusd multiplies unsigned
+ * by signed bytes; activations are stored as q + 128, so each product carries an extra
+ * 128 * w: the accumulator starts at -128 * sum(w), computed once per pair. Even int32
+ * lanes then hold the first block's partial dot, odd lanes the second's, and the scales
+ * are [d_a, d_b] repeated, for weights and (one 8-byte broadcast) for activations. */
+INLINE void int8_pair_step(__m512 *acc, __m512i wv, __m512 dw, const realm_q8x *x, int64_t b0,
+                           int64_t p, const int G) {
     const __m512i zero = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 4 <= nb; i += 4) {
-        /* VNNI multiplies unsigned by signed bytes: |w| times x with w's sign */
-        const __m512i qw0 = two_blocks(w[i].qs, w[i + 1].qs);
-        const __m512i qx0 = two_blocks(x[i].qs, x[i + 1].qs);
-        const __m512i qw1 = two_blocks(w[i + 2].qs, w[i + 3].qs);
-        const __m512i qx1 = two_blocks(x[i + 2].qs, x[i + 3].qs);
-        const __m512i sx0 = _mm512_mask_sub_epi8(qx0, _mm512_movepi8_mask(qw0), zero, qx0);
-        const __m512i sx1 = _mm512_mask_sub_epi8(qx1, _mm512_movepi8_mask(qw1), zero, qx1);
-        const __m512i p0 = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw0), sx0);
-        const __m512i p1 = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw1), sx1);
-        const __m512 d0 = two_scales(realm_f16_to_f32(w[i].d) * x[i].d, realm_f16_to_f32(w[i + 1].d) * x[i + 1].d);
-        const __m512 d1 = two_scales(realm_f16_to_f32(w[i + 2].d) * x[i + 2].d, realm_f16_to_f32(w[i + 3].d) * x[i + 3].d);
-        acc0 = _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(p0), acc0);
-        acc1 = _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(p1), acc1);
+    const __m512i neg_wsum = _mm512_sub_epi32(
+        zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), wv), 7));
+    const uint8_t *q = x->qs + (p * x->batch + b0) * 64;
+    const float *d2 = x->d2 + (p * x->batch + b0) * 2;
+    for (int k = 0; k < G; k++) {
+        const __m512i xv = _mm512_loadu_si512((const void *)(q + k * 64));
+        const __m512i pr = _mm512_dpbusd_epi32(neg_wsum, xv, wv);
+        const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)(const void *)(d2 + k * 2)));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pr), _mm512_mul_ps(dw, dx), acc[k]);
     }
-    for (; i < nb; i++) {
-        const __m256i qw = _mm256_loadu_si256((const __m256i *)w[i].qs);
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
-        const __m256i sx = _mm256_mask_sub_epi8(qx, _mm256_movepi8_mask(qw), _mm256_setzero_si256(), qx);
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(qw), sx);
-        const __m512 d = two_scales(realm_f16_to_f32(w[i].d) * x[i].d, 0.0f);
-        acc0 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_zextsi256_si512(p)), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-static inline __m512i nibbles_two_blocks(const uint8_t *a, const uint8_t *b) {
-    /* lanes: [low nibbles of a, high nibbles of a, low of b, high of b] = elements in order */
-    const __m128i qa = _mm_loadu_si128((const __m128i *)a);
-    const __m128i qb = _mm_loadu_si128((const __m128i *)b);
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(qa, qa)),
-                                         _mm256_set_m128i(qb, qb), 1);
-    const __m512i shifts = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
-                                             0, 0, 0x0004000400040004LL, 0x0004000400040004LL);
-    return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0f));
+INLINE __m512 pair_scales(uint16_t a, uint16_t b) {
+    return _mm512_cvtph_ps(_mm256_set1_epi32((int)((uint32_t)a | ((uint32_t)b << 16))));
 }
 
-static float dot_q4_0(int64_t nb, const block_q4_0 *w, const block_q8x *x) {
-    __m512 acc = _mm512_setzero_ps();
-    float offset = 0.0f;  /* sum over blocks of d * 8 * sum(x) */
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m512i qw = nibbles_two_blocks(w[i].qs, w[i + 1].qs);
-        const __m512i qx = two_blocks(x[i].qs, x[i + 1].qs);
-        const __m512i p = _mm512_dpbusd_epi32(zero, qw, qx);
-        const float d0 = realm_f16_to_f32(w[i].d) * x[i].d;
-        const float d1 = realm_f16_to_f32(w[i + 1].d) * x[i + 1].d;
-        acc = _mm512_fmadd_ps(two_scales(d0, d1), _mm512_cvtepi32_ps(p), acc);
-        offset += d0 * (float)(8 * x[i].sum) + d1 * (float)(8 * x[i + 1].sum);
+/* 64 bytes of blocks a (low 256 bits) and b (high) -> their 4-byte groups interleaved */
+INLINE __m512i interleave_pair(__m512i ab) {
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    return _mm512_permutexvar_epi32(idx, ab);
+}
+
+INLINE __m256i q8_block(const block_q8_0 *w, int64_t i) {
+    return _mm256_loadu_si256((const __m256i *)w[i].qs);
+}
+
+INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
+    /* low nibbles are elements 0-15, high nibbles 16-31; minus 8 makes them signed */
+    const __m128i q = _mm_loadu_si128((const __m128i *)w[i].qs);
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    const __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), lo4), _mm_and_si128(q, lo4));
+    return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
+}
+
+#define INT8_DOT(NAME, BT, BLOCK)                                                                \
+    INLINE void NAME##_group(float *y, int64_t ys, const BT *w, const realm_q8x *x, int64_t b0,  \
+                             const int G) {                                                      \
+        __m512 acc[GROUP];                                                                       \
+        for (int k = 0; k < G; k++) acc[k] = _mm512_setzero_ps();                                \
+        const int64_t nb = x->nb;                                                                \
+        int64_t p = 0;                                                                           \
+        for (; 2 * p + 2 <= nb; p++) {                                                           \
+            const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(BLOCK(w, 2 * p)),       \
+                                                  BLOCK(w, 2 * p + 1), 1);                       \
+            int8_pair_step(acc, interleave_pair(ab), pair_scales(w[2 * p].d, w[2 * p + 1].d), x, \
+                           b0, p, G);                                                            \
+        }                                                                                        \
+        if (nb % 2) {                                                                            \
+            const __m512i a0 = _mm512_zextsi256_si512(BLOCK(w, 2 * p));                          \
+            int8_pair_step(acc, interleave_pair(a0), pair_scales(w[2 * p].d, 0), x, b0, p, G);   \
+        }                                                                                        \
+        for (int k = 0; k < G; k++) y[(b0 + k) * ys] = _mm512_reduce_add_ps(acc[k]);             \
+    }                                                                                            \
+    static void NAME(float *y, int64_t ys, const BT *w, const realm_q8x *x) {                    \
+        const int64_t batch = x->batch;                                                          \
+        int64_t b = 0;                                                                           \
+        for (; b + GROUP <= batch; b += GROUP) NAME##_group(y, ys, w, x, b, GROUP);              \
+        switch (batch - b) {                                                                     \
+        case 1: NAME##_group(y, ys, w, x, b, 1); break;                                          \
+        case 2: NAME##_group(y, ys, w, x, b, 2); break;                                          \
+        case 3: NAME##_group(y, ys, w, x, b, 3); break;                                          \
+        case 4: NAME##_group(y, ys, w, x, b, 4); break;                                          \
+        case 5: NAME##_group(y, ys, w, x, b, 5); break;                                          \
+        case 6: NAME##_group(y, ys, w, x, b, 6); break;                                          \
+        case 7: NAME##_group(y, ys, w, x, b, 7); break;                                          \
+        default: break;                                                                          \
+        }                                                                                        \
     }
-    float s = _mm512_reduce_add_ps(acc) - offset;
-    for (; i < nb; i++) {  /* odd tail block */
-        int32_t a = 0;
-        for (int j = 0; j < QK / 2; j++) {
-            a += (int32_t)(w[i].qs[j] & 0x0f) * x[i].qs[j];
-            a += (int32_t)(w[i].qs[j] >> 4) * x[i].qs[j + QK / 2];
+
+INT8_DOT(dot_q8_0, block_q8_0, q8_block)
+INT8_DOT(dot_q4_0, block_q4_0, q4_block)
+
+static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
+    const int64_t nb = x->nb;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    for (int64_t p = 0; p < x->n_pairs; p++) {
+        __m512i q32[2];  /* int32 values of the two blocks, 32 each, as 2 x 16 lanes */
+        __m128i q8[4];
+        float d[2] = {0.0f, 0.0f};
+        for (int h = 0; h < 2; h++) {
+            const int64_t i = 2 * p + h;
+            if (i >= nb) {  /* pad of an odd row: reads as q = 0 */
+                q8[2 * h] = q8[2 * h + 1] = _mm_setzero_si128();
+                continue;
+            }
+            const float *v = src + i * QK;
+            const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            d[h] = amax / 127.0f;
+            const __m512 id = _mm512_set1_ps(d[h] != 0.0f ? 1.0f / d[h] : 0.0f);
+            q32[0] = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+            q32[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            q8[2 * h] = _mm512_cvtsepi32_epi8(q32[0]);
+            q8[2 * h + 1] = _mm512_cvtsepi32_epi8(q32[1]);
+            x->d[b * nb + i] = d[h];
+            x->sum[b * nb + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q32[0], q32[1]));
         }
-        s += realm_f16_to_f32(w[i].d) * x[i].d * (float)(a - 8 * x[i].sum);
-    }
-    return s;
-}
-
-static void quantize_q8x(block_q8x *out, const float *x, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++) {
-        const float *v = x + i * QK;
-        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float d = amax / 127.0f;
-        const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-        const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-        const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        _mm_storeu_si128((__m128i *)out[i].qs, _mm512_cvtsepi32_epi8(i0));
-        _mm_storeu_si128((__m128i *)(out[i].qs + 16), _mm512_cvtsepi32_epi8(i1));
-        out[i].d = d;
-        out[i].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        const __m512i ab = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(q8[1], q8[0])), _mm256_set_m128i(q8[3], q8[2]), 1);
+        _mm512_storeu_si512((void *)(x->qs + (p * x->batch + b) * 64),
+                            _mm512_xor_si512(interleave_pair(ab), bias));
+        x->d2[(p * x->batch + b) * 2] = d[0];
+        x->d2[(p * x->batch + b) * 2 + 1] = d[1];
     }
 }
 
@@ -200,6 +257,8 @@ const realm_isa_ops realm_ops_avx512 = {
     .dot_q8_0 = dot_q8_0,
     .dot_q4_0 = dot_q4_0,
     .quantize_q8x = quantize_q8x,
+    .vdot_f32 = vdot_f32,
+    .vdot_f16 = vdot_f16,
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = NULL,

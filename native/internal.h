@@ -21,12 +21,34 @@ typedef struct {
     uint8_t qs[QK / 2];  /* element i in the low nibble of qs[i], i+16 in the high; value = d * (q - 8) */
 } block_q4_0;            /* 18 bytes */
 
-/* Activations quantized on the fly for integer dot products (never stored in files). */
+/* Activations quantized on the fly for integer dot products (never stored in files): one
+ * buffer per matmul call. Values are stored offset by 128 so they are unsigned, as VNNI's
+ * u8 x s8 product wants; the dot then takes 128 * sum(w) back off. The layout of qs belongs
+ * to the ISA level whose quantize_q8x wrote it (the same level's dots read it):
+ *   scalar, AVX2: (batch, nb, 32), scales in d, sums in sum;
+ *   AVX-512: block pairs with the batch rows side by side, (n_pairs, batch, 64), the two
+ *     blocks' 4-byte groups interleaved so that even int32 lanes of a product belong to the
+ *     first block and odd lanes to the second; scales in d2 (n_pairs, batch, 2).
+ * The AVX-512 layout lets one weight block pair meet every batch row in consecutive memory
+ * and take both rows' scales with one 8-byte broadcast. */
 typedef struct {
-    float d;         /* scale */
-    int32_t sum;     /* sum of qs: folds Q4_0's "-8" offset into one multiply */
-    int8_t qs[QK];
-} block_q8x;         /* 40 bytes */
+    int64_t nb;       /* blocks per row */
+    int64_t n_pairs;  /* (nb + 1) / 2; an odd row's last pair is padded with zeros */
+    int64_t batch;
+    uint8_t *qs;      /* q + 128, n_pairs * 64 bytes per row */
+    float *d;         /* (batch, nb): block scales */
+    float *d2;        /* (n_pairs, batch, 2): block scales by pair */
+    int32_t *sum;     /* (batch, nb): sum of the signed q */
+} realm_q8x;
+
+/* block i of row b in the plain layout */
+static inline uint8_t *realm_q8x_block(const realm_q8x *x, int64_t b, int64_t i) {
+    return x->qs + (b * x->nb + i) * 32;
+}
+
+/* Float activations for batch > 1 are repacked the same way: (ceil(n/16), batch, 16) floats,
+ * zero-padded, so one weight vector meets every row of the batch in one cache line each. */
+static inline int64_t realm_panels(int64_t n) { return (n + 15) / 16; }
 
 _Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match GGML");
 _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 must match GGML");
@@ -77,16 +99,23 @@ static inline uint16_t realm_f32_to_bf16(float f) {
  * tolerances named in tests/kernels. */
 typedef struct {
     const char *name;
-    float (*dot_f32)(int64_t n, const float *w, const float *x);
-    float (*dot_f16)(int64_t n, const uint16_t *w, const float *x);
-    float (*dot_bf16)(int64_t n, const uint16_t *w, const float *x);
-    float (*dot_q8_0)(int64_t nb, const block_q8_0 *w, const block_q8x *x);
-    float (*dot_q4_0)(int64_t nb, const block_q4_0 *w, const block_q8x *x);
-    void (*quantize_q8x)(block_q8x *out, const float *x, int64_t nb);
+    /* y[b * ys] = dot(w, x_b) for b < batch: one weight row of n elements against every row
+     * of the batch, x in the panel layout above, so the weight row is read once */
+    void (*dot_f32)(float *y, int64_t ys, const float *w, const float *xp, int64_t n, int64_t batch);
+    void (*dot_f16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch);
+    void (*dot_bf16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch);
+    /* the same for quantized weights against quantized activations (x->nb blocks) */
+    void (*dot_q8_0)(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x);
+    void (*dot_q4_0)(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x);
+    /* quantize src (x->nb blocks) into row b of x, in this level's layout */
+    void (*quantize_q8x)(const realm_q8x *x, const float *src, int64_t b);
+    /* plain dot products of contiguous vectors, for attention */
+    float (*vdot_f32)(int64_t n, const float *a, const float *b);
+    float (*vdot_f16)(int64_t n, const uint16_t *a, const float *b);
     /* y += a * x, for attention's weighted sum over values */
     void (*axpy_f32)(int64_t n, float a, const float *x, float *y);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *x, float *y);
-    /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k] for an f32 block: GEMM (may be NULL) */
+    /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k]: blocked F32 GEMM (may be NULL) */
     int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const float *b,
                     int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
 } realm_isa_ops;

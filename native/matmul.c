@@ -15,8 +15,8 @@ typedef struct {
     float *y;
     const uint8_t *w;
     int wtype;
-    const float *x;
-    const block_q8x *xq;       /* quantized activations (quantized weights only) */
+    const float *x;            /* float weights: activations in the panel layout */
+    const realm_q8x *xq;       /* quantized activations (quantized weights only) */
     int64_t n_rows, n_cols, batch;
     int64_t row_bytes;
     int64_t chunk;             /* rows per work item */
@@ -26,20 +26,16 @@ typedef struct {
 
 static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
     const realm_isa_ops *ops = c->ops;
-    const int64_t nb = c->n_cols / QK;
+    const int64_t n = c->n_cols, ys = c->n_rows;
     for (int64_t r = r0; r < r1; r++) {
         const void *row = c->w + r * c->row_bytes;
-        for (int64_t b = 0; b < c->batch; b++) {
-            const float *xb = c->x + b * c->n_cols;
-            float v;
-            switch (c->wtype) {
-            case REALM_TYPE_F32: v = ops->dot_f32(c->n_cols, row, xb); break;
-            case REALM_TYPE_F16: v = ops->dot_f16(c->n_cols, row, xb); break;
-            case REALM_TYPE_BF16: v = ops->dot_bf16(c->n_cols, row, xb); break;
-            case REALM_TYPE_Q8_0: v = ops->dot_q8_0(nb, row, c->xq + b * nb); break;
-            default: v = ops->dot_q4_0(nb, row, c->xq + b * nb); break;
-            }
-            c->y[b * c->n_rows + r] = v;
+        float *y = c->y + r;
+        switch (c->wtype) {
+        case REALM_TYPE_F32: ops->dot_f32(y, ys, row, c->x, n, c->batch); break;
+        case REALM_TYPE_F16: ops->dot_f16(y, ys, row, c->x, n, c->batch); break;
+        case REALM_TYPE_BF16: ops->dot_bf16(y, ys, row, c->x, n, c->batch); break;
+        case REALM_TYPE_Q8_0: ops->dot_q8_0(y, ys, row, c->xq); break;
+        default: ops->dot_q4_0(y, ys, row, c->xq); break;
         }
     }
 }
@@ -56,9 +52,9 @@ static void mm_task(void *p, int ith, int nth) {
 }
 
 typedef struct {
-    block_q8x *xq;
+    const realm_q8x *xq;
     const float *x;
-    int64_t batch, nb;
+    int64_t batch;
     const realm_isa_ops *ops;
 } quant_ctx;
 
@@ -66,8 +62,41 @@ static void quant_task(void *p, int ith, int nth) {
     quant_ctx *c = p;
     int64_t b0, b1;
     realm_split(c->batch, ith, nth, &b0, &b1);
-    for (int64_t b = b0; b < b1; b++)
-        c->ops->quantize_q8x(c->xq + b * c->nb, c->x + b * c->nb * QK, c->nb);
+    for (int64_t b = b0; b < b1; b++) c->ops->quantize_q8x(c->xq, c->x + b * c->xq->nb * QK, b);
+}
+
+/* One allocation for the quantized activations of a call; NULL if it cannot be had. */
+static void *alloc_q8x(realm_q8x *x, int64_t batch, int64_t nb) {
+    const int64_t np = (nb + 1) / 2;
+    const uint64_t per_row = (uint64_t)np * 64 + (uint64_t)np * 8 + (uint64_t)nb * 8;
+    if ((uint64_t)batch > (SIZE_MAX - 64) / per_row) return NULL;
+    uint8_t *mem = malloc((size_t)batch * per_row + 64);
+    if (!mem) return NULL;
+    x->nb = nb;
+    x->n_pairs = np;
+    x->batch = batch;
+    x->d = (float *)mem;  /* 4-byte aligned sections first */
+    x->d2 = x->d + batch * nb;
+    x->sum = (int32_t *)(x->d2 + batch * np * 2);
+    x->qs = (uint8_t *)(x->sum + batch * nb);
+    return mem;
+}
+
+/* Repack float activations (batch, n) into zero-padded panels (ceil(n/16), batch, 16). */
+static float *pack_panels(const float *x, int64_t n, int64_t batch) {
+    const int64_t np = realm_panels(n);
+    if ((uint64_t)np * 16 > SIZE_MAX / sizeof(float) / (uint64_t)batch) return NULL;
+    float *xp = malloc((size_t)(np * batch * 16) * sizeof(float));
+    if (!xp) return NULL;
+    for (int64_t c = 0; c < np; c++) {
+        const int64_t len = n - c * 16 < 16 ? n - c * 16 : 16;
+        for (int64_t b = 0; b < batch; b++) {
+            float *dst = xp + (c * batch + b) * 16;
+            memcpy(dst, x + b * n + c * 16, (size_t)len * sizeof(float));
+            for (int64_t l = len; l < 16; l++) dst[l] = 0.0f;
+        }
+    }
+    return xp;
 }
 
 typedef struct {
@@ -100,25 +129,28 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
 
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                 .batch = batch, .row_bytes = row_bytes, .ops = ops};
-    block_q8x *xq = NULL;
+    realm_q8x xq;
+    void *scratch = NULL;  /* quantized activations or float panels */
     if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
-        const int64_t nb = n_cols / QK;
-        if ((uint64_t)batch * (uint64_t)nb > SIZE_MAX / sizeof(block_q8x)) return REALM_ENOMEM;
-        xq = malloc((size_t)(batch * nb) * sizeof(block_q8x));
-        if (!xq) return REALM_ENOMEM;
-        quant_ctx q = {.xq = xq, .x = x, .batch = batch, .nb = nb, .ops = ops};
+        scratch = alloc_q8x(&xq, batch, n_cols / QK);
+        if (!scratch) return REALM_ENOMEM;
+        quant_ctx q = {.xq = &xq, .x = x, .batch = batch, .ops = ops};
         int rc = realm_parallel(quant_task, &q, batch >= 8 ? 0 : 1);
         if (rc != REALM_OK) {
-            free(xq);
+            free(scratch);
             return rc;
         }
-        c.xq = xq;
+        c.xq = &xq;
+    } else if (batch > 1 || n_cols % 16 != 0) {  /* one row of whole panels is x itself */
+        scratch = pack_panels(x, n_cols, batch);
+        if (!scratch) return REALM_ENOMEM;
+        c.x = scratch;
     }
     const int nth = realm_threads_get();
     int64_t chunk = n_rows / ((int64_t)nth * 16);
     c.chunk = chunk < 1 ? 1 : chunk;
     atomic_store(&c.next, 0);
     int rc = realm_parallel(mm_task, &c, 0);
-    free(xq);
+    free(scratch);
     return rc;
 }

@@ -149,9 +149,12 @@ static void attn_task(void *p, int ith, int nth) {
         float m = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             const uint8_t *kj = c->k + j * kv_row + kvh_off;
-            const float s = (c->kv_type == REALM_TYPE_F16 ? c->ops->dot_f16(d, (const uint16_t *)kj, qv)
-                                                          : c->ops->dot_f32(d, (const float *)kj, qv)) *
-                            c->scale;
+            float s;
+            if (c->kv_type == REALM_TYPE_F16)
+                s = c->ops->vdot_f16(d, (const uint16_t *)kj, qv);
+            else
+                s = c->ops->vdot_f32(d, (const float *)kj, qv);
+            s *= c->scale;
             scores[j] = s;
             m = s > m ? s : m;
         }

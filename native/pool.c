@@ -39,6 +39,7 @@ typedef struct {
     atomic_uint_fast64_t generation;
     atomic_int pending;        /* workers still running the current job */
     atomic_int stop;
+    uint_fast64_t start_generation;  /* generation when the workers were created */
 } pool_t;
 
 static pool_t pool = {
@@ -62,7 +63,8 @@ static int online_cores(void) {
 
 static void *worker_main(void *arg) {
     const int ith = (int)(intptr_t)arg;
-    uint_fast64_t seen = atomic_load(&pool.generation);
+    /* not the live value: a job may already have been posted before this thread ran */
+    uint_fast64_t seen = pool.start_generation;
     for (;;) {
         int spins = 0;
         while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen &&
@@ -103,6 +105,7 @@ static int start_workers(int n) {
     if (n <= 0) n = online_cores();
     if (n > MAX_THREADS) n = MAX_THREADS;
     pool.n_threads = n;
+    pool.start_generation = atomic_load(&pool.generation);
     for (int i = 1; i < n; i++) {
         if (pthread_create(&pool.workers[i], NULL, worker_main, (void *)(intptr_t)i) != 0) {
             pool.n_threads = i;  /* join what started */

@@ -61,62 +61,97 @@ void realm_dequantize_row_q4_0(float *out, const block_q4_0 *b, int64_t nb) {
 
 /* ---- vector primitives ---- */
 
-static float dot_f32(int64_t n, const float *w, const float *x) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += w[i] * x[i];
-    return s;
-}
+/* element i of batch row b in the panel layout */
+#define XP(xp, batch, b, i) ((xp)[(((i) / 16) * (batch) + (b)) * 16 + (i) % 16])
 
-static float dot_f16(int64_t n, const uint16_t *w, const float *x) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += realm_f16_to_f32(w[i]) * x[i];
-    return s;
-}
-
-static float dot_bf16(int64_t n, const uint16_t *w, const float *x) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += realm_bf16_to_f32(w[i]) * x[i];
-    return s;
-}
-
-static float dot_q8_0(int64_t nb, const block_q8_0 *w, const block_q8x *x) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        int32_t acc = 0;
-        for (int j = 0; j < QK; j++) acc += (int32_t)w[i].qs[j] * (int32_t)x[i].qs[j];
-        s += realm_f16_to_f32(w[i].d) * x[i].d * (float)acc;
+static void dot_f32(float *y, int64_t ys, const float *w, const float *xp, int64_t n, int64_t batch) {
+    for (int64_t b = 0; b < batch; b++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; i++) s += w[i] * XP(xp, batch, b, i);
+        y[b * ys] = s;
     }
-    return s;
 }
 
-static float dot_q4_0(int64_t nb, const block_q4_0 *w, const block_q8x *x) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        int32_t acc = 0;  /* sum of nibble * x, then subtract 8 * sum(x) */
-        for (int j = 0; j < QK / 2; j++) {
-            acc += (int32_t)(w[i].qs[j] & 0x0f) * x[i].qs[j];
-            acc += (int32_t)(w[i].qs[j] >> 4) * x[i].qs[j + QK / 2];
+static void dot_f16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch) {
+    for (int64_t b = 0; b < batch; b++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; i++) s += realm_f16_to_f32(w[i]) * XP(xp, batch, b, i);
+        y[b * ys] = s;
+    }
+}
+
+static void dot_bf16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch) {
+    for (int64_t b = 0; b < batch; b++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; i++) s += realm_bf16_to_f32(w[i]) * XP(xp, batch, b, i);
+        y[b * ys] = s;
+    }
+}
+
+static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x) {
+    const int64_t nb = x->nb;
+    for (int64_t b = 0; b < x->batch; b++) {
+        const float *d = x->d + b * nb;
+        float s = 0.0f;
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *q = realm_q8x_block(x, b, i);
+            int32_t acc = 0;
+            for (int j = 0; j < QK; j++) acc += (int32_t)w[i].qs[j] * ((int32_t)q[j] - 128);
+            s += realm_f16_to_f32(w[i].d) * d[i] * (float)acc;
         }
-        s += realm_f16_to_f32(w[i].d) * x[i].d * (float)(acc - 8 * x[i].sum);
+        y[b * ys] = s;
     }
-    return s;
 }
 
-static void quantize_q8x(block_q8x *out, const float *x, int64_t nb) {
+static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x) {
+    const int64_t nb = x->nb;
+    for (int64_t b = 0; b < x->batch; b++) {
+        const float *d = x->d + b * nb;
+        const int32_t *sum = x->sum + b * nb;
+        float s = 0.0f;
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *q = realm_q8x_block(x, b, i);
+            int32_t acc = 0;  /* sum of nibble * x, then subtract 8 * sum(x) */
+            for (int j = 0; j < QK / 2; j++) {
+                acc += (int32_t)(w[i].qs[j] & 0x0f) * ((int32_t)q[j] - 128);
+                acc += (int32_t)(w[i].qs[j] >> 4) * ((int32_t)q[j + QK / 2] - 128);
+            }
+            s += realm_f16_to_f32(w[i].d) * d[i] * (float)(acc - 8 * sum[i]);
+        }
+        y[b * ys] = s;
+    }
+}
+
+static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
+    const int64_t nb = x->nb;
     for (int64_t i = 0; i < nb; i++) {
-        const float *v = x + i * QK;
+        const float *v = src + i * QK;
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         int32_t sum = 0;
+        uint8_t *q = realm_q8x_block(x, b, i);
         for (int j = 0; j < QK; j++) {
-            out[i].qs[j] = (int8_t)lrintf(v[j] * id);
-            sum += out[i].qs[j];
+            const int32_t v8 = (int32_t)lrintf(v[j] * id);
+            q[j] = (uint8_t)(v8 + 128);
+            sum += v8;
         }
-        out[i].d = d;
-        out[i].sum = sum;
+        x->d[b * nb + i] = d;
+        x->sum[b * nb + i] = sum;
     }
+}
+
+static float vdot_f32(int64_t n, const float *a, const float *b) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static float vdot_f16(int64_t n, const uint16_t *a, const float *b) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += realm_f16_to_f32(a[i]) * b[i];
+    return s;
 }
 
 static void axpy_f32(int64_t n, float a, const float *x, float *y) {
@@ -135,6 +170,8 @@ const realm_isa_ops realm_ops_scalar = {
     .dot_q8_0 = dot_q8_0,
     .dot_q4_0 = dot_q4_0,
     .quantize_q8x = quantize_q8x,
+    .vdot_f32 = vdot_f32,
+    .vdot_f16 = vdot_f16,
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = NULL,
