@@ -15,7 +15,7 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
-SOURCES = ["kernels.c", "pool.c", "scalar.c", "avx2.c", "avx512.c", "matmul.c", "ops.c"]
+SOURCES = ["kernels.c", "pool.c", "scalar.c", "avx2.c", "avx512.c", "gemm_avx512.c", "matmul.c", "ops.c"]
 _DEFINE = re.compile(r"^#define\s+REALM_\w+\s+-?\d+\b")
 
 

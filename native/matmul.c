@@ -104,12 +104,14 @@ typedef struct {
     const float *w, *x;
     int64_t n_rows, n_cols, batch;
     const realm_isa_ops *ops;
+    atomic_int status;  /* first failure of any thread */
 } gemm_ctx;
 
 static void gemm_task(void *p, int ith, int nth) {
     gemm_ctx *c = p;
-    c->ops->gemm_f32(c->y, c->n_rows, c->x, c->n_cols, c->w, c->n_cols, c->batch, c->n_rows,
-                     c->n_cols, ith, nth);
+    const int rc = c->ops->gemm_f32(c->y, c->n_rows, c->x, c->n_cols, c->w, c->n_cols, c->batch,
+                                    c->n_rows, c->n_cols, ith, nth);
+    if (rc != REALM_OK) atomic_store(&c->status, rc);
 }
 
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
@@ -124,7 +126,9 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
     if (wtype == REALM_TYPE_F32 && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
         gemm_ctx g = {.y = y, .w = w, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                       .batch = batch, .ops = ops};
-        return realm_parallel(gemm_task, &g, 0);
+        atomic_store(&g.status, REALM_OK);
+        const int rc = realm_parallel(gemm_task, &g, 0);
+        return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
 
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,

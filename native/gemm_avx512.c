@@ -1,0 +1,126 @@
+/* Realm native kernels: blocked F32 GEMM for AVX-512 (x86 only).
+ *
+ * y (m, n) = a (m, k) . b (n, k)^T, i.e. activations times the transpose of a weight matrix
+ * stored row by row, as the matmul entry point sees them. Goto-style blocking: a KC x NC
+ * panel of b is packed (transposed into 32-wide slivers, k-major) and kept in L2; an MC x KC
+ * block of a is packed into 12-row slivers; a 12 x 32 register tile (24 zmm accumulators)
+ * consumes one sliver of each per step. Pool threads split n; each packs its own panels.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#include <immintrin.h>
+
+#define MR 12   /* rows of a per register tile */
+#define NR 32   /* rows of b (columns of y) per register tile: two zmm */
+#define KC 256  /* depth of a packed panel */
+#define MC 96   /* rows of a per packed block (multiple of MR) */
+#define NC 512  /* rows of b per packed panel (multiple of NR) */
+
+/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded. */
+static void pack_b(float *dst, const float *b, int64_t ldb, int64_t j0, int64_t nc, int64_t p0,
+                   int64_t kc) {
+    for (int64_t js = 0; js < nc; js += NR) {
+        const int64_t jn = nc - js < NR ? nc - js : NR;
+        float *d = dst + js * kc;
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t j = 0; j < NR; j++)
+                d[p * NR + j] = j < jn ? b[(j0 + js + j) * ldb + p0 + p] : 0.0f;
+    }
+}
+
+/* Pack a[i0 + i, p0 + p] for i < mc, p < kc into slivers of MR: (mc/MR, kc, MR), zero-padded. */
+static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
+                   int64_t kc) {
+    for (int64_t is = 0; is < mc; is += MR) {
+        const int64_t in = mc - is < MR ? mc - is : MR;
+        float *d = dst + is * kc;
+        for (int64_t i = 0; i < MR; i++) {
+            if (i < in) {
+                const float *src = a + (i0 + is + i) * lda + p0;
+                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = src[p];
+            } else {
+                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = 0.0f;
+            }
+        }
+    }
+}
+
+static inline __mmask16 mask_n(int64_t nr, int half) {
+    int64_t r = nr - 16 * half;
+    if (r <= 0) return 0;
+    if (r >= 16) return 0xffff;
+    return (__mmask16)((1u << r) - 1u);
+}
+
+/* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
+static void tile_12x32(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
+                       int accumulate, int64_t mr, int64_t nr) {
+    __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kc; p++) {
+        const __m512 b0 = _mm512_load_ps(bp + p * NR), b1 = _mm512_load_ps(bp + p * NR + 16);
+        const float *a = ap + p * MR;
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; i++) {
+            const __m512 av = _mm512_set1_ps(a[i]);
+            c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+        }
+    }
+    const __mmask16 m0 = mask_n(nr, 0), m1 = mask_n(nr, 1);
+    for (int i = 0; i < MR; i++) {
+        if (i >= mr) break;
+        float *row = c + i * ldc;
+        if (accumulate) {
+            c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, row));
+            c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, row + 16));
+        }
+        _mm512_mask_storeu_ps(row, m0, c0[i]);
+        _mm512_mask_storeu_ps(row + 16, m1, c1[i]);
+    }
+}
+
+int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const float *b,
+                          int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth) {
+    /* this thread's share of n, in whole register tiles */
+    const int64_t tiles = (n + NR - 1) / NR;
+    int64_t t0, t1;
+    realm_split(tiles, ith, nth, &t0, &t1);
+    const int64_t j_begin = t0 * NR, j_end = t1 * NR < n ? t1 * NR : n;
+    if (j_begin >= j_end) return REALM_OK;
+    float *ap = aligned_alloc(64, sizeof(float) * MC * KC);
+    float *bp = aligned_alloc(64, sizeof(float) * NC * KC);
+    if (!ap || !bp) {
+        free(ap);
+        free(bp);
+        return REALM_ENOMEM;
+    }
+    for (int64_t jc = j_begin; jc < j_end; jc += NC) {
+        const int64_t nc = j_end - jc < NC ? j_end - jc : NC;
+        for (int64_t pc = 0; pc < k; pc += KC) {
+            const int64_t kc = k - pc < KC ? k - pc : KC;
+            pack_b(bp, b, ldb, jc, nc, pc, kc);
+            for (int64_t ic = 0; ic < m; ic += MC) {
+                const int64_t mc = m - ic < MC ? m - ic : MC;
+                pack_a(ap, a, lda, ic, mc, pc, kc);
+                for (int64_t jr = 0; jr < nc; jr += NR) {
+                    const int64_t nr = nc - jr < NR ? nc - jr : NR;
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        const int64_t mr = mc - ir < MR ? mc - ir : MR;
+                        tile_12x32(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
+                                   ldy, pc > 0, mr, nr);
+                    }
+                }
+            }
+        }
+    }
+    free(ap);
+    free(bp);
+    return REALM_OK;
+}
+#endif
