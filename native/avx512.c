@@ -110,38 +110,43 @@ static float vdot_f16(int64_t n, const uint16_t *a, const float *b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-/* Quantized weights: a pair of blocks (64 signed bytes, their 4-byte groups interleaved as
- * in the activations' layout) times G activation rows. VNNI's vpdpbusd multiplies unsigned
- * by signed bytes; activations are stored as q + 128, so each product carries an extra
- * 128 * w: the accumulator starts at -128 * sum(w), computed once per pair. Even int32
- * lanes then hold the first block's partial dot, odd lanes the second's, and the scales
- * are [d_a, d_b] repeated, for weights and (one 8-byte broadcast) for activations. */
-INLINE void int8_pair_step(__m512 *acc, __m512i wv, __m512 dw, const realm_q8x *x, int64_t b0,
-                           int64_t p, const int G) {
+/* Quantized weights: a group of four blocks (two pairs of 64 signed bytes, each pair's 4-byte
+ * groups interleaved as in the activations' layout) times G activation rows. VNNI's vpdpbusd
+ * multiplies unsigned by signed bytes; activations are stored as q + 128, so each product
+ * carries an extra 128 * w: the accumulator starts at -128 * sum(w), computed once per group.
+ * Even int32 lanes of a pair's product hold its first block's partial dot, odd lanes the
+ * second's; adding the two pairs' 64-bit unpacks leaves [A, B, C, D] in every 128-bit lane,
+ * so the float work (convert, scale, accumulate) is done once per four blocks with scales
+ * [dA, dB, dC, dD] repeated, for weights and (one 16-byte broadcast) for activations. */
+INLINE void int8_quad_step(__m512 *acc, __m512i w01, __m512i w23, __m512 dw, const realm_q8x *x,
+                           int64_t b0, int64_t qd, const int G) {
     const __m512i zero = _mm512_setzero_si512();
-    const __m512i neg_wsum = _mm512_sub_epi32(
-        zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), wv), 7));
-    const uint8_t *q = x->qs + (p * x->batch + b0) * 64;
-    const float *d2 = x->d2 + (p * x->batch + b0) * 2;
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i neg01 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w01), 7));
+    const __m512i neg23 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w23), 7));
+    const uint8_t *q = x->qs + (qd * x->batch + b0) * 128;
+    const float *d4 = x->d4 + (qd * x->batch + b0) * 4;
     for (int k = 0; k < G; k++) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(q + k * 64));
-        const __m512i pr = _mm512_dpbusd_epi32(neg_wsum, xv, wv);
-        const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)(const void *)(d2 + k * 2)));
-        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pr), _mm512_mul_ps(dw, dx), acc[k]);
+        const __m512i p01 = _mm512_dpbusd_epi32(neg01, _mm512_loadu_si512((const void *)(q + k * 128)), w01);
+        const __m512i p23 = _mm512_dpbusd_epi32(neg23, _mm512_loadu_si512((const void *)(q + k * 128 + 64)), w23);
+        const __m512i r = _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23));
+        const __m512 dx = _mm512_broadcast_f32x4(_mm_loadu_ps(d4 + k * 4));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(r), _mm512_mul_ps(dw, dx), acc[k]);
     }
 }
 
-INLINE __m512 pair_scales(uint16_t a, uint16_t b) {
-    return _mm512_cvtph_ps(_mm256_set1_epi32((int)((uint32_t)a | ((uint32_t)b << 16))));
+INLINE __m512 quad_scales(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
+    const uint64_t h = (uint64_t)a | ((uint64_t)b << 16) | ((uint64_t)c << 32) | ((uint64_t)d << 48);
+    return _mm512_cvtph_ps(_mm256_set1_epi64x((long long)h));
 }
 
 /* 64 bytes of blocks a (low 256 bits) and b (high) -> their 4-byte groups interleaved */
-INLINE __m512i interleave_pair(__m512i ab) {
+INLINE __m512i interleave_pair(__m256i a, __m256i b) {
     const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-    return _mm512_permutexvar_epi32(idx, ab);
+    return _mm512_permutexvar_epi32(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
 }
 
-INLINE __m256i q8_block(const block_q8_0 *w, int64_t i) {
+INLINE __m256i q8_block(const block_q8_0 *w, int64_t i) {  /* 32 signed bytes */
     return _mm256_loadu_si256((const __m256i *)w[i].qs);
 }
 
@@ -159,16 +164,21 @@ INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
         __m512 acc[GROUP];                                                                       \
         for (int k = 0; k < G; k++) acc[k] = _mm512_setzero_ps();                                \
         const int64_t nb = x->nb;                                                                \
-        int64_t p = 0;                                                                           \
-        for (; 2 * p + 2 <= nb; p++) {                                                           \
-            const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(BLOCK(w, 2 * p)),       \
-                                                  BLOCK(w, 2 * p + 1), 1);                       \
-            int8_pair_step(acc, interleave_pair(ab), pair_scales(w[2 * p].d, w[2 * p + 1].d), x, \
-                           b0, p, G);                                                            \
+        int64_t qd = 0;                                                                          \
+        for (; 4 * qd + 4 <= nb; qd++) {                                                         \
+            const BT *v = w + 4 * qd;                                                            \
+            int8_quad_step(acc, interleave_pair(BLOCK(v, 0), BLOCK(v, 1)),                       \
+                           interleave_pair(BLOCK(v, 2), BLOCK(v, 3)),                            \
+                           quad_scales(v[0].d, v[1].d, v[2].d, v[3].d), x, b0, qd, G);           \
         }                                                                                        \
-        if (nb % 2) {                                                                            \
-            const __m512i a0 = _mm512_zextsi256_si512(BLOCK(w, 2 * p));                          \
-            int8_pair_step(acc, interleave_pair(a0), pair_scales(w[2 * p].d, 0), x, b0, p, G);   \
+        if (4 * qd < nb) { /* a short last group: missing blocks are zeros */                   \
+            const BT *v = w + 4 * qd;                                                            \
+            const int64_t r = nb - 4 * qd;                                                       \
+            const __m256i z = _mm256_setzero_si256();                                            \
+            int8_quad_step(acc, interleave_pair(BLOCK(v, 0), r > 1 ? BLOCK(v, 1) : z),           \
+                           interleave_pair(r > 2 ? BLOCK(v, 2) : z, z),                          \
+                           quad_scales(v[0].d, r > 1 ? v[1].d : 0, r > 2 ? v[2].d : 0, 0), x,    \
+                           b0, qd, G);                                                           \
         }                                                                                        \
         for (int k = 0; k < G; k++) y[(b0 + k) * ys] = _mm512_reduce_add_ps(acc[k]);             \
     }                                                                                            \
@@ -194,14 +204,13 @@ INT8_DOT(dot_q4_0, block_q4_0, q4_block)
 static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const int64_t nb = x->nb;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
-    for (int64_t p = 0; p < x->n_pairs; p++) {
-        __m512i q32[2];  /* int32 values of the two blocks, 32 each, as 2 x 16 lanes */
-        __m128i q8[4];
-        float d[2] = {0.0f, 0.0f};
-        for (int h = 0; h < 2; h++) {
-            const int64_t i = 2 * p + h;
-            if (i >= nb) {  /* pad of an odd row: reads as q = 0 */
-                q8[2 * h] = q8[2 * h + 1] = _mm_setzero_si128();
+    for (int64_t qd = 0; qd < x->n_quads; qd++) {
+        __m256i blk[4];  /* signed q of the group's four blocks */
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int h = 0; h < 4; h++) {
+            const int64_t i = 4 * qd + h;
+            if (i >= nb) {  /* pad of a short last group: reads as q = 0 */
+                blk[h] = _mm256_setzero_si256();
                 continue;
             }
             const float *v = src + i * QK;
@@ -209,19 +218,16 @@ static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
             d[h] = amax / 127.0f;
             const __m512 id = _mm512_set1_ps(d[h] != 0.0f ? 1.0f / d[h] : 0.0f);
-            q32[0] = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-            q32[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-            q8[2 * h] = _mm512_cvtsepi32_epi8(q32[0]);
-            q8[2 * h + 1] = _mm512_cvtsepi32_epi8(q32[1]);
+            const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+            const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            blk[h] = _mm256_set_m128i(_mm512_cvtsepi32_epi8(i1), _mm512_cvtsepi32_epi8(i0));
             x->d[b * nb + i] = d[h];
-            x->sum[b * nb + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q32[0], q32[1]));
+            x->sum[b * nb + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
         }
-        const __m512i ab = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_set_m128i(q8[1], q8[0])), _mm256_set_m128i(q8[3], q8[2]), 1);
-        _mm512_storeu_si512((void *)(x->qs + (p * x->batch + b) * 64),
-                            _mm512_xor_si512(interleave_pair(ab), bias));
-        x->d2[(p * x->batch + b) * 2] = d[0];
-        x->d2[(p * x->batch + b) * 2 + 1] = d[1];
+        uint8_t *q = x->qs + (qd * x->batch + b) * 128;
+        _mm512_storeu_si512((void *)q, _mm512_xor_si512(interleave_pair(blk[0], blk[1]), bias));
+        _mm512_storeu_si512((void *)(q + 64), _mm512_xor_si512(interleave_pair(blk[2], blk[3]), bias));
+        _mm_storeu_ps(x->d4 + (qd * x->batch + b) * 4, _mm_loadu_ps(d));
     }
 }
 

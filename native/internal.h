@@ -26,18 +26,19 @@ typedef struct {
  * u8 x s8 product wants; the dot then takes 128 * sum(w) back off. The layout of qs belongs
  * to the ISA level whose quantize_q8x wrote it (the same level's dots read it):
  *   scalar, AVX2: (batch, nb, 32), scales in d, sums in sum;
- *   AVX-512: block pairs with the batch rows side by side, (n_pairs, batch, 64), the two
- *     blocks' 4-byte groups interleaved so that even int32 lanes of a product belong to the
- *     first block and odd lanes to the second; scales in d2 (n_pairs, batch, 2).
- * The AVX-512 layout lets one weight block pair meet every batch row in consecutive memory
- * and take both rows' scales with one 8-byte broadcast. */
+ *   AVX-512: groups of four blocks with the batch rows side by side, (n_quads, batch, 128):
+ *     two 64-byte pairs, each with its two blocks' 4-byte groups interleaved, so that even
+ *     int32 lanes of a product belong to the pair's first block and odd lanes to its second;
+ *     scales in d4 (n_quads, batch, 4). Missing blocks of a short last group are zeros.
+ * The AVX-512 layout lets one group of weight blocks meet every batch row in consecutive
+ * memory and take the four scales of a row with one 16-byte broadcast. */
 typedef struct {
     int64_t nb;       /* blocks per row */
-    int64_t n_pairs;  /* (nb + 1) / 2; an odd row's last pair is padded with zeros */
+    int64_t n_quads;  /* (nb + 3) / 4 */
     int64_t batch;
-    uint8_t *qs;      /* q + 128, n_pairs * 64 bytes per row */
+    uint8_t *qs;      /* q + 128, n_quads * 128 bytes per row */
     float *d;         /* (batch, nb): block scales */
-    float *d2;        /* (n_pairs, batch, 2): block scales by pair */
+    float *d4;        /* (n_quads, batch, 4): block scales by group of four */
     int32_t *sum;     /* (batch, nb): sum of the signed q */
 } realm_q8x;
 

@@ -67,17 +67,17 @@ static void quant_task(void *p, int ith, int nth) {
 
 /* One allocation for the quantized activations of a call; NULL if it cannot be had. */
 static void *alloc_q8x(realm_q8x *x, int64_t batch, int64_t nb) {
-    const int64_t np = (nb + 1) / 2;
-    const uint64_t per_row = (uint64_t)np * 64 + (uint64_t)np * 8 + (uint64_t)nb * 8;
+    const int64_t nq = (nb + 3) / 4;
+    const uint64_t per_row = (uint64_t)nq * 128 + (uint64_t)nq * 16 + (uint64_t)nb * 8;
     if ((uint64_t)batch > (SIZE_MAX - 64) / per_row) return NULL;
     uint8_t *mem = malloc((size_t)batch * per_row + 64);
     if (!mem) return NULL;
     x->nb = nb;
-    x->n_pairs = np;
+    x->n_quads = nq;
     x->batch = batch;
     x->d = (float *)mem;  /* 4-byte aligned sections first */
-    x->d2 = x->d + batch * nb;
-    x->sum = (int32_t *)(x->d2 + batch * np * 2);
+    x->d4 = x->d + batch * nb;
+    x->sum = (int32_t *)(x->d4 + batch * nq * 4);
     x->qs = (uint8_t *)(x->sum + batch * nb);
     return mem;
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,32 @@ def _out(
     return out
 
 
+def _int_arg(kernel: str, name: str, v: Any, lo: int, hi: int) -> int:
+    """An integer argument (Python or numpy int, never bool) within [lo, hi]."""
+    if isinstance(v, bool | np.bool_):
+        raise _fail(kernel, f"{name} must be an int, got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise _fail(kernel, f"{name} must be an int, got {type(v).__name__} {v!r}") from None
+    if not lo <= i <= hi:
+        raise _fail(kernel, f"{name} must be in [{lo}, {hi}], got {i}")
+    return i
+
+
+def _float_arg(kernel: str, name: str, v: Any, *, allow_zero: bool) -> float:
+    """A real argument that stays finite (and > 0, or >= 0) as the float32 C receives."""
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating):
+        raise _fail(kernel, f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        f = float(np.float32(v))
+    ok = math.isfinite(f) and (f >= 0.0 if allow_zero else f > 0.0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise _fail(kernel, f"{name} must be finite and {bound} as a float32, got {v!r}")
+    return f
+
+
 def _ptr(ctype: str, a: np.ndarray) -> Any:
     return ffi.cast(ctype, ffi.from_buffer(a, require_writable=False))
 
@@ -91,10 +118,12 @@ def _weight_type(kernel: str, w: np.ndarray, wtype: WeightType | int | None) -> 
             raise _fail(
                 kernel, f"wtype is required for weights of dtype {w.dtype} (raw blocks)"
             ) from None
+    if isinstance(wtype, bool | np.bool_) or not isinstance(wtype, int | np.integer):
+        raise _fail(kernel, f"wtype must be a WeightType, got {type(wtype).__name__} {wtype!r}")
     try:
-        return WeightType(wtype)
+        return WeightType(int(wtype))
     except ValueError:
-        raise _fail(kernel, f"unknown weight type {wtype!r}") from None
+        raise _fail(kernel, f"wtype {wtype!r} is not a known weight type") from None
 
 
 def _row_elems(kernel: str, w: np.ndarray, wt: WeightType, name: str = "w") -> int:
@@ -121,10 +150,7 @@ _WEIGHT_DTYPES = (np.float32, np.float16, np.uint16, np.uint8)
 
 def set_threads(n: int | None = None) -> int:
     """Resize the native thread pool (None or 0: all online cores); returns the new size."""
-    if n is None:
-        n = 0
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 256:
-        raise _fail("set_threads", f"n must be an int in [0, 256] or None, got {n!r}")
+    n = 0 if n is None else _int_arg("set_threads", "n", n, 0, 256)
     _check("set_threads", lib.realm_threads_set(n))
     return int(lib.realm_threads_get())
 
@@ -146,10 +172,7 @@ def active_isa() -> Isa:
 
 def set_isa(isa: Isa | int) -> None:
     """Use a lower instruction-set level than detected (tests and benchmarks)."""
-    try:
-        level = Isa(isa)
-    except ValueError:
-        raise _fail("set_isa", f"unknown ISA level {isa!r}") from None
+    level = Isa(_int_arg("set_isa", "isa", isa, min(Isa), max(Isa)))
     if level > detected_isa():
         raise _fail("set_isa", f"{level.name} is not supported by this CPU ({detected_isa().name})")
     _check("set_isa", lib.realm_isa_set(int(level)))
@@ -181,7 +204,7 @@ def quantize(x: np.ndarray, wtype: WeightType | int) -> np.ndarray:
     try:
         rb = wt.row_bytes(n)
     except ValueError as e:
-        raise _fail(k, str(e)) from None
+        raise _fail(k, f"x: {e}") from None
     out = np.empty((*x.shape[:-1], rb), dtype=np.uint8)
     _check(k, lib.realm_quantize(_ptr("void *", out), int(wt), _ptr("float *", x), x.size))
     return out
@@ -234,8 +257,13 @@ def matmul(
     _check(
         k,
         lib.realm_matmul(
-            _ptr("float *", out), _ptr("void *", w), int(wt), _ptr("float *", x),
-            n_rows, n_cols, batch,
+            _ptr("float *", out),
+            _ptr("void *", w),
+            int(wt),
+            _ptr("float *", x),
+            n_rows,
+            n_cols,
+            batch,
         ),
     )
     return out
@@ -247,7 +275,7 @@ def matmul(
 def rmsnorm(
     x: np.ndarray, weight: np.ndarray | None, eps: float, *, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Root-mean-square normalise each row of float32 ``x`` ``(..., n)``, times ``weight`` ``(n,)``."""
+    """RMS-normalise each row of float32 ``x`` ``(..., n)``, then scale by ``weight`` ``(n,)``."""
     k = "rmsnorm"
     x = _array(k, "x", x, np.float32)
     if x.ndim == 0:
@@ -257,12 +285,12 @@ def rmsnorm(
         weight = _array(k, "weight", weight, np.float32, ndim=(1,))
         if weight.shape[0] != n:
             raise _fail(k, f"weight has {weight.shape[0]} elements but rows of x have {n}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise _fail(k, f"eps must be finite and >= 0, got {eps}")
+    eps = _float_arg(k, "eps", eps, allow_zero=True)
     out = _out(k, out, x.shape, (x,) if weight is None else (x, weight))
     wptr = ffi.NULL if weight is None else _ptr("float *", weight)
-    _check(k, lib.realm_rmsnorm(_ptr("float *", out), _ptr("float *", x), wptr, x.size // n, n, eps))
+    _check(
+        k, lib.realm_rmsnorm(_ptr("float *", out), _ptr("float *", x), wptr, x.size // n, n, eps)
+    )
     return out
 
 
@@ -288,23 +316,27 @@ def rope(
         raise _fail(k, f"positions has {positions.shape[0]} entries for {n_tokens} tokens")
     if np.shares_memory(x, positions):
         raise _fail(k, "x must not overlap positions")
-    n_rot = head_dim if n_rot is None else n_rot
-    if isinstance(n_rot, bool) or not isinstance(n_rot, int) or not (
-        0 < n_rot <= head_dim and n_rot % 2 == 0
-    ):
-        raise _fail(k, f"n_rot must be an even int in (0, {head_dim}], got {n_rot!r}")
-    try:
-        mode = RopeMode(mode)
-    except ValueError:
-        raise _fail(k, f"unknown RoPE mode {mode!r}") from None
-    for name, v in (("freq_base", freq_base), ("freq_scale", freq_scale)):
-        if not (math.isfinite(float(v)) and float(v) > 0.0):
-            raise _fail(k, f"{name} must be finite and > 0, got {v}")
+    n_rot = head_dim if n_rot is None else _int_arg(k, "n_rot", n_rot, 2, head_dim)
+    if n_rot % 2:
+        raise _fail(k, f"n_rot must be even, got {n_rot}")
+    mode_i = _int_arg(k, "mode", mode, 0, 2)
+    if mode_i not in tuple(RopeMode):
+        raise _fail(k, f"mode {mode!r} is not a RopeMode")
+    mode = RopeMode(mode_i)
+    freq_base = _float_arg(k, "freq_base", freq_base, allow_zero=False)
+    freq_scale = _float_arg(k, "freq_scale", freq_scale, allow_zero=False)
     _check(
         k,
         lib.realm_rope(
-            _ptr("float *", x), _ptr("int32_t *", positions), n_tokens, n_heads, head_dim,
-            n_rot, int(mode), float(freq_base), float(freq_scale),
+            _ptr("float *", x),
+            _ptr("int32_t *", positions),
+            n_tokens,
+            n_heads,
+            head_dim,
+            n_rot,
+            int(mode),
+            freq_base,
+            freq_scale,
         ),
     )
     return x
@@ -333,7 +365,12 @@ def swiglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -
     up = _array(k, "up", up, np.float32)
     _same_shape(k, gate, up, "gate and up")
     out = _out(k, out, gate.shape, (gate, up))
-    _check(k, lib.realm_swiglu(_ptr("float *", out), _ptr("float *", gate), _ptr("float *", up), gate.size))
+    _check(
+        k,
+        lib.realm_swiglu(
+            _ptr("float *", out), _ptr("float *", gate), _ptr("float *", up), gate.size
+        ),
+    )
     return out
 
 
@@ -363,13 +400,18 @@ def get_rows(
     n_rows = int(table.shape[0])
     bad = (ids < 0) | (ids >= n_rows)
     if bad.any():
-        raise _fail(k, f"id {int(ids[bad][0])} out of range [0, {n_rows})")
+        raise _fail(k, f"ids: id {int(ids[bad][0])} is out of range [0, {n_rows})")
     out = np.empty((ids.shape[0], n), dtype=np.float32)
     _check(
         k,
         lib.realm_get_rows(
-            _ptr("float *", out), _ptr("void *", table), int(wt), n_rows, n,
-            _ptr("int32_t *", ids), ids.shape[0],
+            _ptr("float *", out),
+            _ptr("void *", table),
+            int(wt),
+            n_rows,
+            n,
+            _ptr("int32_t *", ids),
+            ids.shape[0],
         ),
     )
     return out
@@ -418,17 +460,28 @@ def attention(
         raise _fail(kn, f"positions has {positions.shape[0]} entries for {n_q} queries")
     if (positions < 0).any():
         raise _fail(kn, "positions must be >= 0")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise _fail(kn, f"scale must be finite and > 0, got {scale}")
+    scale = (
+        1.0 / math.sqrt(head_dim)
+        if scale is None
+        else _float_arg(kn, "scale", scale, allow_zero=False)
+    )
     out = _out(kn, out, q.shape, (q, k, v, positions))
     kv_type = WeightType.F16 if k.dtype == np.float16 else WeightType.F32
     _check(
         kn,
         lib.realm_attention(
-            _ptr("float *", out), _ptr("float *", q), _ptr("void *", k), _ptr("void *", v),
-            int(kv_type), _ptr("int32_t *", positions), n_q, n_kv, n_heads, n_kv_heads,
-            head_dim, scale,
+            _ptr("float *", out),
+            _ptr("float *", q),
+            _ptr("void *", k),
+            _ptr("void *", v),
+            int(kv_type),
+            _ptr("int32_t *", positions),
+            n_q,
+            n_kv,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
         ),
     )
     return out
@@ -445,8 +498,7 @@ def read_bandwidth(buf: np.ndarray, iters: int = 5) -> float:
         raise _fail(k, "buf must hold at least 64 bytes")
     if buf.ctypes.data % 8:
         raise _fail(k, "buf must be 8-byte aligned")
-    if isinstance(iters, bool) or not isinstance(iters, int) or not 1 <= iters <= _INT32_MAX:
-        raise _fail(k, f"iters must be a positive int, got {iters!r}")
+    iters = _int_arg(k, "iters", iters, 1, _INT32_MAX)
     seconds = ffi.new("double *")
     _check(k, lib.realm_read_bandwidth(seconds, _ptr("void *", buf), buf.nbytes, iters))
     return float(seconds[0])

@@ -34,7 +34,8 @@ class WeightType(enum.IntEnum):
         """Bytes of a row of ``n`` elements; raises ValueError if n does not fill whole blocks."""
         if n <= 0 or n % self.block_elems:
             raise ValueError(
-                f"a {self.name} row needs a positive multiple of {self.block_elems} elements, got {n}"
+                f"a {self.name} row needs a positive multiple of {self.block_elems} elements, "
+                f"got {n}"
             )
         return n // self.block_elems * self.block_bytes
 

@@ -1,0 +1,77 @@
+"""The public names of ``realm`` and ``realm.kernels``."""
+
+from __future__ import annotations
+
+import enum
+
+import pytest
+
+import realm
+from realm import kernels
+
+REALM_ERRORS = ("RealmError", "KernelError", "ModelError", "TokenizerError")
+KERNEL_FUNCTIONS = (
+    "quantize",
+    "dequantize",
+    "matmul",
+    "rmsnorm",
+    "rope",
+    "softmax",
+    "swiglu",
+    "add",
+    "get_rows",
+    "attention",
+    "read_bandwidth",
+    "set_threads",
+    "threads",
+    "detected_isa",
+    "active_isa",
+    "set_isa",
+    "use_isa",
+)
+
+
+@pytest.mark.parametrize("name", REALM_ERRORS)
+def test_realm_errors(name: str) -> None:
+    error = getattr(realm, name)
+    assert issubclass(error, realm.RealmError)
+    assert error.__module__.startswith("realm")
+
+
+def test_kernel_error_is_a_value_error() -> None:
+    assert issubclass(realm.KernelError, ValueError)
+    error = realm.KernelError("bad x", kernel="matmul")
+    assert str(error) == "matmul: bad x"
+    assert error.kernel == "matmul"
+    assert error.status is None
+
+
+@pytest.mark.parametrize("name", KERNEL_FUNCTIONS)
+def test_kernel_functions(name: str) -> None:
+    function = getattr(kernels, name)
+    assert callable(function)
+    assert function.__doc__
+
+
+@pytest.mark.parametrize(
+    ("name", "members"),
+    [
+        ("WeightType", {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "BF16": 30}),  # GGML's ids
+        ("Isa", {"SCALAR": 0, "AVX2": 1, "AVX512": 2}),
+        ("RopeMode", {"NORMAL": 0, "NEOX": 2}),
+    ],
+)
+def test_kernel_enums(name: str, members: dict[str, int]) -> None:
+    enum_type = getattr(kernels, name)
+    assert issubclass(enum_type, enum.IntEnum)
+    assert {m.name: int(m) for m in enum_type} == members
+
+
+def test_max_head_dim() -> None:
+    assert kernels.MAX_HEAD_DIM == 256
+
+
+def test_no_private_names_leak() -> None:
+    public = {n for n in dir(kernels) if not n.startswith("_")}
+    expected = {*KERNEL_FUNCTIONS, "WeightType", "Isa", "RopeMode", "MAX_HEAD_DIM"}
+    assert public == expected
