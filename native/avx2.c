@@ -63,8 +63,9 @@ static inline __m256 dot_u8s8_ps(__m256i u, __m256i s) {
 
 /* one weight row against every batch row (panel layout): 8-wide, one weight load per 8 */
 #define AVX2_FLOAT_DOT(NAME, WT, LOAD, TO_F32)                                                   \
-    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch) { \
-        for (int64_t b = 0; b < batch; b++) {                                                    \
+    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch, \
+                     int64_t b0, int64_t nbat) {                                                 \
+        for (int64_t b = b0; b < b0 + nbat; b++) {                                               \
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                           \
             int64_t i = 0;                                                                       \
             for (; i + 16 <= n; i += 16) {                                                       \
@@ -88,9 +89,10 @@ static inline __m256i load_signed_x(const uint8_t *q) {
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80));
 }
 
-static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x) {
+static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat) {
     const int64_t nb = x->nb;
-    for (int64_t b = 0; b < x->batch; b++) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         const float *d = x->d + b * nb;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < nb; i++) {
@@ -104,10 +106,11 @@ static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x 
     }
 }
 
-static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x) {
+static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat) {
     const int64_t nb = x->nb;
     const __m128i lo4 = _mm_set1_epi8(0x0f);
-    for (int64_t b = 0; b < x->batch; b++) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         const float *d = x->d + b * nb;
         const int32_t *sum = x->sum + b * nb;
         __m256 acc = _mm256_setzero_ps();

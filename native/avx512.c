@@ -63,10 +63,12 @@ static inline __m512 load_bf16x16_tail(const uint16_t *p, __mmask16 m) {
         for (int k = 0; k < G; k++)                                                              \
             y[(b0 + k) * ys] = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));                \
     }                                                                                            \
-    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch) { \
-        int64_t b = 0;                                                                           \
-        for (; b + GROUP <= batch; b += GROUP) NAME##_group(y, ys, w, xp, n, batch, b, GROUP);   \
-        switch (batch - b) {                                                                     \
+    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch, \
+                     int64_t b0, int64_t nbat) {                                                 \
+        int64_t b = b0;                                                                          \
+        const int64_t end = b0 + nbat;                                                           \
+        for (; b + GROUP <= end; b += GROUP) NAME##_group(y, ys, w, xp, n, batch, b, GROUP);     \
+        switch (end - b) {                                                                       \
         case 1: NAME##_group(y, ys, w, xp, n, batch, b, 1); break;                               \
         case 2: NAME##_group(y, ys, w, xp, n, batch, b, 2); break;                               \
         case 3: NAME##_group(y, ys, w, xp, n, batch, b, 3); break;                               \
@@ -121,9 +123,9 @@ static float vdot_f16(int64_t n, const uint16_t *a, const float *b) {
 INLINE void int8_quad_step(__m512 *acc, __m512i w01, __m512i w23, __m512 dw, const realm_q8x *x,
                            int64_t b0, int64_t qd, const int G) {
     const __m512i zero = _mm512_setzero_si512();
-    const __m512i ones = _mm512_set1_epi8(1);
-    const __m512i neg01 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w01), 7));
-    const __m512i neg23 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w23), 7));
+    const __m512i u128 = _mm512_set1_epi8((char)0x80);  /* unsigned 128: 128 * sum(w) in one op */
+    const __m512i neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, u128, w01));
+    const __m512i neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, u128, w23));
     const uint8_t *q = x->qs + (qd * x->batch + b0) * 128;
     const float *d4 = x->d4 + (qd * x->batch + b0) * 4;
     for (int k = 0; k < G; k++) {
@@ -158,7 +160,34 @@ INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
     return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
 }
 
-#define INT8_DOT(NAME, BT, BLOCK)                                                                \
+/* Four whole blocks as two interleaved pairs (the fast path; BLOCK serves a short tail). */
+INLINE void q8_quad(const block_q8_0 *v, __m512i *w01, __m512i *w23) {
+    const __m512i idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    *w01 = _mm512_permutex2var_epi32(_mm512_castsi256_si512(q8_block(v, 0)), idx,
+                                     _mm512_castsi256_si512(q8_block(v, 1)));
+    *w23 = _mm512_permutex2var_epi32(_mm512_castsi256_si512(q8_block(v, 2)), idx,
+                                     _mm512_castsi256_si512(q8_block(v, 3)));
+}
+
+INLINE void q4_quad(const block_q4_0 *v, __m512i *w01, __m512i *w23) {
+    /* the four blocks' nibble bytes in one register, unpacked to signed values at once: block
+     * i's elements 0-15 are dwords 4i..4i+3 of lo, elements 16-31 the same dwords of hi */
+    __m512i q = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)v[0].qs));
+    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[1].qs), 1);
+    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[2].qs), 2);
+    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[3].qs), 3);
+    const __m512i m = _mm512_set1_epi8(0x0f), e8 = _mm512_set1_epi8(8);
+    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(q, m), e8);
+    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(q, 4), m), e8);
+    const __m512i idx01 = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 16, 20, 17, 21, 18, 22, 19, 23);
+    const __m512i idx23 = _mm512_setr_epi32(8, 12, 9, 13, 10, 14, 11, 15, 24, 28, 25, 29, 26, 30, 27, 31);
+    *w01 = _mm512_permutex2var_epi32(lo, idx01, hi);
+    *w23 = _mm512_permutex2var_epi32(lo, idx23, hi);
+}
+
+#define PREFETCH_BYTES 4096
+
+#define INT8_DOT(NAME, BT, BLOCK, QUAD)                                                              \
     INLINE void NAME##_group(float *y, int64_t ys, const BT *w, const realm_q8x *x, int64_t b0,  \
                              const int G) {                                                      \
         __m512 acc[GROUP];                                                                       \
@@ -167,9 +196,14 @@ INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
         int64_t qd = 0;                                                                          \
         for (; 4 * qd + 4 <= nb; qd++) {                                                         \
             const BT *v = w + 4 * qd;                                                            \
-            int8_quad_step(acc, interleave_pair(BLOCK(v, 0), BLOCK(v, 1)),                       \
-                           interleave_pair(BLOCK(v, 2), BLOCK(v, 3)),                            \
-                           quad_scales(v[0].d, v[1].d, v[2].d, v[3].d), x, b0, qd, G);           \
+            /* the next rows follow this one: fetch ahead of the hardware prefetcher, which  */  \
+            /* restarts at every page while a big batch keeps the loads slow and sparse      */  \
+            for (int off = 0; off < 4 * (int)sizeof(BT); off += 64)                              \
+                __builtin_prefetch((const char *)v + PREFETCH_BYTES + off);                      \
+            __m512i w01, w23;                                                                    \
+            QUAD(v, &w01, &w23);                                                                 \
+            int8_quad_step(acc, w01, w23, quad_scales(v[0].d, v[1].d, v[2].d, v[3].d), x, b0,    \
+                           qd, G);                                                               \
         }                                                                                        \
         if (4 * qd < nb) { /* a short last group: missing blocks are zeros */                   \
             const BT *v = w + 4 * qd;                                                            \
@@ -182,11 +216,12 @@ INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
         }                                                                                        \
         for (int k = 0; k < G; k++) y[(b0 + k) * ys] = _mm512_reduce_add_ps(acc[k]);             \
     }                                                                                            \
-    static void NAME(float *y, int64_t ys, const BT *w, const realm_q8x *x) {                    \
-        const int64_t batch = x->batch;                                                          \
-        int64_t b = 0;                                                                           \
-        for (; b + GROUP <= batch; b += GROUP) NAME##_group(y, ys, w, x, b, GROUP);              \
-        switch (batch - b) {                                                                     \
+    static void NAME(float *y, int64_t ys, const BT *w, const realm_q8x *x, int64_t b0,          \
+                     int64_t nbat) {                                                             \
+        int64_t b = b0;                                                                          \
+        const int64_t end = b0 + nbat;                                                           \
+        for (; b + GROUP <= end; b += GROUP) NAME##_group(y, ys, w, x, b, GROUP);                \
+        switch (end - b) {                                                                       \
         case 1: NAME##_group(y, ys, w, x, b, 1); break;                                          \
         case 2: NAME##_group(y, ys, w, x, b, 2); break;                                          \
         case 3: NAME##_group(y, ys, w, x, b, 3); break;                                          \
@@ -198,8 +233,8 @@ INLINE __m256i q4_block(const block_q4_0 *w, int64_t i) {
         }                                                                                        \
     }
 
-INT8_DOT(dot_q8_0, block_q8_0, q8_block)
-INT8_DOT(dot_q4_0, block_q4_0, q4_block)
+INT8_DOT(dot_q8_0, block_q8_0, q8_block, q8_quad)
+INT8_DOT(dot_q4_0, block_q4_0, q4_block, q4_quad)
 
 static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const int64_t nb = x->nb;

@@ -100,14 +100,20 @@ static inline uint16_t realm_f32_to_bf16(float f) {
  * tolerances named in tests/kernels. */
 typedef struct {
     const char *name;
-    /* y[b * ys] = dot(w, x_b) for b < batch: one weight row of n elements against every row
-     * of the batch, x in the panel layout above, so the weight row is read once */
-    void (*dot_f32)(float *y, int64_t ys, const float *w, const float *xp, int64_t n, int64_t batch);
-    void (*dot_f16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch);
-    void (*dot_bf16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch);
+    /* y[b * ys] = dot(w, x_b) for b in [b0, b0 + nbat) of a batch of `batch` rows: one weight
+     * row of n elements against those batch rows, x in the panel layout above, so the weight
+     * row is read once for all of them */
+    void (*dot_f32)(float *y, int64_t ys, const float *w, const float *xp, int64_t n,
+                    int64_t batch, int64_t b0, int64_t nbat);
+    void (*dot_f16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n,
+                    int64_t batch, int64_t b0, int64_t nbat);
+    void (*dot_bf16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n,
+                     int64_t batch, int64_t b0, int64_t nbat);
     /* the same for quantized weights against quantized activations (x->nb blocks) */
-    void (*dot_q8_0)(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x);
-    void (*dot_q4_0)(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x);
+    void (*dot_q8_0)(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat);
+    void (*dot_q4_0)(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat);
     /* quantize src (x->nb blocks) into row b of x, in this level's layout */
     void (*quantize_q8x)(const realm_q8x *x, const float *src, int64_t b);
     /* plain dot products of contiguous vectors, for attention */

@@ -24,18 +24,31 @@ typedef struct {
     const realm_isa_ops *ops;
 } mm_ctx;
 
+/* Activation bytes one pass over a weight row may touch and still find in L1: larger batches
+ * are taken in slices, each slice meeting every row of a chunk before the next slice starts,
+ * so the chunk's weights come again from L2 and the slice's activations stay in L1. */
+#define SLICE_BYTES (24 * 1024)
+#define CHUNK_ROWS 16  /* a chunk's weights stay in L2 across slices */
+#define MIN_SLICE 8    /* the SIMD kernels' register group: fewer leaves FMA latency exposed */
+
 static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
     const realm_isa_ops *ops = c->ops;
-    const int64_t n = c->n_cols, ys = c->n_rows;
-    for (int64_t r = r0; r < r1; r++) {
-        const void *row = c->w + r * c->row_bytes;
-        float *y = c->y + r;
-        switch (c->wtype) {
-        case REALM_TYPE_F32: ops->dot_f32(y, ys, row, c->x, n, c->batch); break;
-        case REALM_TYPE_F16: ops->dot_f16(y, ys, row, c->x, n, c->batch); break;
-        case REALM_TYPE_BF16: ops->dot_bf16(y, ys, row, c->x, n, c->batch); break;
-        case REALM_TYPE_Q8_0: ops->dot_q8_0(y, ys, row, c->xq); break;
-        default: ops->dot_q4_0(y, ys, row, c->xq); break;
+    const int64_t n = c->n_cols, ys = c->n_rows, batch = c->batch;
+    const int64_t row_act = c->xq ? c->xq->n_quads * 144 : realm_panels(n) * 64;  /* bytes/row */
+    int64_t slice = SLICE_BYTES / row_act;
+    if (slice < MIN_SLICE) slice = MIN_SLICE;
+    for (int64_t b0 = 0; b0 < batch; b0 += slice) {
+        const int64_t nbat = batch - b0 < slice ? batch - b0 : slice;
+        for (int64_t r = r0; r < r1; r++) {
+            const void *row = c->w + r * c->row_bytes;
+            float *y = c->y + r;
+            switch (c->wtype) {
+            case REALM_TYPE_F32: ops->dot_f32(y, ys, row, c->x, n, batch, b0, nbat); break;
+            case REALM_TYPE_F16: ops->dot_f16(y, ys, row, c->x, n, batch, b0, nbat); break;
+            case REALM_TYPE_BF16: ops->dot_bf16(y, ys, row, c->x, n, batch, b0, nbat); break;
+            case REALM_TYPE_Q8_0: ops->dot_q8_0(y, ys, row, c->xq, b0, nbat); break;
+            default: ops->dot_q4_0(y, ys, row, c->xq, b0, nbat); break;
+            }
         }
     }
 }
@@ -133,7 +146,7 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
 
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                 .batch = batch, .row_bytes = row_bytes, .ops = ops};
-    realm_q8x xq;
+    realm_q8x xq = {0};
     void *scratch = NULL;  /* quantized activations or float panels */
     if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
         scratch = alloc_q8x(&xq, batch, n_cols / QK);
@@ -150,9 +163,7 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         if (!scratch) return REALM_ENOMEM;
         c.x = scratch;
     }
-    const int nth = realm_threads_get();
-    int64_t chunk = n_rows / ((int64_t)nth * 16);
-    c.chunk = chunk < 1 ? 1 : chunk;
+    c.chunk = CHUNK_ROWS;
     atomic_store(&c.next, 0);
     int rc = realm_parallel(mm_task, &c, 0);
     free(scratch);

@@ -64,33 +64,37 @@ void realm_dequantize_row_q4_0(float *out, const block_q4_0 *b, int64_t nb) {
 /* element i of batch row b in the panel layout */
 #define XP(xp, batch, b, i) ((xp)[(((i) / 16) * (batch) + (b)) * 16 + (i) % 16])
 
-static void dot_f32(float *y, int64_t ys, const float *w, const float *xp, int64_t n, int64_t batch) {
-    for (int64_t b = 0; b < batch; b++) {
+static void dot_f32(float *y, int64_t ys, const float *w, const float *xp, int64_t n, int64_t batch,
+                    int64_t b0, int64_t nbat) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         float s = 0.0f;
         for (int64_t i = 0; i < n; i++) s += w[i] * XP(xp, batch, b, i);
         y[b * ys] = s;
     }
 }
 
-static void dot_f16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch) {
-    for (int64_t b = 0; b < batch; b++) {
+static void dot_f16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch,
+                    int64_t b0, int64_t nbat) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         float s = 0.0f;
         for (int64_t i = 0; i < n; i++) s += realm_f16_to_f32(w[i]) * XP(xp, batch, b, i);
         y[b * ys] = s;
     }
 }
 
-static void dot_bf16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch) {
-    for (int64_t b = 0; b < batch; b++) {
+static void dot_bf16(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n, int64_t batch,
+                    int64_t b0, int64_t nbat) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         float s = 0.0f;
         for (int64_t i = 0; i < n; i++) s += realm_bf16_to_f32(w[i]) * XP(xp, batch, b, i);
         y[b * ys] = s;
     }
 }
 
-static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x) {
+static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat) {
     const int64_t nb = x->nb;
-    for (int64_t b = 0; b < x->batch; b++) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         const float *d = x->d + b * nb;
         float s = 0.0f;
         for (int64_t i = 0; i < nb; i++) {
@@ -103,9 +107,10 @@ static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x 
     }
 }
 
-static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x) {
+static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b0,
+                     int64_t nbat) {
     const int64_t nb = x->nb;
-    for (int64_t b = 0; b < x->batch; b++) {
+    for (int64_t b = b0; b < b0 + nbat; b++) {
         const float *d = x->d + b * nb;
         const int32_t *sum = x->sum + b * nb;
         float s = 0.0f;
