@@ -14,21 +14,28 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #include <immintrin.h>
 
-#define MR 12   /* rows of a per register tile */
+#define MR 14   /* rows of a per register tile */
 #define NR 32   /* rows of b (columns of y) per register tile: two zmm */
 #define KC 256  /* depth of a packed panel */
-#define MC 96   /* rows of a per packed block (multiple of MR) */
-#define NC 512  /* rows of b per packed panel (multiple of NR) */
+#define MC 112  /* rows of a per packed block (multiple of MR) */
+#define NC 1024 /* rows of b per packed panel (multiple of NR) */
 
-/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded. */
+/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded.
+ * Each source row is read contiguously: rows of b lie ldb floats apart (often a power of two),
+ * and reading 32 of them in step would put every load in the same L1 set. */
 static void pack_b(float *dst, const float *b, int64_t ldb, int64_t j0, int64_t nc, int64_t p0,
                    int64_t kc) {
     for (int64_t js = 0; js < nc; js += NR) {
         const int64_t jn = nc - js < NR ? nc - js : NR;
         float *d = dst + js * kc;
-        for (int64_t p = 0; p < kc; p++)
-            for (int64_t j = 0; j < NR; j++)
-                d[p * NR + j] = j < jn ? b[(j0 + js + j) * ldb + p0 + p] : 0.0f;
+        for (int64_t j = 0; j < NR; j++) {
+            if (j < jn) {
+                const float *src = b + (j0 + js + j) * ldb + p0;
+                for (int64_t p = 0; p < kc; p++) d[p * NR + j] = src[p];
+            } else {
+                for (int64_t p = 0; p < kc; p++) d[p * NR + j] = 0.0f;
+            }
+        }
     }
 }
 
@@ -57,15 +64,15 @@ static inline __mmask16 mask_n(int64_t nr, int half) {
 }
 
 /* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
-static void tile_12x32(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
+static void tile_mr_x32(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                        int accumulate, int64_t mr, int64_t nr) {
     __m512 c0[MR], c1[MR];
-#pragma GCC unroll 12
+#pragma GCC unroll 14
     for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
     for (int64_t p = 0; p < kc; p++) {
         const __m512 b0 = _mm512_load_ps(bp + p * NR), b1 = _mm512_load_ps(bp + p * NR + 16);
         const float *a = ap + p * MR;
-#pragma GCC unroll 12
+#pragma GCC unroll 14
         for (int i = 0; i < MR; i++) {
             const __m512 av = _mm512_set1_ps(a[i]);
             c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
@@ -112,7 +119,7 @@ int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, co
                     const int64_t nr = nc - jr < NR ? nc - jr : NR;
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int64_t mr = mc - ir < MR ? mc - ir : MR;
-                        tile_12x32(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
+                        tile_mr_x32(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
                                    ldy, pc > 0, mr, nr);
                     }
                 }
