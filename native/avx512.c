@@ -170,12 +170,17 @@ INLINE void q8_quad(const block_q8_0 *v, __m512i *w01, __m512i *w23) {
 }
 
 INLINE void q4_quad(const block_q4_0 *v, __m512i *w01, __m512i *w23) {
-    /* the four blocks' nibble bytes in one register, unpacked to signed values at once: block
-     * i's elements 0-15 are dwords 4i..4i+3 of lo, elements 16-31 the same dwords of hi */
-    __m512i q = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)v[0].qs));
-    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[1].qs), 1);
-    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[2].qs), 2);
-    q = _mm512_inserti32x4(q, _mm_loadu_si128((const __m128i *)v[3].qs), 3);
+    /* The four 18-byte blocks are 72 bytes whose scales and nibble runs all start at even
+     * offsets: two loads (bytes 0-63 and 8-71, never past the group) and one word permute
+     * gather the 4 x 16 nibble bytes; then the nibbles are unpacked to signed values at once:
+     * block i's elements 0-15 are dwords 4i..4i+3 of lo, elements 16-31 the same dwords of hi. */
+    const __m512i a = _mm512_loadu_si512((const void *)v);
+    const __m512i b = _mm512_loadu_si512((const void *)((const char *)v + 8));
+    /* block i's nibble bytes are words 9i+1 .. 9i+8 of the group; b holds words 4..35 */
+    static const uint16_t gather[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 11, 12,
+                                        13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 24,
+                                        25, 26, 28, 29, 30, 31, 60, 61, 62, 63};
+    const __m512i q = _mm512_permutex2var_epi16(a, _mm512_loadu_si512((const void *)gather), b);
     const __m512i m = _mm512_set1_epi8(0x0f), e8 = _mm512_set1_epi8(8);
     const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(q, m), e8);
     const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(q, 4), m), e8);
@@ -185,9 +190,22 @@ INLINE void q4_quad(const block_q4_0 *v, __m512i *w01, __m512i *w23) {
     *w23 = _mm512_permutex2var_epi32(lo, idx23, hi);
 }
 
-#define PREFETCH_BYTES 4096
+/* [dA, dB, dC, dD] x 4 of a whole group of Q4_0 blocks: the scales are words 0, 9, 18, 27 */
+INLINE __m512 q4_quad_scales(const block_q4_0 *v) {
+    static const uint16_t idx[32] = {0, 9, 18, 27, 0, 9, 18, 27, 0, 9, 18, 27, 0, 9, 18, 27,
+                                     0, 9, 18, 27, 0, 9, 18, 27, 0, 9, 18, 27, 0, 9, 18, 27};
+    const __m512i h = _mm512_permutexvar_epi16(_mm512_loadu_si512((const void *)idx),
+                                               _mm512_loadu_si512((const void *)v));
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+}
 
-#define INT8_DOT(NAME, BT, BLOCK, QUAD)                                                              \
+INLINE __m512 q8_quad_scales(const block_q8_0 *v) {
+    return quad_scales(v[0].d, v[1].d, v[2].d, v[3].d);
+}
+
+#define PREFETCH_BYTES 2048
+
+#define INT8_DOT(NAME, BT, BLOCK, QUAD, SCALES)                                                              \
     INLINE void NAME##_group(float *y, int64_t ys, const BT *w, const realm_q8x *x, int64_t b0,  \
                              const int G) {                                                      \
         __m512 acc[GROUP];                                                                       \
@@ -202,8 +220,7 @@ INLINE void q4_quad(const block_q4_0 *v, __m512i *w01, __m512i *w23) {
                 __builtin_prefetch((const char *)v + PREFETCH_BYTES + off);                      \
             __m512i w01, w23;                                                                    \
             QUAD(v, &w01, &w23);                                                                 \
-            int8_quad_step(acc, w01, w23, quad_scales(v[0].d, v[1].d, v[2].d, v[3].d), x, b0,    \
-                           qd, G);                                                               \
+            int8_quad_step(acc, w01, w23, SCALES(v), x, b0, qd, G);                              \
         }                                                                                        \
         if (4 * qd < nb) { /* a short last group: missing blocks are zeros */                   \
             const BT *v = w + 4 * qd;                                                            \
@@ -233,8 +250,8 @@ INLINE void q4_quad(const block_q4_0 *v, __m512i *w01, __m512i *w23) {
         }                                                                                        \
     }
 
-INT8_DOT(dot_q8_0, block_q8_0, q8_block, q8_quad)
-INT8_DOT(dot_q4_0, block_q4_0, q4_block, q4_quad)
+INT8_DOT(dot_q8_0, block_q8_0, q8_block, q8_quad, q8_quad_scales)
+INT8_DOT(dot_q4_0, block_q4_0, q4_block, q4_quad, q4_quad_scales)
 
 static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const int64_t nb = x->nb;
