@@ -28,7 +28,9 @@ typedef struct {
  * are taken in slices, each slice meeting every row of a chunk before the next slice starts,
  * so the chunk's weights come again from L2 and the slice's activations stay in L1. */
 #define SLICE_BYTES (24 * 1024)
-#define CHUNK_ROWS 16  /* a chunk's weights stay in L2 across slices */
+#define CHUNK_ROWS 16  /* a sub-chunk's weights stay in L2 across slices */
+#define CHUNKS_PER_THREAD 4 /* work items: long runs of rows keep the weight stream sequential
+                             * for the prefetchers; several per thread balance a noisy machine */
 #define MIN_SLICE 8    /* the SIMD kernels' register group: fewer leaves FMA latency exposed */
 
 static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
@@ -37,9 +39,11 @@ static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
     const int64_t row_act = c->xq ? c->xq->n_quads * 144 : realm_panels(n) * 64;  /* bytes/row */
     int64_t slice = SLICE_BYTES / row_act;
     if (slice < MIN_SLICE) slice = MIN_SLICE;
-    for (int64_t b0 = 0; b0 < batch; b0 += slice) {
+    for (int64_t s0 = r0; s0 < r1; s0 += CHUNK_ROWS) {
+      const int64_t s1 = s0 + CHUNK_ROWS < r1 ? s0 + CHUNK_ROWS : r1;
+      for (int64_t b0 = 0; b0 < batch; b0 += slice) {
         const int64_t nbat = batch - b0 < slice ? batch - b0 : slice;
-        for (int64_t r = r0; r < r1; r++) {
+        for (int64_t r = s0; r < s1; r++) {
             const void *row = c->w + r * c->row_bytes;
             float *y = c->y + r;
             switch (c->wtype) {
@@ -50,6 +54,7 @@ static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
             default: ops->dot_q4_0(y, ys, row, c->xq, b0, nbat); break;
             }
         }
+      }
     }
 }
 
@@ -163,7 +168,8 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         if (!scratch) return REALM_ENOMEM;
         c.x = scratch;
     }
-    c.chunk = CHUNK_ROWS;
+    const int64_t per = n_rows / ((int64_t)realm_threads_get() * CHUNKS_PER_THREAD);
+    c.chunk = per < CHUNK_ROWS ? CHUNK_ROWS : per / CHUNK_ROWS * CHUNK_ROWS;
     atomic_store(&c.next, 0);
     int rc = realm_parallel(mm_task, &c, 0);
     free(scratch);
