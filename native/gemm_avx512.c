@@ -31,6 +31,8 @@ static void pack_b(float *dst, const float *b, int64_t ldb, int64_t j0, int64_t 
         for (int64_t j = 0; j < NR; j++) {
             if (j < jn) {
                 const float *src = b + (j0 + js + j) * ldb + p0;
+                for (int64_t p = 0; p < kc; p += 16)  /* the next row: a new stream each time */
+                    __builtin_prefetch(src + ldb + p);
                 for (int64_t p = 0; p < kc; p++) d[p * NR + j] = src[p];
             } else {
                 for (int64_t p = 0; p < kc; p++) d[p * NR + j] = 0.0f;
@@ -48,6 +50,7 @@ static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t 
         for (int64_t i = 0; i < MR; i++) {
             if (i < in) {
                 const float *src = a + (i0 + is + i) * lda + p0;
+                for (int64_t p = 0; p < kc; p += 16) __builtin_prefetch(src + lda + p);
                 for (int64_t p = 0; p < kc; p++) d[p * MR + i] = src[p];
             } else {
                 for (int64_t p = 0; p < kc; p++) d[p * MR + i] = 0.0f;
@@ -80,8 +83,9 @@ static void tile_mr_x32(int64_t kc, const float *ap, const float *bp, float *c, 
         }
     }
     const __mmask16 m0 = mask_n(nr, 0), m1 = mask_n(nr, 1);
-    for (int i = 0; i < MR; i++) {
-        if (i >= mr) break;
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; i++) {  /* unrolled: the accumulators stay in registers */
+        if (i >= mr) continue;
         float *row = c + i * ldc;
         if (accumulate) {
             c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, row));
