@@ -15,7 +15,17 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
-SOURCES = ["kernels.c", "pool.c", "scalar.c", "avx2.c", "avx512.c", "gemm_avx512.c", "matmul.c", "ops.c"]
+SOURCES = [
+    "kernels.c",
+    "pool.c",
+    "scalar.c",
+    "avx2.c",
+    "avx512.c",
+    "gemm_avx512.c",
+    "matmul.c",
+    "ops.c",
+    "forward.c",
+]
 _DEFINE = re.compile(r"^#define\s+REALM_\w+\s+-?\d+\b")
 
 
@@ -35,7 +45,11 @@ def cdef_text(header: str) -> str:
 def _compile_args() -> list[str]:
     args = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if os.environ.get("REALM_NATIVE_SANITIZE"):  # e.g. "address": a debugging build
-        args += [f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}", "-fno-omit-frame-pointer", "-O1"]
+        args += [
+            f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}",
+            "-fno-omit-frame-pointer",
+            "-O1",
+        ]
     return args
 
 
@@ -48,7 +62,11 @@ ffibuilder.set_source(
     include_dirs=["native"],
     extra_compile_args=_compile_args(),
     extra_link_args=["-lpthread", "-lm"]
-    + ([f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}"] if os.environ.get("REALM_NATIVE_SANITIZE") else []),
+    + (
+        [f"-fsanitize={os.environ['REALM_NATIVE_SANITIZE']}"]
+        if os.environ.get("REALM_NATIVE_SANITIZE")
+        else []
+    ),
 )
 
 if __name__ == "__main__":

@@ -89,6 +89,55 @@ int realm_attention(float *out, const float *q, const void *k, const void *v, in
                     const int32_t *q_pos, int64_t n_q, int64_t n_kv, int32_t n_heads,
                     int32_t n_kv_heads, int32_t head_dim, float scale);
 
+/* ---- one forward step of a llama-family model over a batch of sequences ----
+ * Shapes use row-major (rows, cols) with cols the contiguous axis; weight matrices are
+ * (n_out, n_in) rows of their type, as in GGUF. The whole step (every layer, every sequence)
+ * runs in one call; matmuls take all the batch's tokens at once, so weights are read once. */
+typedef struct {
+    const float *attn_norm;           /* (n_embd) */
+    const void *wq;                   /* (n_heads * head_dim, n_embd) */
+    const void *wk;                   /* (n_kv_heads * head_dim, n_embd) */
+    const void *wv;                   /* (n_kv_heads * head_dim, n_embd) */
+    const void *wo;                   /* (n_embd, n_heads * head_dim) */
+    const float *bq, *bk, *bv;        /* projection biases, or NULL (qwen2 has them) */
+    const float *ffn_norm;            /* (n_embd) */
+    const void *w_gate;               /* (n_ff, n_embd) */
+    const void *w_up;                 /* (n_ff, n_embd) */
+    const void *w_down;               /* (n_embd, n_ff) */
+    int32_t type_q, type_k, type_v, type_o, type_gate, type_up, type_down;
+} realm_layer;
+
+/* Called before layer i is used (fill *out with its resident weights) and after: a layer
+ * pager keeps only some layers in memory. Return 0, or a negative status to stop the step. */
+typedef int (*realm_layer_fn)(void *ctx, int32_t layer, realm_layer *out);
+
+typedef struct {
+    int32_t n_layers, n_embd, n_heads, n_kv_heads, head_dim, n_ff, n_vocab;
+    int32_t n_rot, rope_mode;         /* RoPE: dims rotated per head, REALM_ROPE_* */
+    float rope_base, rope_scale, rms_eps;
+    const void *tok_embd;             /* (n_vocab, n_embd) */
+    int32_t type_embd;
+    const float *output_norm;         /* (n_embd) */
+    const void *output;               /* (n_vocab, n_embd); may be tok_embd (tied) */
+    int32_t type_output;
+    const realm_layer *layers;        /* n_layers entries, or NULL when acquire is set */
+    realm_layer_fn acquire, release;  /* optional layer paging hooks */
+    void *pager;                      /* their context */
+    int32_t kv_type;                  /* REALM_TYPE_F16 or REALM_TYPE_F32 */
+} realm_model;
+
+typedef struct {
+    const int32_t *tokens;            /* n_tokens ids to append */
+    int32_t n_tokens;
+    int32_t pos;                      /* position of tokens[0]; cache rows < pos are filled */
+    void *kv;                         /* (n_layers, 2, capacity, n_kv_heads * head_dim) */
+    int32_t capacity;                 /* cache rows; pos + n_tokens <= capacity */
+    float *logits;                    /* (n_logits, n_vocab), or NULL when n_logits == 0 */
+    int32_t n_logits;                 /* logits of the last n_logits tokens */
+} realm_seq;
+
+int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs);
+
 /* ---- machine limits, measured natively for the benchmarks ---- */
 /* Reads n_bytes of buf iters times with every pool thread; *seconds gets the best pass. */
 int realm_read_bandwidth(double *seconds, const void *buf, int64_t n_bytes, int32_t iters);

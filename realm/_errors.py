@@ -32,3 +32,9 @@ class TokenizerError(RealmError):
     """Tokenizer data is missing or unusable, or text/ids cannot be converted."""
 
     code: ClassVar[str] = "INVALID_PARAMS"
+
+
+class KVMemoryExhausted(ModelError):
+    """A session's KV cache cannot grow: the model's KV memory cap is reached."""
+
+    code: ClassVar[str] = "OVERLOADED"

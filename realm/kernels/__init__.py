@@ -3,6 +3,11 @@
 Weights use GGML's types and block layouts; activations are float32. See docs/kernels.md.
 """
 
+from ._forward import LayerWeights as LayerWeights
+from ._forward import Matrix as Matrix
+from ._forward import NativeTransformer as NativeTransformer
+from ._forward import SeqStep as SeqStep
+from ._forward import TransformerSpec as TransformerSpec
 from ._ops import MAX_HEAD_DIM as MAX_HEAD_DIM
 from ._ops import active_isa as active_isa
 from ._ops import add as add

@@ -1,0 +1,355 @@
+"""A llama-family transformer step as one native call (``realm_forward``).
+
+This module describes the compute graph's weights and dimensions to C; it knows nothing of
+GGUF files, tokenizers or tenants (``realm.model`` builds it from a model file). Like
+``_ops``, it checks every array before a pointer reaches C, and keeps the arrays alive for as
+long as the native structures point at them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from .._errors import KernelError
+from ._native import ffi, lib
+from ._ops import _array, _check, _int_arg, _row_elems, _weight_type
+from ._types import RopeMode, WeightType
+
+_K = "forward"
+
+
+@attrs.frozen
+class Matrix:
+    """A weight matrix ``(n_out, n_in)``: typed float rows or raw GGML blocks (uint8)."""
+
+    data: np.ndarray
+    wtype: WeightType
+
+    @classmethod
+    def of(cls, data: np.ndarray, wtype: WeightType | int | None = None) -> Matrix:
+        data = _array(_K, "matrix", data, (np.float32, np.float16, np.uint16, np.uint8), ndim=(2,))
+        return cls(data, _weight_type(_K, data, wtype))
+
+    @property
+    def n_out(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def n_in(self) -> int:
+        return _row_elems(_K, self.data, self.wtype)
+
+
+@attrs.frozen
+class LayerWeights:
+    """One transformer block's weights (biases only for architectures that have them)."""
+
+    attn_norm: np.ndarray
+    wq: Matrix
+    wk: Matrix
+    wv: Matrix
+    wo: Matrix
+    ffn_norm: np.ndarray
+    w_gate: Matrix
+    w_up: Matrix
+    w_down: Matrix
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+
+
+@attrs.frozen
+class TransformerSpec:
+    """Dimensions and constants of the graph."""
+
+    n_layers: int
+    n_embd: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    n_rot: int
+    rope_mode: RopeMode = RopeMode.NORMAL
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0
+    rms_eps: float = 1e-5
+    kv_dtype: type = np.float16
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def kv_shape(self, capacity: int) -> tuple[int, int, int, int]:
+        """Shape of one sequence's KV cache: (layers, K/V, positions, kv heads x head_dim)."""
+        return (self.n_layers, 2, capacity, self.kv_dim)
+
+
+@attrs.define(eq=False)
+class SeqStep:
+    """One sequence's share of a step: append ``tokens`` at ``pos`` to the cache ``kv``.
+
+    ``logits`` (float32, ``(n, n_vocab)``) receives the logits of the last ``n`` tokens; None
+    for none.
+    """
+
+    tokens: np.ndarray
+    pos: int
+    kv: np.ndarray
+    logits: np.ndarray | None = None
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# Acquire a layer's resident weights for the duration of its use, then release them.
+LayerAcquire = Callable[[int], LayerWeights]
+LayerRelease = Callable[[int], None]
+
+
+class NativeTransformer:
+    """The native description of one model; ``forward`` runs a whole step in C.
+
+    Either ``layers`` (all resident) or ``acquire``/``release`` (a layer pager) give the
+    blocks' weights. Thread-safe: the description is read-only; each step's state is in its
+    sequences' caches.
+    """
+
+    def __init__(
+        self,
+        spec: TransformerSpec,
+        *,
+        tok_embd: Matrix,
+        output_norm: np.ndarray,
+        output: Matrix,
+        layers: Sequence[LayerWeights] | None = None,
+        acquire: LayerAcquire | None = None,
+        release: LayerRelease | None = None,
+    ) -> None:
+        self.spec = spec
+        s = spec
+        for name in ("n_layers", "n_embd", "n_heads", "n_kv_heads", "head_dim", "n_ff", "n_vocab"):
+            _int_arg(_K, name, getattr(s, name), 1, 2**31 - 1)
+        if s.n_heads % s.n_kv_heads:
+            raise KernelError(
+                f"n_kv_heads {s.n_kv_heads} must divide n_heads {s.n_heads}", kernel=_K
+            )
+        if s.head_dim > 256 or s.head_dim % 2 or not (0 < s.n_rot <= s.head_dim) or s.n_rot % 2:
+            raise KernelError(
+                f"head_dim {s.head_dim} (<= 256, even) / n_rot {s.n_rot} (even, <= head_dim)",
+                kernel=_K,
+            )
+        if np.dtype(s.kv_dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+            raise KernelError(f"kv_dtype must be float16 or float32, got {s.kv_dtype}", kernel=_K)
+        if (layers is None) == (acquire is None):
+            raise KernelError("give either layers or a pager's acquire, not both", kernel=_K)
+        self._check_matrix("tok_embd", tok_embd, s.n_vocab, s.n_embd)
+        self._check_matrix("output", output, s.n_vocab, s.n_embd)
+        self._output_norm = self._vector("output_norm", output_norm, s.n_embd)
+        self._tok_embd, self._output = tok_embd, output
+        self._keep: list[Any] = []  # cdata pointing into arrays must not outlive them
+        self._layers = list(layers) if layers is not None else None
+        self._c_layers = None
+        if self._layers is not None:
+            if len(self._layers) != s.n_layers:
+                raise KernelError(
+                    f"{len(self._layers)} layers for n_layers {s.n_layers}", kernel=_K
+                )
+            self._c_layers = ffi.new("realm_layer[]", s.n_layers)
+            for i, lw in enumerate(self._layers):
+                self._fill_layer(self._c_layers[i], lw, i)
+        self._acquire, self._release = acquire, release
+        self._hook_error: BaseException | None = None
+        self._step_keep: list[Any] = []
+        # unpaged steps share nothing mutable and may run concurrently; paged ones take turns
+        self._lock: Any = threading.Lock() if acquire is not None else _NoLock()
+        m = ffi.new("realm_model *")
+        m.n_layers, m.n_embd, m.n_heads, m.n_kv_heads = (
+            s.n_layers,
+            s.n_embd,
+            s.n_heads,
+            s.n_kv_heads,
+        )
+        m.head_dim, m.n_ff, m.n_vocab, m.n_rot = s.head_dim, s.n_ff, s.n_vocab, s.n_rot
+        m.rope_mode, m.rope_base, m.rope_scale = int(s.rope_mode), s.rope_base, s.rope_scale
+        m.rms_eps = s.rms_eps
+        m.tok_embd, m.type_embd = self._ptr(tok_embd.data), int(tok_embd.wtype)
+        m.output_norm = ffi.cast("float *", self._ptr(self._output_norm))
+        m.output, m.type_output = self._ptr(output.data), int(output.wtype)
+        m.layers = self._c_layers if self._c_layers is not None else ffi.NULL
+        m.kv_type = int(WeightType.F16 if np.dtype(s.kv_dtype) == np.float16 else WeightType.F32)
+        if acquire is not None:
+            self._cb_acquire = ffi.callback("int(void *, int32_t, realm_layer *)", self._on_acquire)
+            self._cb_release = ffi.callback("int(void *, int32_t, realm_layer *)", self._on_release)
+            m.acquire, m.release = self._cb_acquire, self._cb_release
+        self._model = m
+
+    # --- checks and native views ---------------------------------------------------------
+
+    def _ptr(self, a: np.ndarray) -> Any:
+        p = ffi.from_buffer(a, require_writable=False)
+        self._keep.append(p)
+        return p
+
+    @staticmethod
+    def _check_matrix(name: str, m: Matrix, n_out: int, n_in: int) -> None:
+        if not isinstance(m, Matrix):
+            raise KernelError(f"{name} must be a Matrix, got {type(m).__name__}", kernel=_K)
+        if (m.n_out, m.n_in) != (n_out, n_in):
+            raise KernelError(
+                f"{name} is ({m.n_out}, {m.n_in}), expected ({n_out}, {n_in})", kernel=_K
+            )
+
+    @staticmethod
+    def _vector(name: str, v: Any, n: int) -> np.ndarray:
+        v = _array(_K, name, v, np.float32, ndim=(1,))
+        if v.shape[0] != n:
+            raise KernelError(f"{name} has {v.shape[0]} elements, expected {n}", kernel=_K)
+        return v
+
+    def check_layer(self, lw: LayerWeights, i: int) -> None:
+        """Raise KernelError if ``lw`` does not fit layer ``i`` of this graph."""
+        s = self.spec
+        qd, kvd = s.n_heads * s.head_dim, s.kv_dim
+        self._vector(f"layers[{i}].attn_norm", lw.attn_norm, s.n_embd)
+        self._vector(f"layers[{i}].ffn_norm", lw.ffn_norm, s.n_embd)
+        for name, m, shape in (
+            ("wq", lw.wq, (qd, s.n_embd)),
+            ("wk", lw.wk, (kvd, s.n_embd)),
+            ("wv", lw.wv, (kvd, s.n_embd)),
+            ("wo", lw.wo, (s.n_embd, qd)),
+            ("w_gate", lw.w_gate, (s.n_ff, s.n_embd)),
+            ("w_up", lw.w_up, (s.n_ff, s.n_embd)),
+            ("w_down", lw.w_down, (s.n_embd, s.n_ff)),
+        ):
+            self._check_matrix(f"layers[{i}].{name}", m, *shape)
+        for name, b, n in (("bq", lw.bq, qd), ("bk", lw.bk, kvd), ("bv", lw.bv, kvd)):
+            if b is not None:
+                self._vector(f"layers[{i}].{name}", b, n)
+
+    def _fill_layer(self, c: Any, lw: LayerWeights, i: int, keep: list[Any] | None = None) -> None:
+        self.check_layer(lw, i)
+        keep = self._keep if keep is None else keep
+
+        def ptr(a: np.ndarray) -> Any:
+            p = ffi.from_buffer(a, require_writable=False)
+            keep.append(p)
+            return p
+
+        def fptr(a: np.ndarray | None) -> Any:
+            return ffi.NULL if a is None else ffi.cast("float *", ptr(a))
+
+        c.attn_norm, c.ffn_norm = fptr(lw.attn_norm), fptr(lw.ffn_norm)
+        c.wq, c.type_q = ptr(lw.wq.data), int(lw.wq.wtype)
+        c.wk, c.type_k = ptr(lw.wk.data), int(lw.wk.wtype)
+        c.wv, c.type_v = ptr(lw.wv.data), int(lw.wv.wtype)
+        c.wo, c.type_o = ptr(lw.wo.data), int(lw.wo.wtype)
+        c.w_gate, c.type_gate = ptr(lw.w_gate.data), int(lw.w_gate.wtype)
+        c.w_up, c.type_up = ptr(lw.w_up.data), int(lw.w_up.wtype)
+        c.w_down, c.type_down = ptr(lw.w_down.data), int(lw.w_down.wtype)
+        c.bq, c.bk, c.bv = fptr(lw.bq), fptr(lw.bk), fptr(lw.bv)
+
+    # --- paging hooks (called from C, in the thread running the step) ------------------------
+
+    def _on_acquire(self, _ctx: Any, layer: int, out: Any) -> int:
+        try:
+            assert self._acquire is not None
+            lw = self._acquire(int(layer))
+            keep: list[Any] = []
+            self._fill_layer(out, lw, int(layer), keep)
+            self._step_keep.append(keep)
+            return 0
+        except BaseException as e:  # never raise into C: record and stop the step
+            self._hook_error = e
+            return int(lib.REALM_EINVAL)
+
+    def _on_release(self, _ctx: Any, layer: int, _out: Any) -> int:
+        try:
+            if self._release is not None:
+                self._release(int(layer))
+            return 0
+        except BaseException as e:
+            self._hook_error = e
+            return int(lib.REALM_EINVAL)
+
+    # --- the step --------------------------------------------------------------------------
+
+    def new_kv(self, capacity: int) -> np.ndarray:
+        """A zeroed KV cache for one sequence of up to ``capacity`` positions."""
+        capacity = _int_arg(_K, "capacity", capacity, 1, 2**31 - 1)
+        return np.zeros(self.spec.kv_shape(capacity), dtype=self.spec.kv_dtype)
+
+    def forward(self, steps: Sequence[SeqStep]) -> None:
+        """Run one step for every sequence in ``steps`` (one native call for all of them)."""
+        s = self.spec
+        if not steps:
+            raise KernelError("steps must not be empty", kernel=_K)
+        c_seqs = ffi.new("realm_seq[]", len(steps))
+        keep: list[Any] = []
+        kv_seen: list[np.ndarray] = []
+        for i, st in enumerate(steps):
+            if not isinstance(st, SeqStep):
+                raise KernelError(f"steps[{i}] must be a SeqStep", kernel=_K)
+            tokens = _array(_K, f"steps[{i}].tokens", st.tokens, np.int32, ndim=(1,))
+            bad = (tokens < 0) | (tokens >= s.n_vocab)
+            if bad.any():
+                raise KernelError(
+                    f"steps[{i}].tokens: id {int(tokens[bad][0])} out of range [0, {s.n_vocab})",
+                    kernel=_K,
+                )
+            kv = _array(_K, f"steps[{i}].kv", st.kv, s.kv_dtype, ndim=(4,), writable=True)
+            if kv.shape[:2] != (s.n_layers, 2) or kv.shape[3] != s.kv_dim:
+                raise KernelError(
+                    f"steps[{i}].kv has shape {kv.shape}, expected {s.kv_shape(kv.shape[2])}",
+                    kernel=_K,
+                )
+            if any(np.may_share_memory(kv, k) for k in kv_seen):
+                raise KernelError(f"steps[{i}].kv is shared with another sequence", kernel=_K)
+            kv_seen.append(kv)
+            capacity = int(kv.shape[2])
+            pos = _int_arg(_K, f"steps[{i}].pos", st.pos, 0, capacity)
+            if pos + tokens.shape[0] > capacity:
+                raise KernelError(
+                    f"steps[{i}]: {tokens.shape[0]} tokens at position {pos} exceed the cache's "
+                    f"{capacity} positions",
+                    kernel=_K,
+                )
+            n_logits = 0
+            if st.logits is not None:
+                lg = _array(
+                    _K, f"steps[{i}].logits", st.logits, np.float32, ndim=(2,), writable=True
+                )
+                n_logits = int(lg.shape[0])
+                if lg.shape[1] != s.n_vocab or n_logits > tokens.shape[0]:
+                    raise KernelError(
+                        f"steps[{i}].logits must be (n <= {tokens.shape[0]}, {s.n_vocab}), "
+                        f"got {lg.shape}",
+                        kernel=_K,
+                    )
+                c_seqs[i].logits = ffi.cast("float *", ffi.from_buffer(lg))
+                keep.append(lg)
+            c = c_seqs[i]
+            c.tokens = ffi.cast("int32_t *", ffi.from_buffer(tokens, require_writable=False))
+            c.n_tokens, c.pos, c.n_logits = int(tokens.shape[0]), pos, n_logits
+            c.kv, c.capacity = ffi.from_buffer(kv), capacity
+            keep += [tokens, kv]
+        with self._lock:  # the paging hooks keep per-step state on self
+            self._hook_error = None
+            self._step_keep = []
+            try:
+                status = lib.realm_forward(self._model, c_seqs, len(steps))
+            finally:
+                self._step_keep = []
+            err, self._hook_error = self._hook_error, None
+        if err is not None:
+            raise KernelError(f"layer pager failed: {err!r}", kernel=_K) from err
+        _check(_K, status)

@@ -1,0 +1,338 @@
+"""A loaded model: shared weights, sessions with their KV caches, batched forward steps.
+
+One ``Model`` holds one memory-mapped copy of the weights, shared by every session (and so
+every tenant). A ``Session`` is one sequence's state: its tokens and KV cache. ``Model.step``
+runs one forward step for many sessions at once, in one native call: the basis of batching
+across tenants.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import numpy as np
+
+from .._errors import KVMemoryExhausted, ModelError
+from ..kernels import LayerWeights, NativeTransformer, SeqStep, TransformerSpec
+from ._gguf import ModelFile, ModelInfo, layer_tensor_names, open_model_file, rope_mode
+
+if TYPE_CHECKING:
+    from ._pager import LayerPager
+    from ._tokenizer import Tokenizer
+
+KV_GROWTH: Final = 256  # positions: caches start this small and double up to capacity
+LogitsMode = Literal["last", "all", "none"]
+
+
+class Model:
+    """A GGUF model loaded for inference (use ``load_model``)."""
+
+    def __init__(
+        self,
+        mf: ModelFile,
+        *,
+        kv_dtype: type = np.float16,
+        max_kv_bytes: int | None = None,
+        max_resident_bytes: int | None = None,
+    ) -> None:
+        self._file = mf
+        self.info: ModelInfo = mf.info
+        i = mf.info
+        self.spec = TransformerSpec(
+            n_layers=i.n_layers, n_embd=i.n_embd, n_heads=i.n_heads, n_kv_heads=i.n_kv_heads,
+            head_dim=i.head_dim, n_ff=i.n_ff, n_vocab=i.vocab_size, n_rot=i.n_rot,
+            rope_mode=rope_mode(i), rope_base=i.rope_base, rope_scale=i.rope_scale,
+            rms_eps=i.rms_eps, kv_dtype=kv_dtype,
+        )  # fmt: skip
+        tok_embd = mf.matrix("token_embd.weight")
+        output = mf.matrix("output.weight") if mf.has("output.weight") else tok_embd
+        self.pager: LayerPager | None = None
+        if max_resident_bytes is None:
+            layers = [self.layer_weights(n) for n in range(i.n_layers)]
+            self._native = NativeTransformer(
+                self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
+                output=output, layers=layers,
+            )  # fmt: skip
+        else:
+            from ._pager import LayerPager
+
+            self.pager = LayerPager(self, max_resident_bytes=max_resident_bytes)
+            self._native = NativeTransformer(
+                self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
+                output=output, acquire=self.pager.acquire, release=self.pager.release,
+            )  # fmt: skip
+        if max_kv_bytes is not None and (isinstance(max_kv_bytes, bool) or max_kv_bytes < 0):
+            raise ModelError(f"max_kv_bytes must be a non-negative int, got {max_kv_bytes!r}")
+        self.max_kv_bytes = max_kv_bytes
+        self._kv_bytes = 0
+        self._kv_lock = threading.Lock()
+        self._tokenizer: Tokenizer | None = None
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def layer_weights(self, n: int) -> LayerWeights:
+        """Block ``n``'s weights as views into the memory-mapped file."""
+        mf = self._file
+        names = layer_tensor_names(n, self.info.arch)
+        return LayerWeights(
+            attn_norm=mf.vector(names["attn_norm"]),
+            wq=mf.matrix(names["wq"]), wk=mf.matrix(names["wk"]), wv=mf.matrix(names["wv"]),
+            wo=mf.matrix(names["wo"]), ffn_norm=mf.vector(names["ffn_norm"]),
+            w_gate=mf.matrix(names["w_gate"]), w_up=mf.matrix(names["w_up"]),
+            w_down=mf.matrix(names["w_down"]),
+            bq=mf.vector(names["bq"]) if "bq" in names else None,
+            bk=mf.vector(names["bk"]) if "bk" in names else None,
+            bv=mf.vector(names["bv"]) if "bv" in names else None,
+        )  # fmt: skip
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer from the file's metadata (loaded on first use)."""
+        if self._tokenizer is None:
+            from ._tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_reader(self._file.reader, path=self._file.path)
+        return self._tokenizer
+
+    # --- KV memory ---------------------------------------------------------------------------
+
+    def kv_bytes_per_position(self) -> int:
+        return 2 * self.spec.n_layers * self.spec.kv_dim * np.dtype(self.spec.kv_dtype).itemsize
+
+    @property
+    def kv_bytes_used(self) -> int:
+        return self._kv_bytes
+
+    def _reserve_kv(self, n: int) -> None:
+        with self._kv_lock:
+            if self.max_kv_bytes is not None and self._kv_bytes + n > self.max_kv_bytes:
+                raise KVMemoryExhausted(
+                    f"KV cache memory cap reached: {self._kv_bytes} of {self.max_kv_bytes} bytes "
+                    f"in use, {n} more requested"
+                )
+            self._kv_bytes += n
+
+    def _free_kv(self, n: int) -> None:
+        with self._kv_lock:
+            self._kv_bytes -= n
+
+    # --- sessions and steps -------------------------------------------------------------------
+
+    def open_session(self, *, capacity: int | None = None) -> Session:
+        """A new, empty sequence of up to ``capacity`` positions (default: the context)."""
+        cap = self.info.context_length if capacity is None else capacity
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= (1 << 24):
+            raise ModelError(f"capacity must be a positive int, got {capacity!r}")
+        return Session(self, cap)
+
+    def step(
+        self, work: Sequence[tuple[Session, Sequence[int] | np.ndarray, LogitsMode]]
+    ) -> list[np.ndarray | None]:
+        """One forward step for many sessions in one native call.
+
+        ``work`` holds (session, tokens, logits mode) triples; the sessions must be distinct.
+        Returns each session's logits: ``(n_tokens, vocab)`` for "all", ``(vocab,)`` for
+        "last", None for "none". On error no session changes.
+        """
+        if not work:
+            raise ModelError("step needs at least one session")
+        sessions = [w[0] for w in work]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ModelError("a session appears twice in one step")
+        steps: list[SeqStep] = []
+        outs: list[np.ndarray | None] = []
+        prepared: list[tuple[Session, np.ndarray]] = []
+        try:
+            for session, tokens, mode in work:
+                if not isinstance(session, Session) or session.model is not self:
+                    raise ModelError("step: a session of another model")
+                ids = session._check_tokens(tokens)
+                session._acquire()
+                prepared.append((session, ids))
+                session._ensure_capacity(session.pos + len(ids))
+                n_logits = {"all": len(ids), "last": 1, "none": 0}.get(mode)
+                if n_logits is None:
+                    raise ModelError(f"logits must be 'last', 'all' or 'none', got {mode!r}")
+                out = np.empty((n_logits, self.spec.n_vocab), np.float32) if n_logits else None
+                outs.append(out)
+                steps.append(SeqStep(ids, session.pos, session._kv, out))
+            self._native.forward(steps)
+            for session, ids in prepared:
+                session._tokens.extend(int(t) for t in ids)
+        finally:
+            for session, _ in prepared:
+                session._busy = False
+        return [
+            None if o is None else (o[0] if mode == "last" else o)
+            for o, (_, _, mode) in zip(outs, work, strict=True)
+        ]
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 logits ``(len(ids), vocab)`` for every position of a fresh context."""
+        n = len(ids)
+        if n == 0:
+            raise ModelError("logits needs at least one token")
+        with self.open_session(capacity=n) as s:
+            out = s.extend(ids, logits="all")
+        assert out is not None
+        return out
+
+    def close(self) -> None:
+        """Drop this model's references to the mapping (sessions must be closed first)."""
+        self._native = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<Model {i.name!r} {i.arch} {i.file_type} {i.n_params / 1e6:.1f}M params>"
+
+
+class Session:
+    """One sequence's state in a model: its tokens and KV cache (use ``Model.open_session``)."""
+
+    def __init__(self, model: Model, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        self._tokens: list[int] = []
+        self._kv = np.zeros(model.spec.kv_shape(0), model.spec.kv_dtype)
+        self._kv_reserved = 0
+        self._busy = False
+        self._closed = False
+
+    @property
+    def pos(self) -> int:
+        """Positions filled (tokens seen)."""
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv_reserved
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _acquire(self) -> None:
+        if self._closed:
+            raise ModelError("session is closed")
+        if self._busy:
+            raise ModelError("session is in use by another step")
+        self._busy = True
+
+    def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        try:
+            ids = np.asarray(tokens)
+        except Exception as e:
+            raise ModelError(f"tokens must be a sequence of ints: {e}") from e
+        if ids.ndim != 1 or ids.size == 0:
+            raise ModelError(f"tokens must be a non-empty 1-D sequence, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu" or ids.dtype == np.bool_:
+            raise ModelError(f"tokens must be ints, got {ids.dtype}")
+        vocab = self.model.spec.n_vocab
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            raise ModelError(f"token id {int(ids[bad][0])} out of range [0, {vocab})")
+        if self.pos + ids.size > self.capacity:
+            raise ModelError(
+                f"{ids.size} tokens at position {self.pos} exceed the session's capacity "
+                f"of {self.capacity}"
+            )
+        return np.ascontiguousarray(ids, dtype=np.int32)
+
+    def _ensure_capacity(self, n: int) -> None:
+        have = self._kv.shape[2]
+        if n <= have:
+            return
+        new = max(n, min(self.capacity, max(KV_GROWTH, 2 * have)))
+        spec = self.model.spec
+        extra = (new - have) * self.model.kv_bytes_per_position()
+        self.model._reserve_kv(extra)
+        try:
+            kv = np.zeros(spec.kv_shape(new), spec.kv_dtype)
+        except MemoryError:
+            self.model._free_kv(extra)
+            raise KVMemoryExhausted(f"cannot allocate a KV cache of {new} positions") from None
+        kv[:, :, : self.pos] = self._kv[:, :, : self.pos]
+        self._kv = kv
+        self._kv_reserved += extra
+
+    def extend(
+        self, tokens: Sequence[int] | np.ndarray, *, logits: LogitsMode = "last"
+    ) -> np.ndarray | None:
+        """Append tokens (one forward step) and return their logits as asked."""
+        return self.model.step([(self, tokens, logits)])[0]
+
+    def rewind(self, pos: int) -> None:
+        """Forget every position from ``pos`` on (the cache rows are reused)."""
+        if self._closed:
+            raise ModelError("session is closed")
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.pos:
+            raise ModelError(f"rewind position must be an int in [0, {self.pos}], got {pos!r}")
+        del self._tokens[pos:]
+
+    truncate = rewind
+
+    def fork(self) -> Session:
+        """A new session with a copy of this one's tokens and cache."""
+        if self._closed:
+            raise ModelError("session is closed")
+        child = Session(self.model, self.capacity)
+        if self.pos:
+            child._ensure_capacity(self.pos)
+            child._kv[:, :, : self.pos] = self._kv[:, :, : self.pos]
+            child._tokens = list(self._tokens)
+        return child
+
+    def close(self) -> None:
+        """Free the KV cache (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.model._free_kv(self._kv_reserved)
+        self._kv_reserved = 0
+        self._kv = np.zeros(self.model.spec.kv_shape(0), self.model.spec.kv_dtype)
+        self._tokens = []
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session pos={self.pos} capacity={self.capacity} closed={self._closed}>"
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    max_resident_bytes: int | None = None,
+    max_kv_bytes: int | None = None,
+    kv_dtype: Any = np.float16,
+) -> Model:
+    """Open a GGUF model (memory-mapped) for inference.
+
+    Args:
+        max_resident_bytes: page layers under this byte budget (``LayerPager``); None keeps
+            every layer mapped and lets the OS page.
+        max_kv_bytes: cap on the KV cache memory of all sessions of this model.
+        kv_dtype: float16 (default) or float32 KV caches.
+    """
+    if np.dtype(kv_dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise ModelError(f"kv_dtype must be float16 or float32, got {kv_dtype!r}")
+    return Model(
+        open_model_file(path),
+        kv_dtype=np.dtype(kv_dtype).type,
+        max_kv_bytes=max_kv_bytes,
+        max_resident_bytes=max_resident_bytes,
+    )
