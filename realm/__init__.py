@@ -10,3 +10,5 @@ from ._errors import RealmError as RealmError
 from ._errors import TokenizerError as TokenizerError
 
 __version__ = "0.1.0"
+from ._errors import KVMemoryExhausted as KVMemoryExhausted
+from .model import load_model as load_model

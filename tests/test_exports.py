@@ -9,7 +9,25 @@ import pytest
 import realm
 from realm import kernels
 
-REALM_ERRORS = ("RealmError", "KernelError", "ModelError", "TokenizerError")
+REALM_ERRORS = (
+    "RealmError",
+    "KernelError",
+    "ModelError",
+    "TokenizerError",
+    "KVMemoryExhausted",
+)
+REALM_FUNCTIONS = ("load_model", "load_tokenizer")
+KERNEL_CLASSES = ("Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer")
+MODEL_NAMES = (
+    "Model",
+    "ModelInfo",
+    "Session",
+    "LayerPager",
+    "PagerStatistics",
+    "ModelRegistry",
+    "load_model",
+    "content_hash",
+)
 KERNEL_FUNCTIONS = (
     "quantize",
     "dequantize",
@@ -73,5 +91,22 @@ def test_max_head_dim() -> None:
 
 def test_no_private_names_leak() -> None:
     public = {n for n in dir(kernels) if not n.startswith("_")}
-    expected = {*KERNEL_FUNCTIONS, "WeightType", "Isa", "RopeMode", "MAX_HEAD_DIM"}
+    expected = {*KERNEL_FUNCTIONS, *KERNEL_CLASSES, "WeightType", "Isa", "RopeMode", "MAX_HEAD_DIM"}
     assert public == expected
+
+
+@pytest.mark.parametrize("name", REALM_FUNCTIONS)
+def test_realm_functions(name: str) -> None:
+    assert callable(getattr(realm, name))
+
+
+@pytest.mark.parametrize("name", KERNEL_CLASSES)
+def test_kernel_classes(name: str) -> None:
+    assert isinstance(getattr(kernels, name), type)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_names(name: str) -> None:
+    import realm.model
+
+    assert getattr(realm.model, name) is not None

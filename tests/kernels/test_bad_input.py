@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import reference
+import kernel_reference as reference
 
 from realm import KernelError, RealmError, kernels
 from realm.kernels import Isa, RopeMode, WeightType

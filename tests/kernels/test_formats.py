@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
+import kernel_reference as reference
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import reference
+import kernel_reference as reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import dot_rtol
+from kernel_reference import dot_rtol
 
 from realm import KernelError, kernels
 from realm.kernels import Isa, WeightType

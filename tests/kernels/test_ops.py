@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
+import kernel_reference as reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import F32_UNIT_ROUNDOFF
+from kernel_reference import F32_UNIT_ROUNDOFF
 
 from realm import kernels
 from realm.kernels import Isa, RopeMode, WeightType
