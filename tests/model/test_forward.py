@@ -88,7 +88,7 @@ def test_batched_step_equals_separate_steps(tmp_path: Path) -> None:
     """Sequences of different lengths and positions in one step give their own logits."""
     model = realm.load_model(write_test_model(tmp_path / "m.gguf"))
     prompts = [IDS[:3], IDS[2:9], IDS[5:6]]
-    alone = [model.logits(p + [4, 8]) for p in prompts]
+    alone = [model.logits([*p, 4, 8]) for p in prompts]
     sessions = [model.open_session() for _ in prompts]
     for s, p in zip(sessions, prompts, strict=True):
         s.extend(p, logits="none")
