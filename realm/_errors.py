@@ -29,9 +29,17 @@ class ModelError(RealmError):
 
 
 class TokenizerError(RealmError):
-    """Tokenizer data is missing or unusable, or text/ids cannot be converted."""
+    """Tokenizer data is missing or unusable, or text/ids cannot be converted.
+
+    ``path`` and ``field`` name the GGUF file and metadata key at fault, when there is one.
+    """
 
     code: ClassVar[str] = "INVALID_PARAMS"
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
 
 
 class KVMemoryExhausted(ModelError):

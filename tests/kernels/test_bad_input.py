@@ -12,9 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import kernel_reference as reference
 import numpy as np
 import pytest
-import kernel_reference as reference
 
 from realm import KernelError, RealmError, kernels
 from realm.kernels import Isa, RopeMode, WeightType

@@ -8,9 +8,9 @@ undefined (a block scale that overflows ``1 / d``) or where gguf-py and GGML's C
 
 from __future__ import annotations
 
+import kernel_reference as reference
 import numpy as np
 import pytest
-import kernel_reference as reference
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import kernel_reference as reference
 import numpy as np
 import pytest
-import kernel_reference as reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_reference import dot_rtol

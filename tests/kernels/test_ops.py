@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import kernel_reference as reference
 import numpy as np
 import pytest
-import kernel_reference as reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_reference import F32_UNIT_ROUNDOFF
