@@ -124,53 +124,63 @@ typedef struct {
     const realm_isa_ops *ops;
 } attn_ctx;
 
+/* One work unit is (query i, kv head g) with the group of query heads that share g: each cached
+ * K and V row is read once for the whole group (grouped-query attention's memory saving). */
 static void attn_task(void *p, int ith, int nth) {
     attn_ctx *c = p;
     int64_t u0, u1;
-    realm_split(c->n_q * c->n_heads, ith, nth, &u0, &u1);
+    realm_split(c->n_q * c->n_kv_heads, ith, nth, &u0, &u1);
     if (u0 >= u1) return;
-    float *scores = malloc(sizeof(float) * (size_t)c->n_kv);
+    const int32_t group = c->n_heads / c->n_kv_heads;
+    float *scores = malloc(sizeof(float) * (size_t)c->n_kv * (size_t)group);
     if (!scores) {
         c->failed = 1;
         return;
     }
     const int64_t es = c->kv_type == REALM_TYPE_F16 ? 2 : 4;
     const int64_t kv_row = (int64_t)c->n_kv_heads * c->head_dim * es;  /* bytes per position */
-    const int32_t group = c->n_heads / c->n_kv_heads;
     const int32_t d = c->head_dim;
+    float m[256], inv[256];  /* per head of the group (group <= n_heads; checked below) */
     for (int64_t u = u0; u < u1; u++) {
-        const int64_t i = u / c->n_heads;
-        const int32_t h = (int32_t)(u % c->n_heads);
-        const int64_t kvh_off = (int64_t)(h / group) * d * es;
-        const float *qv = c->q + u * d;
-        float *o = c->out + u * d;
+        const int64_t i = u / c->n_kv_heads;
+        const int32_t g = (int32_t)(u % c->n_kv_heads);
+        const int64_t kvh_off = (int64_t)g * d * es;
+        const int64_t h0 = (int64_t)g * group;  /* first query head of the group */
+        const float *qv = c->q + (i * c->n_heads + h0) * d;
+        float *o = c->out + (i * c->n_heads + h0) * d;
         int64_t n = (int64_t)c->q_pos[i] + 1;  /* causal: positions 0..q_pos */
         if (n > c->n_kv) n = c->n_kv;
-        float m = -INFINITY;
+        for (int32_t h = 0; h < group; h++) m[h] = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             const uint8_t *kj = c->k + j * kv_row + kvh_off;
-            float s;
-            if (c->kv_type == REALM_TYPE_F16)
-                s = c->ops->vdot_f16(d, (const uint16_t *)kj, qv);
-            else
-                s = c->ops->vdot_f32(d, (const float *)kj, qv);
-            s *= c->scale;
-            scores[j] = s;
-            m = s > m ? s : m;
+            for (int32_t h = 0; h < group; h++) {
+                float sc = c->kv_type == REALM_TYPE_F16
+                               ? c->ops->vdot_f16(d, (const uint16_t *)kj, qv + h * d)
+                               : c->ops->vdot_f32(d, (const float *)kj, qv + h * d);
+                sc *= c->scale;
+                scores[h * n + j] = sc;
+                m[h] = sc > m[h] ? sc : m[h];
+            }
         }
-        double sum = 0.0;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = expf(scores[j] - m);
-            sum += scores[j];
+        for (int32_t h = 0; h < group; h++) {
+            double sum = 0.0;
+            float *sh = scores + h * n;
+            for (int64_t j = 0; j < n; j++) {
+                sh[j] = expf(sh[j] - m[h]);
+                sum += sh[j];
+            }
+            inv[h] = (float)(1.0 / sum);
         }
-        const float inv = (float)(1.0 / sum);
-        memset(o, 0, sizeof(float) * (size_t)d);
+        memset(o, 0, sizeof(float) * (size_t)d * (size_t)group);
         for (int64_t j = 0; j < n; j++) {
             const uint8_t *vj = c->v + j * kv_row + kvh_off;
-            if (c->kv_type == REALM_TYPE_F16)
-                c->ops->axpy_f16(d, scores[j] * inv, (const uint16_t *)vj, o);
-            else
-                c->ops->axpy_f32(d, scores[j] * inv, (const float *)vj, o);
+            for (int32_t h = 0; h < group; h++) {
+                const float w = scores[h * n + j] * inv[h];
+                if (c->kv_type == REALM_TYPE_F16)
+                    c->ops->axpy_f16(d, w, (const uint16_t *)vj, o + h * d);
+                else
+                    c->ops->axpy_f32(d, w, (const float *)vj, o + h * d);
+            }
         }
     }
     free(scores);
@@ -181,14 +191,15 @@ int realm_attention(float *out, const float *q, const void *k, const void *v, in
                     int32_t n_kv_heads, int32_t head_dim, float scale) {
     if (!out || !q || !k || !v || !q_pos || n_q <= 0 || n_kv <= 0 || n_heads <= 0 ||
         n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 || head_dim > 256 ||
-        !(scale > 0.0f) || (kv_type != REALM_TYPE_F32 && kv_type != REALM_TYPE_F16))
+        !(scale > 0.0f) || (kv_type != REALM_TYPE_F32 && kv_type != REALM_TYPE_F16) ||
+        n_heads / n_kv_heads > 256)
         return REALM_EINVAL;
     for (int64_t i = 0; i < n_q; i++)
         if (q_pos[i] < 0) return REALM_EINVAL;
     attn_ctx c = {.out = out, .q = q, .k = k, .v = v, .kv_type = kv_type, .q_pos = q_pos,
                   .n_q = n_q, .n_kv = n_kv, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
                   .head_dim = head_dim, .scale = scale, .ops = realm_ops()};
-    int rc = realm_parallel(attn_task, &c, n_q * n_heads >= 4 ? 0 : 1);
+    int rc = realm_parallel(attn_task, &c, n_q * n_kv_heads >= 2 ? 0 : 1);
     if (rc != REALM_OK) return rc;
     return c.failed ? REALM_ENOMEM : REALM_OK;
 }
