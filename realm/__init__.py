@@ -12,3 +12,4 @@ from ._errors import TokenizerError as TokenizerError
 __version__ = "0.1.0"
 from ._errors import KVMemoryExhausted as KVMemoryExhausted
 from .model import load_model as load_model
+from .model import load_tokenizer as load_tokenizer

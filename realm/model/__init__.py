@@ -1,5 +1,7 @@
 """Models: GGUF files, tokenizers, the forward pass over sessions, registry and layer paging."""
 
+from ._chat import CHATML_TEMPLATE as CHATML_TEMPLATE
+from ._detok import TokenStream as TokenStream
 from ._gguf import ModelInfo as ModelInfo
 from ._gguf import content_hash as content_hash
 from ._model import Model as Model
@@ -8,3 +10,6 @@ from ._model import load_model as load_model
 from ._pager import LayerPager as LayerPager
 from ._pager import PagerStatistics as PagerStatistics
 from ._registry import ModelRegistry as ModelRegistry
+from ._tokenizer import Tokenizer as Tokenizer
+from ._tokenizer import TokenType as TokenType
+from ._tokenizer import load_tokenizer as load_tokenizer
