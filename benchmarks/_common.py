@@ -240,12 +240,18 @@ class Machine:
     warnings: tuple[str, ...]
 
 
-def describe_machine(suite: str, threads: int, settings: Mapping[str, Any]) -> Machine:
-    """Describe the machine now; ``threads`` is the native pool size in use."""
+def describe_machine(
+    suite: str, threads: int, settings: Mapping[str, Any], *, numpy_limit: bool = True
+) -> Machine:
+    """Describe the machine now; ``threads`` is the native pool size in use.
+
+    ``numpy_limit``: the suite compares with numpy's BLAS, so an environment that slows it
+    is worth a warning (a suite that never calls BLAS passes False).
+    """
     load = load_average()
     cores = os.cpu_count() or 1
     warnings: list[str] = []
-    env = slow_blas_env()
+    env = slow_blas_env() if numpy_limit else {}
     if env:
         unset = " ".join(f"-u {k}" for k in env)
         warnings.append(
