@@ -314,8 +314,9 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     }
 }
 
-int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const float *b,
-                          int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
+int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
+                          int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
+                          int nth);
 
 const realm_isa_ops realm_ops_avx512 = {
     .name = "avx512",

@@ -122,8 +122,9 @@ typedef struct {
     /* y += a * x, for attention's weighted sum over values */
     void (*axpy_f32)(int64_t n, float a, const float *x, float *y);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *x, float *y);
-    /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k]: blocked F32 GEMM (may be NULL) */
-    int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const float *b,
+    /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k]: blocked GEMM with F32 activations and
+     * F32, F16 or BF16 weights b (btype; ldb in elements), run by every pool thread (may be NULL) */
+    int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const void *b, int btype,
                     int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
 } realm_isa_ops;
 

@@ -119,7 +119,9 @@ static float *pack_panels(const float *x, int64_t n, int64_t batch) {
 
 typedef struct {
     float *y;
-    const float *w, *x;
+    const void *w;
+    int wtype;
+    const float *x;
     int64_t n_rows, n_cols, batch;
     const realm_isa_ops *ops;
     atomic_int status;  /* first failure of any thread */
@@ -127,8 +129,8 @@ typedef struct {
 
 static void gemm_task(void *p, int ith, int nth) {
     gemm_ctx *c = p;
-    const int rc = c->ops->gemm_f32(c->y, c->n_rows, c->x, c->n_cols, c->w, c->n_cols, c->batch,
-                                    c->n_rows, c->n_cols, ith, nth);
+    const int rc = c->ops->gemm_f32(c->y, c->n_rows, c->x, c->n_cols, c->w, c->wtype, c->n_cols,
+                                    c->batch, c->n_rows, c->n_cols, ith, nth);
     if (rc != REALM_OK) atomic_store(&c->status, rc);
 }
 
@@ -141,8 +143,10 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
     if (row_bytes < 0) return REALM_EINVAL;
     const realm_isa_ops *ops = realm_ops();
 
-    if (wtype == REALM_TYPE_F32 && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
-        gemm_ctx g = {.y = y, .w = w, .x = x, .n_rows = n_rows, .n_cols = n_cols,
+    const int float_weights =
+        wtype == REALM_TYPE_F32 || wtype == REALM_TYPE_F16 || wtype == REALM_TYPE_BF16;
+    if (float_weights && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
+        gemm_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                       .batch = batch, .ops = ops};
         atomic_store(&g.status, REALM_OK);
         const int rc = realm_parallel(gemm_task, &g, 0);
