@@ -10,6 +10,12 @@ from ._errors import RealmError as RealmError
 from ._errors import TokenizerError as TokenizerError
 
 __version__ = "0.1.0"
+from ._errors import CallCancelled as CallCancelled
+from ._errors import GuestABIError as GuestABIError
+from ._errors import GuestError as GuestError
+from ._errors import GuestTrap as GuestTrap
+from ._errors import InvalidParams as InvalidParams
 from ._errors import KVMemoryExhausted as KVMemoryExhausted
+from ._errors import UnknownFunction as UnknownFunction
 from .model import load_model as load_model
 from .model import load_tokenizer as load_tokenizer

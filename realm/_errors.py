@@ -46,3 +46,36 @@ class KVMemoryExhausted(ModelError):
     """A session's KV cache cannot grow: the model's KV memory cap is reached."""
 
     code: ClassVar[str] = "OVERLOADED"
+
+
+class InvalidParams(RealmError):
+    """Call parameters do not match the function's schema (names the parameter)."""
+
+    code: ClassVar[str] = "INVALID_PARAMS"
+
+
+class UnknownFunction(RealmError):
+    """The guest exports no such function (looked up in its metadata, never by getattr)."""
+
+    code: ClassVar[str] = "UNKNOWN_FUNCTION"
+
+
+class CallCancelled(RealmError):
+    """The call was cancelled, or its deadline passed, before it finished."""
+
+    code: ClassVar[str] = "CANCELLED"
+
+
+class GuestError(RealmError):
+    """A guest failed: it trapped, broke the ABI, or returned an error."""
+
+    code: ClassVar[str] = "GUEST_TRAP"
+
+
+class GuestTrap(GuestError):
+    """The guest trapped (its own fault, a limit, or stopped by the host); the instance is
+    discarded and rebuilt for the next call."""
+
+
+class GuestABIError(GuestError):
+    """The module does not follow the guest ABI (version, imports, exports, metadata)."""
