@@ -9,4 +9,5 @@ from ._context import GuestLimits as GuestLimits
 from ._context import TenantState as TenantState
 from ._engine import GuestModule as GuestModule
 from ._engine import SandboxEngine as SandboxEngine
+from ._guests import default_guest_path as default_guest_path
 from ._instance import GuestInstance as GuestInstance

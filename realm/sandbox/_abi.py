@@ -59,7 +59,8 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "parameter when there is one (same seed, same bytes), else from the OS."),
     _imp("model_info", "model_ptr: i32, model_len: i32, out_ptr: i32, out_cap: i32", "i32",
          "JSON object describing a model (model_len 0: the default model): arch, vocab_size, "
-         "context_length, bos_id, eos_id, eog_ids, ... Returns bytes needed."),
+         "context_length, bos_id, eos_id, eog_ids, add_bos, add_eos, has_chat_template, "
+         "max_tokens_per_forward, ... Returns bytes needed."),
     _imp("tokenize",
          "model_ptr: i32, model_len: i32, text_ptr: i32, text_len: i32, flags: i32, "
          "out_ptr: i32, out_cap: i32", "i32",
@@ -74,8 +75,10 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "Returns bytes needed."),
     _imp("session_open", "model_ptr: i32, model_len: i32, capacity: i32", "i32",
          "Open a sequence (KV cache) of up to capacity positions (0: the model's context). "
-         "Returns a handle >= 0 that only this tenant can name; sessions outlive the call."),
-    _imp("session_close", "session: i32", "i32", "Close a session and free its KV cache."),
+         "Returns a handle >= 0 that only this tenant can name and that is never reused; "
+         "sessions outlive the call."),
+    _imp("session_close", "session: i32", "i32",
+         "Close a session and free its KV cache (works after a cancel too)."),
     _imp("session_rewind", "session: i32, pos: i32", "i32",
          "Forget positions >= pos. Returns the session's position."),
     _imp("session_pos", "session: i32", "i32", "The number of positions a session holds."),
@@ -88,7 +91,8 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
     _imp("detokenize", "session: i32, token: i32, out_ptr: i32, out_cap: i32", "i32",
          "Streaming detokenizer of the session: push a token (token < 0: push nothing; -2: "
          "also flush held-back bytes) and take the text that is complete UTF-8. Returns bytes "
-         "written; text beyond out_cap waits for the next call."),
+         "written (not snprintf: up to 3 bytes under out_cap when a character would be split); "
+         "text beyond out_cap waits for the next call with token -1."),
     _imp("emit", "ptr: i32, len: i32", "i32",
          "Stream a UTF-8 chunk to the caller (one token event). ECANCELLED means stop."),
     _imp("result", "ptr: i32, len: i32", "i32",
@@ -143,7 +147,11 @@ def render_markdown() -> str:
         "- Imports never raise into the guest. A guest that ignores an error status and keeps "
         "calling is stopped by the host (its fuel is set to zero).",
         "- Every call runs under limits: fuel, an epoch deadline, a memory cap. A cancelled "
-        "call makes every import return ECANCELLED; a guest that does not return is stopped.",
+        "call makes every import but `result`, `log`, `clock_ms`, `session_close` and "
+        "`session_pos` return ECANCELLED; a guest that does not return is stopped.",
+        "- `random` is seeded from the call's `seed` parameter when it has one.",
+        "- When a function fails, the host adds what its imports saw go wrong to the guest's "
+        "`error` message (a guest cannot read the host's reasons itself).",
         "",
         "## Status codes",
         "",

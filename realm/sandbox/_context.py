@@ -139,9 +139,12 @@ def model_json(name: str, model: Model) -> dict[str, Any]:
             "eos_id": tok.eos_id,
             "eog_ids": sorted(tok.eog_ids),
             "has_chat_template": tok.chat_template is not None,
+            "add_bos": bool(tok.add_bos),
+            "add_eos": bool(tok.add_eos),
         }
     except RealmError:  # a model without tokenizer data still runs on ids
-        info |= {"bos_id": None, "eos_id": None, "eog_ids": [], "has_chat_template": False}
+        info |= {"bos_id": None, "eos_id": None, "eog_ids": [], "has_chat_template": False,
+                 "add_bos": False, "add_eos": False}  # fmt: skip
     info["model"] = name
     info.pop("path", None)  # the host's file system is not the guest's business
     return info

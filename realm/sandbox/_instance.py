@@ -45,6 +45,8 @@ from ._context import (
 from ._engine import GuestModule, SandboxEngine, host_func_type
 
 log = logging.getLogger("realm.guest")
+# imports that still work after the call is cancelled, so a guest can clean up and report
+_ALWAYS_ALLOWED = frozenset({"result", "log", "clock_ms", "session_close", "session_pos"})
 SLICE_TICKS = 5  # the epoch callback checks the call's cancel flag and deadline this often
 
 _DeadlineFn = ctypes.CFUNCTYPE(
@@ -247,7 +249,7 @@ class GuestInstance:
             if ctx is None:  # e.g. from a start function: no call to account it to
                 return int(Status.EINTERNAL)
             try:
-                if name not in ("result", "log", "clock_ms") and ctx.cancelled():
+                if name not in _ALWAYS_ALLOWED and ctx.cancelled():
                     ctx.ignored += 1
                     if ctx.ignored > MAX_IGNORED_ERRORS:
                         self._stop_guest(ctx, "the guest kept calling after its call was cancelled")
@@ -298,7 +300,9 @@ class GuestInstance:
 
     def _imp_model_info(self, ctx: CallContext, mp: int, ml: int, out: int, cap: int) -> int:
         key, model = self._model(mp, ml)
-        return self._out(json.dumps(model_json(key, model)).encode(), out, cap)
+        info = model_json(key, model)
+        info["max_tokens_per_forward"] = self.tenant.limits.max_tokens_per_forward
+        return self._out(json.dumps(info).encode(), out, cap)
 
     def _imp_tokenize(
         self, ctx: CallContext, mp: int, ml: int, tp: int, tl: int, flags: int, out: int, cap: int
@@ -522,7 +526,9 @@ class GuestInstance:
             where = ".".join(str(p) for p in err.absolute_path) or "params"
             raise InvalidParams(f"{function}: {where}: {err.message}")
         data = json.dumps(params, allow_nan=False).encode()
-        ctx = ctx or CallContext()
+        if ctx is None:  # the `random` import is seeded from the call's own `seed` parameter
+            seed = params.get("seed")
+            ctx = CallContext(seed=seed if isinstance(seed, int) and seed >= 0 else None)
         lim = self.tenant.limits
         ctx.deadline = min(
             ctx.deadline if ctx.deadline is not None else float("inf"),
@@ -556,8 +562,10 @@ class GuestInstance:
             raise CallCancelled(f"{function}: cancelled")
         if status < 0:
             message = (ctx.result or {}).get("error") if ctx.result else None
-            detail = message or "; ".join(ctx.errors) or f"status {status}"
-            raise GuestError(f"{function} failed: {detail}")
+            parts = [str(message)] if message else []
+            if ctx.errors:  # what the host saw go wrong, which the guest cannot read
+                parts.append("host: " + "; ".join(ctx.errors))
+            raise GuestError(f"{function} failed: {' | '.join(parts) or f'status {status}'}")
         return ctx.result if ctx.result is not None else {}
 
     def close(self) -> None:
