@@ -3,7 +3,8 @@ of the default guest: ``guest/default_guest.c`` compiled to wasm32 with ziglang 
 
 from __future__ import annotations
 
-import sys
+import importlib.util
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -13,18 +14,21 @@ ROOT = Path(__file__).resolve().parent
 
 
 class BuildWithGuest(build_py):
-    """build_py that also compiles the default guest into the built package."""
+    """build_py that also ships the guest SDK and compiles the default guest into the package."""
 
     def run(self) -> None:
         super().run()
-        sys.path.insert(0, str(ROOT / "guest"))
-        try:
-            import build as guest_build  # guest/build.py
-
-            out = Path(self.build_lib) / "realm" / "sandbox" / "guests" / "default.wasm"
-            guest_build.build(guest_build.DEFAULT_SOURCE, out)
-        finally:
-            sys.path.pop(0)
+        spec = importlib.util.spec_from_file_location(
+            "realm_guest_build", ROOT / "realm" / "sandbox" / "_build.py"
+        )
+        assert spec is not None and spec.loader is not None
+        guest_build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(guest_build)
+        pkg = Path(self.build_lib) / "realm" / "sandbox"
+        (pkg / "sdk").mkdir(parents=True, exist_ok=True)
+        for name in ("realm_guest.h", "default_guest.c"):
+            shutil.copy2(ROOT / "guest" / name, pkg / "sdk" / name)
+        guest_build.build(ROOT / "guest" / "default_guest.c", pkg / "guests" / "default.wasm")
 
 
 setup(cffi_modules=["build_ffi.py:ffibuilder"], cmdclass={"build_py": BuildWithGuest})

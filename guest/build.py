@@ -1,114 +1,22 @@
-"""Build C guests to wasm32 with the ziglang compiler from PyPI (no system toolchain needed).
-
-``python guest/build.py`` builds ``guest/default_guest.c`` to
-``realm/sandbox/guests/default.wasm``; ``build(src, out)`` builds any guest that includes
-``realm_guest.h``.
-"""
+"""Rebuild the default guest: ``python guest/build.py`` (the code is realm/sandbox/_build.py)."""
 
 from __future__ import annotations
 
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 
-GUEST_DIR = Path(__file__).resolve().parent
-ROOT = GUEST_DIR.parent
-DEFAULT_SOURCE = GUEST_DIR / "default_guest.c"
-DEFAULT_OUTPUT = ROOT / "realm" / "sandbox" / "guests" / "default.wasm"
-
-STACK_SIZE = 1 << 20  # 1 MiB of shadow stack at the bottom of linear memory
-
-# The flags every guest needs. `export_name` attributes export their functions by themselves;
-# --no-entry because a guest is a library (no _start); --export-memory for the host's view of it.
-FLAGS = (
-    "--target=wasm32-freestanding",
-    "-nostdlib",
-    "-std=c11",
-    "-Wall",
-    "-Wextra",
-    "-Wno-unused-parameter",
-    "-Werror=implicit-function-declaration",
-    "-Werror=int-conversion",
-    "-Werror=incompatible-pointer-types",
-    "-fno-exceptions",
-    "-g0",
-    "-Wl,--no-entry",
-    "-Wl,--export-memory",
-    f"-Wl,-z,stack-size={STACK_SIZE}",
+_spec = importlib.util.spec_from_file_location(
+    "realm_guest_build", Path(__file__).resolve().parent.parent / "realm" / "sandbox" / "_build.py"
 )
-
-
-class GuestBuildError(RuntimeError):
-    """The compiler rejected a guest; the message carries its output."""
-
-
-def build(
-    src: Path,
-    out: Path,
-    *,
-    include: Path = GUEST_DIR,
-    opt: str = "-O2",
-    extra: tuple[str, ...] = (),
-    strip: bool = True,
-    timeout: float = 300.0,
-) -> Path:
-    """Compile the C guest ``src`` to the wasm module ``out`` and return ``out``.
-
-    Args:
-        src: the guest's C file (it includes ``realm_guest.h``).
-        out: where to write the ``.wasm`` (its directory is created).
-        include: directory searched for ``realm_guest.h``.
-        opt: the optimisation flag (``-O2``, ``-Os``, ``-O0`` ...).
-        extra: more compiler flags (``-D...``, ``-msimd128`` ...).
-        strip: drop the name section (smaller; False keeps function names in trap backtraces).
-        timeout: seconds before the compiler is given up on.
-
-    Raises:
-        GuestBuildError: the compiler failed (its output is in the message), or did not run.
-    """
-    src, out = Path(src), Path(out)
-    if not src.is_file():
-        raise GuestBuildError(f"guest source {src} does not exist")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    cmd = [
-        sys.executable,
-        "-m",
-        "ziglang",
-        "cc",
-        *FLAGS,
-        opt,
-        *(("-Wl,--strip-all",) if strip else ()),
-        f"-I{include}",
-        *extra,
-        "-o",
-        str(tmp),
-        str(src),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise GuestBuildError(f"could not run the guest compiler ({' '.join(cmd)}): {e}") from e
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        output = (proc.stderr + proc.stdout).strip() or "(no output)"
-        raise GuestBuildError(
-            f"building {src.name} failed (exit {proc.returncode}):\n{output}\n"
-            f"command: {' '.join(cmd)}"
-        )
-    tmp.replace(out)  # atomic: a reader never sees a half-written module
-    return out
-
-
-def main() -> int:
-    try:
-        out = build(DEFAULT_SOURCE, DEFAULT_OUTPUT)
-    except GuestBuildError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(f"{out.relative_to(ROOT)}: {out.stat().st_size} bytes")
-    return 0
-
+assert _spec is not None and _spec.loader is not None
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+build = _mod.build
+GuestBuildError = _mod.GuestBuildError
+DEFAULT_SOURCE = _mod.DEFAULT_SOURCE
+DEFAULT_OUTPUT = _mod.DEFAULT_OUTPUT
+GUEST_DIR = _mod.GUEST_DIR
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_mod.main())

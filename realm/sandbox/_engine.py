@@ -144,6 +144,8 @@ class SandboxEngine:
             except OSError as e:
                 raise GuestABIError(f"{p}: cannot read the guest module: {e}") from e
             label = name or p.name
+        if not data:
+            raise GuestABIError(f"{label}: empty module")
         if len(data) > MAX_MODULE_BYTES:
             raise GuestABIError(f"{label}: module of {len(data)} bytes exceeds {MAX_MODULE_BYTES}")
         digest = hashlib.sha256(data).hexdigest()

@@ -61,6 +61,39 @@ MAX_METADATA_BYTES = 1 << 20
 _U32 = 0xFFFFFFFF
 
 
+def _non_json_path(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """Where in params a value JSON cannot carry (NaN, infinity, a non-JSON type) sits."""
+    if depth > 64:
+        return path or None
+    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
+        return path or None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path}.{k!r}".lstrip(".")
+            found = _non_json_path(v, f"{path}.{k}".lstrip("."), depth + 1)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _non_json_path(v, f"{path}.{i}".lstrip("."), depth + 1)
+            if found:
+                return found
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        return path or None
+    return None
+
+
+def trap_reason(e: BaseException) -> str:
+    """The line of a wasmtime error that says why (not the backtrace header)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "wasm trap:" in ln or "all fuel consumed" in ln or "call stopped" in ln:
+            return ln
+    tail = [ln for ln in lines if not ln.startswith(("error while executing", "0:", "1:", "2:"))]
+    return tail[-1] if tail else (lines[0] if lines else repr(e))
+
+
 class _Stop(Exception):
     """Raised inside an import to stop the guest (bad pointer): becomes EBOUNDS + fuel 0."""
 
@@ -85,7 +118,11 @@ class GuestInstance:
         self.module = module
         self.tenant = tenant
         self.broken = False
-        self._ctx: CallContext | None = None
+        self._ctx: CallContext | None = None  # the call whose imports are running
+        # what the epoch callback checks: the current call, or instantiation's own deadline
+        self._deadline_ctx: CallContext | None = CallContext(
+            deadline=time.monotonic() + tenant.limits.call_timeout_seconds
+        )
         lim = tenant.limits
         self.store = wasmtime.Store(engine.engine)
         self.store.set_limits(memory_size=lim.max_memory_bytes, table_elements=100_000,
@@ -117,6 +154,12 @@ class GuestInstance:
             for n, f in self._functions.items()
         }
         self._exports = {n: ex[FUNCTION_PREFIX + n] for n in self._functions}
+        for n, v in self._validators.items():  # a schema that cannot even be applied
+            try:
+                list(v.iter_errors({}))
+            except Exception as e:
+                raise GuestABIError(f"{module.name}: schema of {n!r} is unusable: {e}") from e
+        self._deadline_ctx = None
 
     # --- prompt stops for guests that never call the host -----------------------------------
 
@@ -130,7 +173,7 @@ class GuestInstance:
         def on_deadline(_ctx: Any, _data: Any, delta: Any, kind: Any) -> int:
             try:
                 inst = me()
-                ctx = inst._ctx if inst is not None else None
+                ctx = inst._deadline_ctx if inst is not None else None
                 if ctx is not None and ctx.cancelled():
                     return ctypes.cast(wasmtime_ffi.wasmtime_error_new(b"realm: call stopped"),
                                        ctypes.c_void_p).value or 0  # fmt: skip
@@ -155,7 +198,7 @@ class GuestInstance:
             return self.instance.exports(self.store)[name](self.store, *args)  # type: ignore[operator]
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self.broken = True
-            raise GuestTrap(f"{self.module.name}: {name} trapped: {e}") from e
+            raise GuestTrap(f"{self.module.name}: {name} trapped: {trap_reason(e)}") from e
 
     def _read_metadata(self, ex: Any) -> dict[str, Any]:
         ptr = self._call_export("realm_metadata_ptr") & _U32
@@ -164,8 +207,8 @@ class GuestInstance:
             raise GuestABIError(f"{self.module.name}: metadata of {n} bytes is too large")
         try:
             meta = json.loads(self._read(ptr, n).decode("utf-8"))
-        except (_Stop, UnicodeDecodeError, ValueError) as e:
-            raise GuestABIError(f"{self.module.name}: unreadable metadata: {e}") from e
+        except (_Stop, _Fail, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise GuestABIError(f"{self.module.name}: unreadable metadata: {e!r}") from e
         fns = meta.get("functions") if isinstance(meta, dict) else None
         if not isinstance(fns, list) or not all(
             isinstance(f, dict) and isinstance(f.get("name"), str) for f in fns
@@ -231,7 +274,7 @@ class GuestInstance:
     def _out(self, data: bytes, ptr: int, cap: int) -> int:
         if cap < 0:
             raise _Fail(Status.EINVAL, f"negative capacity {cap}")
-        self._write(ptr, data[:cap])
+        self._write(ptr, data[:cap])  # what is written is checked (cap 0 asks for the size)
         return len(data)
 
     # --- the import guard ----------------------------------------------------------------------
@@ -248,6 +291,8 @@ class GuestInstance:
             ctx = self._ctx
             if ctx is None:  # e.g. from a start function: no call to account it to
                 return int(Status.EINTERNAL)
+            if ctx.fatal is not None:  # stopped: nothing more until the trap lands
+                return int(Status.EBOUNDS)
             try:
                 if name not in _ALWAYS_ALLOWED and ctx.cancelled():
                     ctx.ignored += 1
@@ -275,6 +320,8 @@ class GuestInstance:
     # --- host imports ---------------------------------------------------------------------------
 
     def _imp_log(self, ctx: CallContext, level: int, ptr: int, n: int) -> int:
+        if n < 0:
+            raise _Fail(Status.EINVAL, f"negative length {n}")
         text = self._text(ptr, min(n, 4096)) if n > 0 else ""
         ctx.log_lines += 1
         if ctx.log_lines <= MAX_LOG_LINES_PER_CALL:
@@ -427,12 +474,13 @@ class GuestInstance:
                 raise _Fail(Status.EINVAL, f"token {token}")
         except RealmError as e:
             raise _Fail(Status.EINVAL, str(e)) from None
-        take, slot.pending = slot.pending[:cap], slot.pending[cap:]
+        take, rest = slot.pending[:cap], slot.pending[cap:]
         # never split a UTF-8 character across calls
-        while slot.pending and take and (slot.pending[0] & 0xC0) == 0x80:
-            slot.pending = take[-1:] + slot.pending
+        while rest and take and (rest[0] & 0xC0) == 0x80:
+            rest = take[-1:] + rest
             take = take[:-1]
-        self._write(out, take)
+        self._write(out, take)  # checked before the text leaves the queue
+        slot.pending = rest
         return len(take)
 
     def _imp_emit(self, ctx: CallContext, ptr: int, n: int) -> int:
@@ -446,8 +494,8 @@ class GuestInstance:
     def _imp_result(self, ctx: CallContext, ptr: int, n: int) -> int:
         try:
             value = json.loads(self._text(ptr, n))
-        except ValueError as e:
-            raise _Fail(Status.EINVAL, f"result is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise _Fail(Status.EINVAL, f"result is not JSON: {e!r}") from None
         if not isinstance(value, dict):
             raise _Fail(Status.EINVAL, "result must be a JSON object")
         ctx.result = value
@@ -521,11 +569,21 @@ class GuestInstance:
             raise UnknownFunction(f"unknown function {function!r}")
         if not isinstance(params, dict):
             raise InvalidParams("params must be a JSON object")
-        err = next(iter(sorted(self._validators[function].iter_errors(params), key=str)), None)
-        if err is not None:
+        try:
+            data = json.dumps(params, allow_nan=False).encode()
+        except (ValueError, TypeError, RecursionError) as e:
+            where = _non_json_path(params) or "params"
+            raise InvalidParams(f"{function}: {where}: not plain JSON ({e})") from None
+        try:
+            errs = sorted(self._validators[function].iter_errors(params), key=str)
+        except RecursionError:
+            raise InvalidParams(f"{function}: params are nested too deeply") from None
+        except Exception as e:  # the guest's schema fails on these params
+            raise GuestABIError(f"{self.module.name}: schema of {function!r} failed: {e}") from e
+        if errs:
+            err = errs[0]
             where = ".".join(str(p) for p in err.absolute_path) or "params"
             raise InvalidParams(f"{function}: {where}: {err.message}")
-        data = json.dumps(params, allow_nan=False).encode()
         if ctx is None:  # the `random` import is seeded from the call's own `seed` parameter
             seed = params.get("seed")
             ctx = CallContext(seed=seed if isinstance(seed, int) and seed >= 0 else None)
@@ -536,6 +594,13 @@ class GuestInstance:
         )
         self.store.set_fuel(lim.fuel_per_call)
         self.store.set_epoch_deadline(SLICE_TICKS)
+        self._deadline_ctx = ctx  # alloc, the call and free all run under its deadline
+        try:
+            return self._call_locked(function, data, ctx)
+        finally:
+            self._deadline_ctx = None
+
+    def _call_locked(self, function: str, data: bytes, ctx: CallContext) -> dict[str, Any]:
         ptr = self._call_export("realm_alloc", len(data)) & _U32
         if ptr == 0:
             raise GuestError(f"{self.module.name}: realm_alloc({len(data)}) failed")
@@ -552,10 +617,13 @@ class GuestInstance:
             self.broken = True
             if ctx.cancelled() and ctx.fatal is None:
                 raise CallCancelled(f"{function}: cancelled") from e
-            why = ctx.fatal or str(e).splitlines()[0]
+            why = ctx.fatal or trap_reason(e)
             raise GuestTrap(f"{self.module.name}.{function} trapped: {why}") from e
         finally:
             self._ctx = None
+        if ctx.fatal is not None:  # stopped by the host but returned before the trap landed
+            self.broken = True
+            raise GuestTrap(f"{self.module.name}.{function} was stopped: {ctx.fatal}")
         with contextlib.suppress(GuestTrap):  # the call's outcome stands; instance marked broken
             self._call_export("realm_free", ptr, len(data))
         if ctx.cancelled() and (status < 0 or ctx.result is None):
