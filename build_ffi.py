@@ -22,6 +22,7 @@ SOURCES = [
     "avx2.c",
     "avx512.c",
     "gemm_avx512.c",
+    "gemm_q8_avx512.c",
     "matmul.c",
     "ops.c",
     "forward.c",

@@ -317,6 +317,8 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
 int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                           int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                           int nth);
+int realm_gemm_q8_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                         int64_t n_cols, int64_t batch);
 
 const realm_isa_ops realm_ops_avx512 = {
     .name = "avx512",
@@ -331,5 +333,6 @@ const realm_isa_ops realm_ops_avx512 = {
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = realm_gemm_f32_avx512,
+    .gemm_q8 = realm_gemm_q8_avx512,
 };
 #endif

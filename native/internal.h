@@ -126,6 +126,10 @@ typedef struct {
      * F32, F16 or BF16 weights b (btype; ldb in elements), run by every pool thread (may be NULL) */
     int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const void *b, int btype,
                     int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
+    /* y (batch, n_rows) = x (batch, n_cols) . w^T for Q8_0 / Q4_0 weights and a large batch,
+     * the whole call (quantization, threads) in one; may be NULL (row-streaming path) */
+    int (*gemm_q8)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                   int64_t n_cols, int64_t batch);
 } realm_isa_ops;
 
 extern const realm_isa_ops realm_ops_scalar;

@@ -135,6 +135,7 @@ static void gemm_task(void *p, int ith, int nth) {
 }
 
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
+#define GEMM_Q8_MIN_BATCH 16
 
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                  int64_t n_cols, int64_t batch) {
@@ -152,6 +153,11 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         const int rc = realm_parallel(gemm_task, &g, 0);
         return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
+
+    /* quantized weights, large batch: interleaved 16-row weight panels (gemm_q8_avx512.c) */
+    if ((wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) && batch >= GEMM_Q8_MIN_BATCH &&
+        ops->gemm_q8)
+        return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                 .batch = batch, .row_bytes = row_bytes, .ops = ops};

@@ -300,6 +300,53 @@ def test_f32_batches_at_gemm_blocking_edges(
     np.testing.assert_array_equal(results[1], results[0])
 
 
+# --- the quantized GEMM path (Q8_0 / Q4_0, batch >= 16) at its blocking edges --------------
+
+#: around the blocking of native/gemm_q8_avx512.c: panels of 16 weight rows, register tiles of
+#: 8 activation rows, packed panels of 64 blocks (2080 columns: one block past a panel)
+QGEMM_BATCHES = (16, 33, 64, 130)
+QGEMM_N_ROWS = (1, 15, 16, 17, 33)
+QGEMM_N_COLS = (32, 64, 96, 2080, 4096)
+
+
+@pytest.mark.parametrize("batch", QGEMM_BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("wt", [WeightType.Q8_0, WeightType.Q4_0], ids=lambda wt: wt.name)
+def test_quantized_batches_at_gemm_blocking_edges(
+    wt: WeightType, batch: int, simd_isa: Isa
+) -> None:
+    rng = np.random.default_rng([int(wt), batch, 37])
+    for n_rows in QGEMM_N_ROWS:
+        for n_cols in QGEMM_N_COLS:
+            if n_rows % 2:  # arbitrary codes (Q8_0's -128 included) on every other shape
+                w = random_blocks(wt, n_rows, n_cols, rng)
+                values = reference.dequantize(w, wt)
+            else:
+                w, values = make_weights(wt, n_rows, n_cols, rng)
+            x = activations(batch, n_cols, rng)
+            with kernels.use_isa(Isa.SCALAR):
+                y_scalar = kernels.matmul(w, x, wtype=wt)
+            with kernels.use_isa(simd_isa):
+                y_simd = kernels.matmul(w, x, wtype=wt)
+            tol = SIMD_VS_SCALAR_RTOL_FACTOR * simd_tolerance(w, wt, values, x)
+            reference.assert_within(y_simd, y_scalar, tol)
+            check_against_reference(y_simd, w, wt, values, x)
+
+
+@pytest.mark.parametrize("wt", [WeightType.Q8_0, WeightType.Q4_0], ids=lambda wt: wt.name)
+def test_quantized_gemm_thread_count_gives_identical_results(
+    wt: WeightType, isa: Isa, restore_threads: None
+) -> None:
+    rng = np.random.default_rng([int(wt), 41])
+    w, _ = make_weights(wt, 81, 2080, rng)
+    x = activations(70, 2080, rng)
+    results = []
+    for n in THREAD_COUNTS:
+        kernels.set_threads(n)
+        results.append(kernels.matmul(w, x, wtype=wt))
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])
+
+
 # --- Hypothesis over shapes ------------------------------------------------------------------
 
 
