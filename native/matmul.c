@@ -135,7 +135,7 @@ static void gemm_task(void *p, int ith, int nth) {
 }
 
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
-#define GEMM_Q8_MIN_BATCH 16
+#define GEMM_Q8_MIN_BATCH 8
 
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                  int64_t n_cols, int64_t batch) {
