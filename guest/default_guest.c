@@ -849,8 +849,28 @@ static int do_count_tokens(rg_call *c) {
 }
 
 static int do_embed(rg_call *c) {
-    return rg_fail(c, REALM_ENOTSUP, "embed is not supported by ABI v1: the host exposes no "
-                                     "hidden states");
+    int32_t *toks;
+    int n = tokenize_text(c, &toks);
+    if (n < 0) return n;
+    if (n == 0) return rg_fail(c, REALM_EINVAL, "embed: the text has no tokens");
+    int mlen = 0;
+    const char *model = rg_param_str(c, "model", &mlen);
+    if (!model) mlen = 0;
+    int dim = realm_embed(model ? model : "", mlen, toks, n, 0, 0); /* size query */
+    if (dim < 0) return import_failed(c, "embed", dim);
+    float *vec = (float *)rg_arena_alloc(c->arena, (size_t)dim * sizeof(float));
+    if (!vec) return rg_fail(c, REALM_ELIMIT, "embed: out of memory for %d floats", dim);
+    int st = realm_embed(model ? model : "", mlen, toks, n, vec, dim);
+    if (st < 0) return import_failed(c, "embed", st);
+    rg_buf out = rg_buf_in(c->arena);
+    rg_buf_puts(&out, "{\"embedding\":[");
+    for (int i = 0; i < dim; i++) {
+        if (i) rg_buf_puts(&out, ",");
+        rg_buf_fmt(&out, "%g", (double)vec[i]);
+    }
+    rg_buf_fmt(&out, "],\"dim\":%d,\"pooling\":\"mean\",\"normalized\":true,"
+                     "\"usage\":{\"prompt_tokens\":%d}}", dim, n);
+    return rg_result(c, &out);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -876,8 +896,9 @@ static const rg_function fn_count_tokens = {
     RG_COUNT(count_tokens_params), do_count_tokens};
 static const rg_function fn_embed = {
     "embed",
-    "Not supported: guest ABI v1 exposes no hidden states to guests, so this always fails "
-    "with ENOTSUP.",
+    "Embedding of a text: the mean over its tokens of the model's final normalised "
+    "hidden state, L2-normalised. Result: {embedding: [...], dim, pooling: \"mean\", "
+    "normalized: true, usage {prompt_tokens}}.",
     0, embed_params, RG_COUNT(embed_params), do_embed};
 
 static const rg_function *const functions[] = {&fn_generate, &fn_chat, &fn_tokenize,

@@ -146,6 +146,11 @@ int32_t realm_detokenize(int32_t session, int32_t token, char *out_ptr, int32_t 
 RG_IMPORT("emit") int32_t realm_emit(const void *ptr, int32_t len);
 /* Set the call's result: a JSON object (the last call wins). */
 RG_IMPORT("result") int32_t realm_result(const void *ptr, int32_t len);
+/* Embedding of tokens in a fresh context (mean final hidden state, L2-normalised): floats
+ * needed (n_embd); nothing is computed when out_cap is smaller. */
+RG_IMPORT("embed")
+int32_t realm_embed(const char *model_ptr, int32_t model_len, const int32_t *tokens_ptr,
+                    int32_t n_tokens, float *out_ptr, int32_t out_cap);
 /* y[b, r] = sum_c w[r, c] x[b, c] on f32 guest buffers. */
 RG_IMPORT("matmul_f32")
 int32_t realm_matmul_f32(float *y_ptr, const float *w_ptr, const float *x_ptr, int32_t rows,

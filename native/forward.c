@@ -175,6 +175,25 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
         }
     }
 
+    /* embeddings: the mean over each asking sequence's rows of rmsnorm(x) * output_norm */
+    if (rc == REALM_OK) {
+        int64_t base = 0;
+        for (int32_t i = 0; i < n_seqs && rc == REALM_OK; i++) {
+            float *e = seqs[i].embedding;
+            const int64_t n = seqs[i].n_tokens;
+            if (e) {
+                float *row = s.tmp;  /* one row of scratch */
+                memset(e, 0, sizeof(float) * (size_t)E);
+                for (int64_t t = 0; t < n && rc == REALM_OK; t++) {
+                    rc = realm_rmsnorm(row, s.x + (base + t) * E, m->output_norm, 1, E, m->rms_eps);
+                    for (int64_t j = 0; j < E; j++) e[j] += row[j];
+                }
+                for (int64_t j = 0; j < E; j++) e[j] /= (float)n;
+            }
+            base += n;
+        }
+    }
+
     /* logits of each sequence's last n_logits rows, in one batched output matmul */
     int64_t R = 0;
     for (int32_t i = 0; i < n_seqs; i++) R += seqs[i].n_logits;

@@ -134,6 +134,8 @@ typedef struct {
     int32_t capacity;                 /* cache rows; pos + n_tokens <= capacity */
     float *logits;                    /* (n_logits, n_vocab), or NULL when n_logits == 0 */
     int32_t n_logits;                 /* logits of the last n_logits tokens */
+    float *embedding;                 /* (n_embd): mean over this step's tokens of the final
+                                       * normalised hidden state, or NULL for none */
 } realm_seq;
 
 int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs);

@@ -94,13 +94,15 @@ class SeqStep:
     """One sequence's share of a step: append ``tokens`` at ``pos`` to the cache ``kv``.
 
     ``logits`` (float32, ``(n, n_vocab)``) receives the logits of the last ``n`` tokens; None
-    for none.
+    for none. ``embedding`` (float32, ``(n_embd,)``) receives the mean over this step's tokens
+    of the final normalised hidden state (the input of the output projection).
     """
 
     tokens: np.ndarray
     pos: int
     kv: np.ndarray
     logits: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # (n_embd,) float32: mean final hidden state
 
 
 class _NoLock:
@@ -338,6 +340,16 @@ class NativeTransformer:
                 c_seqs[i].logits = ffi.cast("float *", ffi.from_buffer(lg))
                 keep.append(lg)
             c = c_seqs[i]
+            if st.embedding is not None:
+                emb = _array(_K, f"steps[{i}].embedding", st.embedding, np.float32, ndim=(1,),
+                             writable=True)  # fmt: skip
+                if emb.shape[0] != s.n_embd:
+                    raise KernelError(
+                        f"steps[{i}].embedding must have {s.n_embd} elements, got {emb.shape[0]}",
+                        kernel=_K,
+                    )
+                c.embedding = ffi.cast("float *", ffi.from_buffer(emb))
+                keep.append(emb)
             c.tokens = ffi.cast("int32_t *", ffi.from_buffer(tokens, require_writable=False))
             c.n_tokens, c.pos, c.n_logits = int(tokens.shape[0]), pos, n_logits
             c.kv, c.capacity = ffi.from_buffer(kv), capacity

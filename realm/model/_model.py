@@ -184,6 +184,24 @@ class Model:
         assert out is not None
         return out
 
+    def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """An embedding of a token sequence (fresh context): the mean over its positions of the
+        final normalised hidden state (the output projection's input), L2-normalised; float32
+        ``(n_embd,)``."""
+        if len(ids) == 0:
+            raise ModelError("embed needs at least one token")
+        with self.open_session(capacity=len(ids)) as s:
+            tokens = s._check_tokens(ids)
+            s._acquire()
+            try:
+                s._ensure_capacity(len(tokens))
+                out = np.empty(self.spec.n_embd, np.float32)
+                self._native.forward([SeqStep(tokens, 0, s._kv, None, out)])
+            finally:
+                s._busy = False
+        norm = float(np.linalg.norm(out))
+        return out / norm if norm > 0 else out
+
     def close(self) -> None:
         """Drop this model's references to the mapping (sessions must be closed first)."""
         self._native = None  # type: ignore[assignment]

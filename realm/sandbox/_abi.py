@@ -97,6 +97,11 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "Stream a UTF-8 chunk to the caller (one token event). ECANCELLED means stop."),
     _imp("result", "ptr: i32, len: i32", "i32",
          "Set the call's result: a JSON object (the last call wins)."),
+    _imp("embed", "model_ptr: i32, model_len: i32, tokens_ptr: i32, n_tokens: i32, out_ptr: i32, "
+         "out_cap: i32", "i32",
+         "Embedding of i32 tokens in a fresh context: the mean over their positions of the "
+         "model's final normalised hidden state, L2-normalised, as f32. Returns the number of "
+         "floats (n_embd); when out_cap is smaller, nothing is computed or written."),
     _imp("matmul_f32", "y_ptr: i32, w_ptr: i32, x_ptr: i32, rows: i32, cols: i32, batch: i32",
          "i32",
          "y[b, r] = sum_c w[r, c] x[b, c] on f32 guest buffers (small guest-side compute)."),

@@ -501,6 +501,33 @@ class GuestInstance:
         ctx.result = value
         return 0
 
+    def _imp_embed(
+        self, ctx: CallContext, mp: int, ml: int, tp: int, n: int, out: int, cap: int
+    ) -> int:
+        _, model = self._model(mp, ml)
+        dim = model.info.n_embd
+        if cap < dim:  # snprintf-style size query: no work
+            if cap < 0:
+                raise _Fail(Status.EINVAL, f"negative capacity {cap}")
+            return dim
+        limit = min(self.tenant.limits.max_tokens_per_forward, model.info.context_length)
+        if not 0 < n <= limit:
+            raise _Fail(
+                Status.ELIMIT if n > 0 else Status.EINVAL, f"n_tokens {n} not in [1, {limit}]"
+            )
+        if (out & _U32) % 4:
+            raise _Fail(Status.EINVAL, "output pointer not aligned to 4")
+        self._span(out, dim * 4)
+        tokens = np.array(self._array(tp, n, "<i4"), dtype=np.int32)
+        try:
+            vec = model.embed(tokens)
+        except RealmError as e:
+            raise _Fail(
+                Status.ELIMIT if e.code == "OVERLOADED" else Status.EINVAL, str(e)
+            ) from None
+        self._array(out, dim, "<f4", writable=True)[:] = vec
+        return dim
+
     def _imp_matmul_f32(
         self, ctx: CallContext, yp: int, wp: int, xp: int, rows: int, cols: int, batch: int
     ) -> int:

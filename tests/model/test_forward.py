@@ -165,3 +165,21 @@ def test_model_info(tmp_path: Path) -> None:
     )
     assert info.file_type == "Q8_0" and info.vocab_size == 587 and info.context_length == 256
     assert info.n_params > 0 and len(info.fingerprint) == 32
+
+
+def test_embed_is_the_mean_final_hidden_state(tmp_path: Path) -> None:
+    """Recover the reference's final normalised hidden states from its logits (vocab > n_embd,
+    so the output matrix has full column rank) and compare their normalised mean."""
+    path = write_test_model(tmp_path / "m.gguf", wtype="F32")
+    model = realm.load_model(path, kv_dtype=np.float32)
+    got = model.embed(IDS)
+    want_logits = ref.reference_logits(path, IDS)  # (T, vocab) = H @ W_out.T
+    w_out = ref.RefModel(path).weights["output.weight"]  # (vocab, n_embd)
+    hidden = np.linalg.lstsq(w_out, want_logits.T, rcond=None)[0].T  # (T, n_embd)
+    want = hidden.mean(axis=0)
+    want /= np.linalg.norm(want)
+    assert got.shape == (model.info.n_embd,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert abs(float(np.linalg.norm(got)) - 1.0) < 1e-5
+    with pytest.raises(realm.ModelError, match="at least one"):
+        model.embed([])

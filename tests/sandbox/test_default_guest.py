@@ -321,6 +321,17 @@ class FakeHost:
         assert isinstance(self.result, dict)
         return 0
 
+    def _embed(self, mp: int, ml: int, tp: int, n: int, out: int, cap: int) -> int:
+        """A toy embedding: dim 4, [n, first id, last id, sum of ids]."""
+        if not self._model_ok(mp, ml):
+            return int(Status.ENOENT)
+        if cap < 4:
+            return 4
+        ids = np.frombuffer(self.read(tp, 4 * n), dtype="<i4")
+        vec = np.array([n, ids[0], ids[-1], ids.sum()], dtype="<f4")
+        self.write(out, vec.tobytes())
+        return 4
+
     def _matmul_f32(self, *args: int) -> int:
         return int(Status.ENOTSUP)
 
@@ -452,7 +463,7 @@ def test_metadata_has_valid_schemas(host: FakeHost) -> None:
     chat = fns["chat"]["params"]["properties"]
     assert chat["conversation"]["default"] == "default"
     assert chat["messages"]["type"] == "array"
-    assert "not supported" in fns["embed"]["description"].lower()
+    assert "mean" in fns["embed"]["description"].lower()
     v = jsonschema.Draft202012Validator(gen)
     assert v.is_valid({"prompt": "x", "top_p": 1, "stop": ["a"], "seed": 3})
     assert not v.is_valid({"prompt": "x", "top_p": 0})
@@ -786,10 +797,15 @@ def test_json_string_escapes(host: FakeHost) -> None:
     assert host.result["tokens"] == encode('é😀\ufffd|\n\t"\\/')
 
 
-def test_embed_is_not_supported(host: FakeHost) -> None:
-    assert host.call_raw("embed", json.dumps({"text": "x"}).encode()) == Status.ENOTSUP
+def test_embed_asks_the_size_then_fills_the_vector(host: FakeHost) -> None:
+    assert host.call_raw("embed", json.dumps({"text": "abc"}).encode()) == 0
+    ids = encode("abc", bos=False, parse_special=False)
     assert host.result == {
-        "error": "embed is not supported by ABI v1: the host exposes no hidden states"
+        "embedding": [float(len(ids)), float(ids[0]), float(ids[-1]), float(sum(ids))],
+        "dim": 4,
+        "pooling": "mean",
+        "normalized": True,
+        "usage": {"prompt_tokens": len(ids)},
     }
 
 

@@ -140,3 +140,10 @@ def test_two_tenants_in_parallel(engine: SandboxEngine, model: realm.model.Model
         t.join(timeout=60)
     assert not errors
     assert all(len(set(v)) == 1 and len(v) == 5 for v in results.values())
+
+
+def test_embed_is_the_models_embedding(guest: GuestInstance, model: realm.model.Model) -> None:
+    res = guest.call("embed", {"text": "a sentence to embed"})
+    want = model.embed(model.tokenizer.encode("a sentence to embed"))
+    assert res["dim"] == model.info.n_embd and res["pooling"] == "mean"
+    np.testing.assert_allclose(np.array(res["embedding"]), want, atol=2e-6)
