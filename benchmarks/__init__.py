@@ -5,5 +5,7 @@ BLAS) in the same run as its cases and reports every figure next to its limit an
 as a table or, with ``--json``, one JSON object per line. Shared helpers live in
 ``benchmarks._common``; recorded figures go to ``docs/benchmarks.md`` with date and machine.
 
-Suites: ``kernels`` (the native kernels, one at a time).
+Suites: ``kernels`` (the native kernels, one at a time), ``models`` (prefill, decode and
+batched decode of a TinyLlama-shaped model against the bandwidth bound and llama.cpp),
+``sandbox`` (guest calls, host imports and the default guest's sampling cost).
 """
