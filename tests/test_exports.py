@@ -110,3 +110,40 @@ def test_model_names(name: str) -> None:
     import realm.model
 
     assert getattr(realm.model, name) is not None
+
+
+SANDBOX_NAMES = (
+    "ABI_VERSION",
+    "HOST_IMPORTS",
+    "Status",
+    "render_abi_markdown",
+    "CallContext",
+    "GuestLimits",
+    "TenantState",
+    "GuestModule",
+    "SandboxEngine",
+    "GuestInstance",
+    "default_guest_path",
+)
+GUEST_ERRORS = (
+    "GuestError",
+    "GuestTrap",
+    "GuestABIError",
+    "InvalidParams",
+    "UnknownFunction",
+    "CallCancelled",
+)
+
+
+@pytest.mark.parametrize("name", SANDBOX_NAMES)
+def test_sandbox_names(name: str) -> None:
+    import realm.sandbox
+
+    assert getattr(realm.sandbox, name) is not None
+
+
+@pytest.mark.parametrize("name", GUEST_ERRORS)
+def test_guest_errors_map_to_protocol_codes(name: str) -> None:
+    error = getattr(realm, name)
+    assert issubclass(error, realm.RealmError)
+    assert error.code in {"GUEST_TRAP", "INVALID_PARAMS", "UNKNOWN_FUNCTION", "CANCELLED"}
