@@ -20,6 +20,9 @@ from .._errors import GuestABIError
 from ._abi import FUNCTION_PREFIX, HOST_IMPORTS, IMPORT_MODULE
 
 EPOCH_TICK_SECONDS: Final = 0.01  # one epoch per 10 ms: the granularity of call deadlines
+# native stack a guest may use (deep recursion traps past it); guests run on threads with the
+# default 8 MiB stack, so this must stay well below that
+MAX_WASM_STACK_BYTES: Final = 512 << 10
 MAX_MODULE_BYTES: Final = 64 << 20  # 64 MiB of wasm
 
 _VALTYPES = {"i32": wasmtime.ValType.i32(), "i64": wasmtime.ValType.i64()}
@@ -87,8 +90,14 @@ class SandboxEngine:
     deadlines lives exactly as long as the engine is open.
     """
 
-    def __init__(self, *, epoch_tick_seconds: float = EPOCH_TICK_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        epoch_tick_seconds: float = EPOCH_TICK_SECONDS,
+        max_wasm_stack: int = MAX_WASM_STACK_BYTES,
+    ) -> None:
         cfg = wasmtime.Config()
+        cfg.max_wasm_stack = max_wasm_stack
         cfg.consume_fuel = True
         cfg.epoch_interruption = True
         cfg.wasm_memory64 = True
