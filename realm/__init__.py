@@ -16,6 +16,9 @@ from ._errors import GuestError as GuestError
 from ._errors import GuestTrap as GuestTrap
 from ._errors import InvalidParams as InvalidParams
 from ._errors import KVMemoryExhausted as KVMemoryExhausted
+from ._errors import Overloaded as Overloaded
+from ._errors import TenantUnavailable as TenantUnavailable
 from ._errors import UnknownFunction as UnknownFunction
+from .actors import open_runtime as open_runtime
 from .model import load_model as load_model
 from .model import load_tokenizer as load_tokenizer

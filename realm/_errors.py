@@ -79,3 +79,15 @@ class GuestTrap(GuestError):
 
 class GuestABIError(GuestError):
     """The module does not follow the guest ABI (version, imports, exports, metadata)."""
+
+
+class TenantUnavailable(RealmError):
+    """The tenant is unknown here, failed past its restart intensity, or stopping."""
+
+    code: ClassVar[str] = "TENANT_UNAVAILABLE"
+
+
+class Overloaded(RealmError):
+    """A bounded queue is full: try again later."""
+
+    code: ClassVar[str] = "OVERLOADED"

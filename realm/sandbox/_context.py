@@ -68,6 +68,7 @@ class TenantState:
         self.forward = forward
         self.sessions: dict[int, SessionSlot] = {}
         self._next_handle = 0
+        self._lock = threading.Lock()  # a tenant's calls may run in several threads
 
     def model(self, name: str) -> tuple[str, Model]:
         key = name or self.default_model
@@ -76,17 +77,19 @@ class TenantState:
         return key, self.models[key]
 
     def open_session(self, model_name: str, capacity: int) -> int:
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise OverflowError(f"tenant {self.name!r} has {len(self.sessions)} sessions open")
         key, model = self.model(model_name)
-        session = model.open_session(capacity=capacity or model.info.context_length)
-        handle = self._next_handle
-        self._next_handle += 1
-        self.sessions[handle] = SessionSlot(session, key, model.tokenizer.stream())
+        with self._lock:
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise OverflowError(f"tenant {self.name!r} has {len(self.sessions)} sessions open")
+            handle = self._next_handle
+            self._next_handle += 1
+            session = model.open_session(capacity=capacity or model.info.context_length)
+            self.sessions[handle] = SessionSlot(session, key, model.tokenizer.stream())
         return handle
 
     def close_session(self, handle: int) -> None:
-        slot = self.sessions.pop(handle)
+        with self._lock:
+            slot = self.sessions.pop(handle)
         slot.session.close()
 
     def close(self) -> None:

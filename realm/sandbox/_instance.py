@@ -451,6 +451,9 @@ class GuestInstance:
                 model, [(slot.session, tokens, {0: "none", 1: "last", 2: "all"}[mode])]
             )
         except RealmError as e:
+            if e.code == "CANCELLED":  # the batcher's wait was cancelled with the call
+                ctx.cancel.set()
+                return int(Status.ECANCELLED)
             raise _Fail(
                 Status.ELIMIT if e.code == "OVERLOADED" else Status.EINVAL, str(e)
             ) from None

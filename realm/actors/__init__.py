@@ -1,0 +1,11 @@
+"""The actor runtime: tenant actors, the batch scheduler, and ``open_runtime``."""
+
+from ._actor import Event as Event
+from ._actor import TenantActor as TenantActor
+from ._actor import TenantConfig as TenantConfig
+from ._batcher import Batcher as Batcher
+from ._batcher import BatcherStatistics as BatcherStatistics
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeLimits as RuntimeLimits
+from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._runtime import open_runtime as open_runtime

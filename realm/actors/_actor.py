@@ -1,0 +1,205 @@
+"""A tenant actor: one Trio task that owns a tenant's guest instances and serves its calls.
+
+Calls arrive in the actor's bounded mailbox; each runs in a worker thread
+(``trio.to_thread.run_sync`` with the runtime's ``CapacityLimiter``) on one of the tenant's
+instances (a small pool: up to ``max_concurrent_calls`` calls of one tenant run at once). The
+event loop never blocks on a guest. A call's Trio cancellation sets the guest's cancel flag, so
+the guest stops within one forward step. A trapped instance is discarded and rebuilt
+(one-for-one restart) under a restart intensity: past ``max_restarts`` in
+``restart_period_seconds`` the tenant is marked failed and its calls get TENANT_UNAVAILABLE
+until the cool-down ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import numpy as np
+import trio
+
+from .._errors import CallCancelled, GuestTrap, RealmError, TenantUnavailable
+from ..model import Model, Session
+from ..sandbox import (
+    CallContext,
+    GuestInstance,
+    GuestLimits,
+    GuestModule,
+    SandboxEngine,
+    TenantState,
+)
+from ._batcher import Batcher
+
+MAILBOX_SIZE: Final = 64
+
+
+@attrs.frozen
+class TenantConfig:
+    """What a tenant is: its guest module, models, and limits."""
+
+    name: str
+    module: GuestModule
+    models: dict[str, Model]
+    default_model: str | None = None
+    guest_limits: GuestLimits = attrs.field(factory=GuestLimits)
+    max_concurrent_calls: int = 2
+    max_restarts: int = 3
+    restart_period_seconds: float = 60.0
+    cooldown_seconds: float = 30.0
+
+
+@attrs.frozen
+class Event:
+    """What a streamed call yields: token events, then exactly one result (or error)."""
+
+    kind: str  # "token" | "result"
+    data: dict[str, Any]
+
+
+class TenantActor:
+    """Serves one tenant's calls (see module docs). Created and run by the runtime."""
+
+    def __init__(
+        self,
+        config: TenantConfig,
+        engine: SandboxEngine,
+        batcher: Batcher,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.batcher = batcher
+        self.limiter = limiter
+        self.state = TenantState(
+            config.name,
+            config.models,
+            default_model=config.default_model,
+            limits=config.guest_limits,
+            forward=self._forward,
+        )
+        self._idle: list[GuestInstance] = []
+        self._slots = trio.Semaphore(config.max_concurrent_calls)
+        self._restarts: list[float] = []
+        self.failed_until = 0.0
+        self.failed_reason = ""
+        self.calls = self.errors = self.tokens = 0
+        self.busy_seconds = 0.0
+
+    # --- the guest's forward import, bridged to the Trio batcher ------------------------------
+
+    def _forward(self, model: Model, work: Any) -> list[np.ndarray | None]:
+        try:
+            return trio.from_thread.run(self.batcher.forward, model, work)
+        except trio.Cancelled:
+            raise CallCancelled("cancelled while waiting for its forward step") from None
+
+    # --- instances and supervision ------------------------------------------------------------
+
+    def _instance(self) -> GuestInstance:
+        while self._idle:
+            inst = self._idle.pop()
+            if not inst.broken:
+                return inst
+        return GuestInstance(self.engine, self.config.module, self.state)
+
+    def _record_restart(self, why: str) -> None:
+        now = time.monotonic()
+        period = self.config.restart_period_seconds
+        self._restarts = [t for t in self._restarts if now - t < period] + [now]
+        if len(self._restarts) > self.config.max_restarts:
+            self.failed_until = now + self.config.cooldown_seconds
+            self.failed_reason = (
+                f"tenant {self.config.name!r} restarted {len(self._restarts)} times in "
+                f"{period:.0f} s (last: {why})"
+            )
+
+    def check_available(self) -> None:
+        if time.monotonic() < self.failed_until:
+            raise TenantUnavailable(self.failed_reason)
+        if self.failed_until:
+            self.failed_until, self._restarts = 0.0, []
+
+    def reset(self) -> None:
+        """Operator action: clear a failed state now."""
+        self.failed_until, self._restarts, self.failed_reason = 0.0, [], ""
+
+    # --- calls -------------------------------------------------------------------------------------
+
+    async def call(
+        self, function: str, params: Any, on_event: Callable[[Event], None] | None = None
+    ) -> dict[str, Any]:
+        """Run one call to completion; ``on_event`` receives its token events (in Trio)."""
+        self.check_available()
+        async with self._slots:
+            inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
+            index = 0
+            token = trio.lowlevel.current_trio_token()
+
+            def emit(text: str) -> bool:  # in the guest's thread
+                nonlocal index
+                if on_event is not None:
+                    ev = Event("token", {"token": text, "index": index})
+                    trio.from_thread.run_sync(on_event, ev, trio_token=token)
+                index += 1
+                return True
+
+            seed = params.get("seed") if isinstance(params, dict) else None
+            ctx = CallContext(seed=seed if isinstance(seed, int) and seed >= 0 else None,
+                              on_emit=emit)  # fmt: skip
+            t0 = time.perf_counter()
+            self.calls += 1
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_cancel() -> None:
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            ctx.cancel.set()  # the guest stops within one forward step
+
+                    nursery.start_soon(watch_cancel)
+                    try:
+                        result = await trio.to_thread.run_sync(
+                            inst.call, function, params, ctx, limiter=self.limiter
+                        )
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except GuestTrap as e:
+                self.errors += 1
+                self._record_restart(str(e))
+                raise
+            except RealmError:
+                self.errors += 1
+                raise
+            finally:
+                self.busy_seconds += time.perf_counter() - t0
+                if not inst.broken:
+                    self._idle.append(inst)
+            usage = result.get("usage") if isinstance(result, dict) else None
+            if isinstance(usage, dict):
+                self.tokens += int(usage.get("completion_tokens") or 0)
+            return result
+
+    def close(self) -> None:
+        self.state.close()
+        for inst in self._idle:
+            inst.close()
+        self._idle.clear()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "errors": self.errors,
+            "completion_tokens": self.tokens,
+            "tokens_per_second": (
+                self.tokens / self.busy_seconds if self.busy_seconds else math.nan
+            ),
+            "sessions": len(self.state.sessions),
+            "failed": time.monotonic() < self.failed_until,
+        }
+
+
+__all__ = ["Event", "Session", "TenantActor", "TenantConfig"]

@@ -1,0 +1,175 @@
+"""The batch scheduler: every tenant's forward steps on a model, run as one batched step.
+
+Guests run in worker threads; their ``forward`` host import calls ``Batcher.forward`` (through
+``trio.from_thread.run``), which queues the step and waits. One Trio task per runtime gathers
+what is queued and runs it as ONE ``Model.step`` per model in a worker thread (the native call
+releases the GIL). Guests submit independently, so a batcher that ran whatever happened to be
+queued would run half-empty batches; this one knows which sessions stepped last time (they are
+mid-generation) and waits for them, up to ``gather_seconds``, before it runs a step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+import numpy as np
+import trio
+
+from ..model import Model, Session
+
+GATHER_SECONDS: Final = 0.002  # how long a step waits for sessions that are mid-generation
+MAX_BATCH_TOKENS: Final = 2048  # a step's token budget; long prefills are chunked to fit
+QUEUE_SIZE: Final = 1024
+
+
+@attrs.define(eq=False)
+class _Request:
+    model: Model
+    session: Session
+    tokens: np.ndarray
+    mode: str
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@attrs.frozen
+class BatcherStatistics:
+    steps: int
+    sequences: int  # sequence-steps run
+    tokens: int
+    mean_batch_size: float
+    max_batch_size: int
+    step_seconds_mean: float
+    queued: int
+
+
+class Batcher:
+    """Runs queued forward steps of many sessions as batched native steps (see module docs)."""
+
+    def __init__(
+        self,
+        *,
+        gather_seconds: float = GATHER_SECONDS,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.gather_seconds = gather_seconds
+        self.max_batch_tokens = max_batch_tokens
+        self._send, self._recv = trio.open_memory_channel[_Request](QUEUE_SIZE)
+        self._limiter = limiter or trio.CapacityLimiter(1)
+        self._recent: set[int] = set()  # id(session) of sessions in the last step
+        self._steps = self._seqs = self._tokens = self._max = 0
+        self._step_time = 0.0
+
+    # --- called from guest worker threads (through trio.from_thread.run) ---------------------
+
+    async def forward(
+        self, model: Model, work: Sequence[tuple[Session, np.ndarray, str]]
+    ) -> list[Any]:
+        """Queue steps and wait for their logits (the ``TenantState.forward`` contract)."""
+        reqs = [_Request(model, s, np.asarray(t, np.int32), mode) for s, t, mode in work]
+        for r in reqs:
+            await self._send.send(r)
+        for r in reqs:
+            await r.done.wait()
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        return [r.result for r in reqs]
+
+    # --- the scheduler task ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._recv:
+            while True:
+                first = await self._recv.receive()
+                batch = [first]
+                await self._gather(batch)
+                await self._run_batch(batch)
+
+    async def _gather(self, batch: list[_Request]) -> None:
+        """Add what is queued; wait a little for sessions that stepped last time."""
+        deadline = trio.current_time() + self.gather_seconds
+        while True:
+            while True:
+                try:
+                    batch.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            waiting = self._recent - {id(r.session) for r in batch}
+            if not waiting or trio.current_time() >= deadline:
+                return
+            with trio.move_on_at(deadline):
+                batch.append(await self._recv.receive())
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        by_model: dict[int, list[_Request]] = {}
+        for r in batch:
+            by_model.setdefault(id(r.model), []).append(r)
+        self._recent = {id(r.session) for r in batch}
+        for reqs in by_model.values():
+            for chunk in self._chunks(reqs):
+                await self._step(chunk)
+
+    def _chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """Split into steps within the token budget; a session appears once per step."""
+        out: list[list[_Request]] = []
+        cur: list[_Request] = []
+        seen: set[int] = set()
+        budget = 0
+        for r in reqs:
+            n = int(r.tokens.shape[0])
+            if cur and (budget + n > self.max_batch_tokens or id(r.session) in seen):
+                out.append(cur)
+                cur, seen, budget = [], set(), 0
+            cur.append(r)
+            seen.add(id(r.session))
+            budget += n
+        if cur:
+            out.append(cur)
+        return out
+
+    async def _step(self, reqs: list[_Request]) -> None:
+        model = reqs[0].model
+        t0 = time.perf_counter()
+        try:
+            results = await trio.to_thread.run_sync(
+                model.step, [(r.session, r.tokens, r.mode) for r in reqs], limiter=self._limiter
+            )
+        except BaseException as e:  # a bad request must not take the others down: retry alone
+            if len(reqs) > 1 and isinstance(e, Exception):
+                for r in reqs:
+                    await self._step([r])
+                return
+            for r in reqs:
+                r.error = e
+                r.done.set()
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._step_time += time.perf_counter() - t0
+        self._steps += 1
+        self._seqs += len(reqs)
+        self._tokens += sum(int(r.tokens.shape[0]) for r in reqs)
+        self._max = max(self._max, len(reqs))
+        for r, res in zip(reqs, results, strict=True):
+            r.result = res
+            r.done.set()
+
+    def statistics(self) -> BatcherStatistics:
+        steps = self._steps
+        return BatcherStatistics(
+            steps=steps,
+            sequences=self._seqs,
+            tokens=self._tokens,
+            mean_batch_size=self._seqs / steps if steps else math.nan,
+            max_batch_size=self._max,
+            step_seconds_mean=self._step_time / steps if steps else math.nan,
+            queued=self._send.statistics().current_buffer_used,
+        )

@@ -1,0 +1,249 @@
+"""The embedded runtime: ``async with realm.open_runtime(...) as rt``.
+
+The runtime owns, in one nursery: the sandbox engine, the batch scheduler task, and the tenant
+actors (started on first use). ``rt.call`` returns a call's result data; ``rt.stream`` is an
+async context manager whose iterator yields token events and then the result. Cancelling the
+caller (a Trio cancel scope, a deadline) cancels the call: the guest stops within one forward
+step and its session is freed. Leaving the ``async with`` stops accepting calls, gives calls in
+flight ``shutdown_seconds`` to finish, then cancels them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import attrs
+import trio
+
+from .._errors import ModelError, Overloaded, RealmError, TenantUnavailable
+from ..model import Model, ModelRegistry
+from ..sandbox import GuestLimits, SandboxEngine, default_guest_path
+from ._actor import Event, TenantActor, TenantConfig
+from ._batcher import Batcher, BatcherStatistics
+
+SHUTDOWN_SECONDS: Final = 5.0
+MAX_QUEUED_CALLS: Final = 64  # per tenant, waiting for one of its call slots
+STREAM_BUFFER: Final = 256  # token events buffered per streamed call
+
+
+@attrs.frozen
+class RuntimeLimits:
+    max_concurrent_calls: int = 2  # per tenant
+    max_queued_calls: int = MAX_QUEUED_CALLS  # per tenant
+    guest: GuestLimits = attrs.field(factory=GuestLimits)
+    threads: int | None = None  # worker threads for guests and steps (default: 2 x tenants, >= 8)
+    gather_seconds: float = 0.002
+    shutdown_seconds: float = SHUTDOWN_SECONDS
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    batcher: BatcherStatistics
+    tenants: dict[str, dict[str, Any]]
+
+
+class Runtime:
+    """Use ``open_runtime``."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        engine: SandboxEngine,
+        batcher: Batcher,
+        nursery: trio.Nursery,
+        tenants: Mapping[str, Mapping[str, Any]] | None,
+        limits: RuntimeLimits,
+    ) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.batcher = batcher
+        self.limits = limits
+        self._nursery = nursery
+        self._open = tenants is None  # no tenants configured: any name gets the default guest
+        self._specs: dict[str, Mapping[str, Any]] = dict(tenants or {})
+        self._actors: dict[str, TenantActor] = {}
+        self._waiting: dict[str, int] = {}
+        self._limiter = trio.CapacityLimiter(limits.threads or max(8, 2 * (len(self._specs) + 2)))
+        self._closing = False
+        self._default_module = engine.compile(default_guest_path())
+
+    # --- tenants -------------------------------------------------------------------------------
+
+    def _config(self, name: str) -> TenantConfig:
+        spec = self._specs.get(name)
+        if spec is None and not self._open:
+            raise TenantUnavailable(f"unknown tenant {name!r}")
+        spec = spec or {}
+        guest = spec.get("guest")
+        module = self.engine.compile(guest) if guest else self._default_module
+        models = {n: self.registry.get(n) for n in self.registry.names()}
+        return TenantConfig(
+            name=name,
+            module=module,
+            models=models,
+            default_model=spec.get("model") or (self.registry.names() or [None])[0],
+            guest_limits=spec.get("limits", self.limits.guest),
+            max_concurrent_calls=int(
+                spec.get("max_concurrent_calls", self.limits.max_concurrent_calls)
+            ),
+        )
+
+    def _actor(self, name: str) -> TenantActor:
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise TenantUnavailable(f"bad tenant name {name!r}")
+        actor = self._actors.get(name)
+        if actor is None:
+            actor = TenantActor(self._config(name), self.engine, self.batcher, self._limiter)
+            self._actors[name] = actor
+        return actor
+
+    def add_tenant(self, name: str, **spec: Any) -> None:
+        """Add (or replace) a tenant's spec: ``guest`` (wasm path or bytes), ``model``, limits."""
+        self._specs[name] = spec
+        self.reload_tenant(name)
+
+    def remove_tenant(self, name: str) -> None:
+        self._specs.pop(name, None)
+        actor = self._actors.pop(name, None)
+        if actor is not None:
+            actor.close()
+
+    def reload_tenant(self, name: str) -> None:
+        """A new guest module takes effect for new calls; calls in flight finish on the old."""
+        old = self._actors.pop(name, None)
+        if old is not None:
+            self._nursery.start_soon(self._close_when_idle, old)
+
+    async def _close_when_idle(self, actor: TenantActor) -> None:
+        while actor._slots.value < actor.config.max_concurrent_calls:
+            await trio.sleep(0.05)
+        actor.close()
+
+    # --- calls -----------------------------------------------------------------------------------
+
+    async def _run(self, tenant: str, function: str, params: Any, on_event: Any) -> dict[str, Any]:
+        if self._closing:
+            raise TenantUnavailable("the runtime is shutting down")
+        actor = self._actor(tenant)
+        waiting = self._waiting.get(tenant, 0)
+        if waiting >= self.limits.max_queued_calls:
+            raise Overloaded(f"tenant {tenant!r} has {waiting} calls queued")
+        self._waiting[tenant] = waiting + 1
+        try:
+            return await actor.call(function, params, on_event)
+        finally:
+            self._waiting[tenant] -= 1
+
+    async def call(self, tenant: str, function: str, params: Any | None = None) -> dict[str, Any]:
+        """Run ``function`` of ``tenant``'s guest and return its result data."""
+        return await self._run(tenant, function, {} if params is None else params, None)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, tenant: str, function: str, params: Any | None = None
+    ) -> AsyncIterator[AsyncIterator[Event]]:
+        """Stream a call: ``async for ev in events`` gives token events, then the result.
+
+        Leaving the block early cancels the call.
+        """
+        send, recv = trio.open_memory_channel[Event](STREAM_BUFFER)
+        failure: list[BaseException] = []
+
+        def on_event(ev: Event) -> None:
+            # a reader that stopped reading loses tokens; it never blocks the guest
+            with contextlib.suppress(
+                trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+            ):
+                send.send_nowait(ev)
+
+        async def runner() -> None:
+            async with send:
+                try:
+                    result = await self._run(tenant, function, params or {}, on_event)
+                except RealmError as e:
+                    failure.append(e)
+                    return
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await send.send(Event("result", result))
+
+        async def events() -> AsyncIterator[Event]:
+            async with recv:
+                async for ev in recv:
+                    yield ev
+            if failure:
+                raise failure[0]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
+            gen = events()
+            try:
+                yield gen
+            finally:
+                nursery.cancel_scope.cancel()
+                await gen.aclose()
+
+    def statistics(self) -> RuntimeStatistics:
+        return RuntimeStatistics(
+            batcher=self.batcher.statistics(),
+            tenants={n: a.statistics() for n, a in self._actors.items()},
+        )
+
+    def tenants(self) -> list[str]:
+        return sorted(set(self._specs) | set(self._actors))
+
+    def metadata(self, tenant: str) -> list[dict[str, Any]]:
+        """The functions a tenant's guest exports (name, description, params schema)."""
+        actor = self._actor(tenant)
+        inst = actor._instance()
+        try:
+            return inst.functions()
+        finally:
+            actor._idle.append(inst)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    models: Mapping[str, str | os.PathLike[str] | Model] | None = None,
+    tenants: Mapping[str, Mapping[str, Any]] | None = None,
+    limits: RuntimeLimits | None = None,
+) -> AsyncIterator[Runtime]:
+    """Open an embedded Realm runtime.
+
+    Args:
+        models: name -> GGUF path (or a loaded ``Model``); one copy of each model's weights is
+            shared by every tenant.
+        tenants: name -> spec (``guest``: a wasm path or bytes, default the default guest;
+            ``model``: default model name; ``limits``: ``GuestLimits``;
+            ``max_concurrent_calls``). None: an open, local runtime where any tenant name gets
+            the default guest and default limits.
+        limits: runtime-wide limits and defaults.
+    """
+    limits = limits or RuntimeLimits()
+    registry = ModelRegistry()
+    for name, m in (models or {}).items():
+        if isinstance(m, Model):
+            registry._by_name[name] = m  # an already loaded model, shared as it is
+        else:
+            registry.load(name, m)
+    if not registry.names():
+        raise ModelError("open_runtime needs at least one model")
+    batcher = Batcher(gather_seconds=limits.gather_seconds)
+    with SandboxEngine() as engine:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            rt = Runtime(registry, engine, batcher, nursery, tenants, limits)
+            try:
+                yield rt
+            finally:
+                rt._closing = True
+                with trio.move_on_after(limits.shutdown_seconds) as scope:
+                    scope.shield = True
+                    while any(a._slots.value < a.config.max_concurrent_calls
+                              for a in rt._actors.values()):  # fmt: skip
+                        await trio.sleep(0.02)
+                for actor in rt._actors.values():
+                    actor.close()
+                nursery.cancel_scope.cancel()
