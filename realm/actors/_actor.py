@@ -126,7 +126,7 @@ class TenantActor:
         """Operator action: clear a failed state now."""
         self.failed_until, self._restarts, self.failed_reason = 0.0, [], ""
 
-    # --- calls -------------------------------------------------------------------------------------
+    # --- calls ---------------------------------------------------------------------------------
 
     async def call(
         self, function: str, params: Any, on_event: Callable[[Event], None] | None = None
