@@ -152,21 +152,7 @@ class TenantActor:
             t0 = time.perf_counter()
             self.calls += 1
             try:
-                async with trio.open_nursery() as nursery:
-
-                    async def watch_cancel() -> None:
-                        try:
-                            await trio.sleep_forever()
-                        finally:
-                            ctx.cancel.set()  # the guest stops within one forward step
-
-                    nursery.start_soon(watch_cancel)
-                    try:
-                        result = await trio.to_thread.run_sync(
-                            inst.call, function, params, ctx, limiter=self.limiter
-                        )
-                    finally:
-                        nursery.cancel_scope.cancel()
+                result = await self._in_thread(inst, function, params, ctx)
             except GuestTrap as e:
                 self.errors += 1
                 self._record_restart(str(e))
@@ -182,6 +168,33 @@ class TenantActor:
             if isinstance(usage, dict):
                 self.tokens += int(usage.get("completion_tokens") or 0)
             return result
+
+    async def _in_thread(
+        self, inst: GuestInstance, function: str, params: Any, ctx: CallContext
+    ) -> dict[str, Any]:
+        """Run the guest call in a worker thread; a Trio cancel sets the guest's cancel flag."""
+        result: dict[str, Any] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_cancel() -> None:
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        ctx.cancel.set()  # the guest stops within one forward step
+
+                nursery.start_soon(watch_cancel)
+                try:
+                    result = await trio.to_thread.run_sync(
+                        inst.call, function, params, ctx, limiter=self.limiter
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # one failure: surface it as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        return result
 
     def close(self) -> None:
         self.state.close()

@@ -1,0 +1,171 @@
+"""The embedded runtime: calls, streams, batching across tenants, cancellation, supervision.
+
+Every test runs under an absolute time limit (``trio.fail_after``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+import realm
+from realm.actors import RuntimeLimits
+from realm.sandbox import GuestLimits
+from realm.testing import write_test_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sandbox"))
+from wat_guests import guest_wat
+
+LIMIT = 30  # seconds, every test
+GEN = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("rt") / "tiny.gguf", n_layers=2)
+
+
+async def test_call_returns_the_result_data(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            r = await rt.call("alice", "generate", GEN)
+            assert r["finish_reason"] in ("length", "stop")
+            assert r["usage"]["completion_tokens"] <= 12 and isinstance(r["text"], str)
+            again = await rt.call("alice", "generate", GEN)
+            assert again["text"] == r["text"]  # greedy: same text
+
+
+async def test_stream_yields_contiguous_tokens_then_the_result(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            tokens: list[str] = []
+            result = None
+            async with rt.stream("bob", "generate", GEN) as events:
+                async for ev in events:
+                    if ev.kind == "token":
+                        assert ev.data["index"] == len(tokens)
+                        tokens.append(ev.data["token"])
+                    else:
+                        result = ev.data
+            assert result is not None and result["text"] == "".join(tokens)
+
+
+async def test_tenants_share_batched_steps(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            texts: dict[str, str] = {}
+
+            async def one(name: str) -> None:
+                texts[name] = (await rt.call(name, "generate", {**GEN, "max_tokens": 24}))["text"]
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(one, f"tenant{i}")
+            alone = await rt.call("solo", "generate", {**GEN, "max_tokens": 24})
+            assert set(texts.values()) == {alone["text"]}  # batching changes nothing
+            st = rt.statistics().batcher
+            assert st.max_batch_size > 1 and st.mean_batch_size > 1
+
+
+async def test_cancel_stops_the_guest_and_frees_the_session(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            with trio.move_on_after(0.05):
+                await rt.call("carol", "generate", {**GEN, "max_tokens": 100000 // 100})
+            actor = rt._actors["carol"]
+            for _ in range(100):  # the guest's thread winds down within a step
+                if not actor.state.sessions:
+                    break
+                await trio.sleep(0.01)
+            assert actor.state.sessions == {}
+            assert (await rt.call("carol", "count_tokens", {"text": "still here"}))["count"] > 0
+
+
+async def test_leaving_a_stream_early_cancels_the_call(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            async with rt.stream("dave", "generate", {**GEN, "max_tokens": 500}) as events:
+                async for ev in events:
+                    assert ev.kind == "token"
+                    break
+            actor = rt._actors["dave"]
+            for _ in range(100):
+                if not actor.state.sessions:
+                    break
+                await trio.sleep(0.01)
+            assert actor.state.sessions == {}
+
+
+async def test_configured_tenants_refuse_unknown_names(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}, tenants={"acme": {}}) as rt:
+            assert (await rt.call("acme", "count_tokens", {"text": "hi"}))["count"] > 0
+            with pytest.raises(realm.TenantUnavailable, match="unknown tenant 'other'"):
+                await rt.call("other", "count_tokens", {"text": "hi"})
+
+
+async def test_bad_params_and_functions(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            with pytest.raises(realm.InvalidParams, match="max_tokens"):
+                await rt.call("eve", "generate", {"prompt": "x", "max_tokens": "10"})
+            with pytest.raises(realm.UnknownFunction):
+                await rt.call("eve", "__class__", {})
+            assert (await rt.call("eve", "count_tokens", {"text": "ok"}))["count"] > 0
+
+
+TRAP_GUEST = guest_wat(None, {"boom": "unreachable", "fine": "(i32.const 0)"}).encode()
+
+
+async def test_a_crashing_tenant_is_restarted_then_marked_unavailable(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        tenants = {"bad": {"guest": TRAP_GUEST}, "good": {}}
+        async with realm.open_runtime(models={"tiny": model_path}, tenants=tenants) as rt:
+            for _ in range(4):  # max_restarts = 3: the fourth trap marks it failed
+                with pytest.raises(realm.GuestTrap):
+                    await rt.call("bad", "boom", {})
+            with pytest.raises(realm.TenantUnavailable, match="restarted"):
+                await rt.call("bad", "fine", {})
+            # the other tenant never noticed
+            assert (await rt.call("good", "count_tokens", {"text": "fine"}))["count"] > 0
+            rt._actors["bad"].reset()  # an operator action
+            assert await rt.call("bad", "fine", {}) == {}
+
+
+async def test_reload_takes_effect_for_new_calls(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}, tenants={"t": {}}) as rt:
+            assert "generate" in {f["name"] for f in rt.metadata("t")}
+            rt.add_tenant("t", guest=TRAP_GUEST)
+            assert {f["name"] for f in rt.metadata("t")} == {"boom", "fine"}
+
+
+async def test_tight_guest_limits_apply(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        limits = RuntimeLimits(guest=GuestLimits(fuel_per_call=50_000))
+        async with realm.open_runtime(models={"tiny": model_path}, limits=limits) as rt:
+            with pytest.raises(realm.GuestTrap, match="fuel"):
+                await rt.call("frank", "generate", {**GEN, "max_tokens": 50})
+
+
+async def test_open_runtime_needs_a_model() -> None:
+    with pytest.raises(realm.ModelError, match="at least one model"):
+        async with realm.open_runtime(models={}):
+            pass
+
+
+def test_the_trio_app_example_runs() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "trio_app.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tenant-2:" in proc.stdout and "mean batch size" in proc.stdout
