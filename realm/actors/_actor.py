@@ -87,6 +87,8 @@ class TenantActor:
         self.failed_reason = ""
         self.calls = self.errors = self.tokens = 0
         self.busy_seconds = 0.0
+        self.in_flight = 0
+        self.last_used = time.monotonic()
 
     # --- the guest's forward import, bridged to the Trio batcher ------------------------------
 
@@ -133,6 +135,16 @@ class TenantActor:
     ) -> dict[str, Any]:
         """Run one call to completion; ``on_event`` receives its token events (in Trio)."""
         self.check_available()
+        self.in_flight += 1
+        try:
+            return await self._call(function, params, on_event)
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    async def _call(
+        self, function: str, params: Any, on_event: Callable[[Event], None] | None
+    ) -> dict[str, Any]:
         async with self._slots:
             inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
             index = 0

@@ -22,6 +22,7 @@ import trio
 from ..model import Model, Session
 
 GATHER_SECONDS: Final = 0.002  # how long a step waits for sessions that are mid-generation
+PREFILL_CHUNK: Final = 256  # a longer step is split so other tenants' decode steps interleave
 MAX_BATCH_TOKENS: Final = 2048  # a step's token budget; long prefills are chunked to fit
 QUEUE_SIZE: Final = 1024
 
@@ -56,9 +57,11 @@ class Batcher:
         *,
         gather_seconds: float = GATHER_SECONDS,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
+        prefill_chunk: int = PREFILL_CHUNK,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.gather_seconds = gather_seconds
+        self.prefill_chunk = prefill_chunk
         self.max_batch_tokens = max_batch_tokens
         self._send, self._recv = trio.open_memory_channel[_Request](QUEUE_SIZE)
         self._limiter = limiter or trio.CapacityLimiter(1)
@@ -72,15 +75,30 @@ class Batcher:
         self, model: Model, work: Sequence[tuple[Session, np.ndarray, str]]
     ) -> list[Any]:
         """Queue steps and wait for their logits (the ``TenantState.forward`` contract)."""
-        reqs = [_Request(model, s, np.asarray(t, np.int32), mode) for s, t, mode in work]
-        for r in reqs:
-            await self._send.send(r)
-        for r in reqs:
-            await r.done.wait()
-        for r in reqs:
-            if r.error is not None:
-                raise r.error
-        return [r.result for r in reqs]
+        out = []
+        for session, tokens, mode in work:
+            ids = np.asarray(tokens, np.int32)
+            # a long prefill goes in chunks, each its own step shared with everyone's decode
+            # steps, so a 2000-token prompt never stalls other tenants' streams for long
+            chunks = [
+                ids[i : i + self.prefill_chunk] for i in range(0, len(ids), self.prefill_chunk)
+            ]
+            pieces = []
+            for k, chunk in enumerate(chunks):
+                last = k == len(chunks) - 1
+                r = _Request(
+                    model, session, chunk, mode if last else ("all" if mode == "all" else "none")
+                )
+                await self._send.send(r)
+                await r.done.wait()
+                if r.error is not None:
+                    raise r.error
+                pieces.append(r.result)
+            if mode == "all" and len(pieces) > 1:
+                out.append(np.concatenate(pieces, axis=0))
+            else:
+                out.append(pieces[-1])
+        return out
 
     # --- the scheduler task ------------------------------------------------------------------
 

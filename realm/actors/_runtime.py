@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
@@ -37,6 +38,7 @@ class RuntimeLimits:
     threads: int | None = None  # worker threads for guests and steps (default: 2 x tenants, >= 8)
     gather_seconds: float = 0.002
     shutdown_seconds: float = SHUTDOWN_SECONDS
+    idle_seconds: float | None = 300.0  # an actor idle this long stops (None: never)
 
 
 @attrs.frozen
@@ -116,6 +118,22 @@ class Runtime:
         old = self._actors.pop(name, None)
         if old is not None:
             self._nursery.start_soon(self._close_when_idle, old)
+
+    async def reap_idle(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stop actors idle for ``idle_seconds``, releasing their instances and sessions (a
+        tenant's next call starts it again; chat conversations do not survive a stop)."""
+        task_status.started()
+        idle = self.limits.idle_seconds
+        if idle is None:
+            return
+        while True:
+            await trio.sleep(min(1.0, idle / 2))
+            for name, actor in list(self._actors.items()):
+                if actor.in_flight == 0 and time.monotonic() - actor.last_used >= idle:
+                    del self._actors[name]
+                    actor.close()
 
     async def _close_when_idle(self, actor: TenantActor) -> None:
         while actor._slots.value < actor.config.max_concurrent_calls:
@@ -235,6 +253,7 @@ async def open_runtime(
         async with trio.open_nursery() as nursery:
             await nursery.start(batcher.run)
             rt = Runtime(registry, engine, batcher, nursery, tenants, limits)
+            await nursery.start(rt.reap_idle)
             try:
                 yield rt
             finally:

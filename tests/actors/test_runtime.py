@@ -169,3 +169,31 @@ def test_the_trio_app_example_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "tenant-2:" in proc.stdout and "mean batch size" in proc.stdout
+
+
+async def test_idle_actors_stop_and_start_again(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        limits = RuntimeLimits(idle_seconds=0.2)
+        async with realm.open_runtime(models={"tiny": model_path}, limits=limits) as rt:
+            await rt.call("gina", "count_tokens", {"text": "hi"})
+            assert "gina" in rt._actors
+            await trio.sleep(1.5)
+            assert "gina" not in rt._actors  # stopped, its memory released
+            assert (await rt.call("gina", "count_tokens", {"text": "hi"}))["count"] > 0
+
+
+async def test_long_prefill_is_chunked_between_other_steps(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            rt.batcher.prefill_chunk = 8
+            long_prompt = "word " * 60
+            r = await rt.call("hank", "generate", {"prompt": long_prompt, "max_tokens": 3,
+                                                   "temperature": 0})  # fmt: skip
+            assert r["usage"]["prompt_tokens"] > 16
+            st = rt.statistics().batcher
+            assert st.steps >= r["usage"]["prompt_tokens"] // 8  # the prompt took many steps
+            # and the chunked prefill gives the same text as an unchunked one
+            rt.batcher.prefill_chunk = 4096
+            again = await rt.call("hank", "generate", {"prompt": long_prompt, "max_tokens": 3,
+                                                       "temperature": 0})  # fmt: skip
+            assert again["text"] == r["text"]
