@@ -30,6 +30,7 @@ class GuestLimits:
     call_timeout_seconds: float = 300.0  # epoch deadline: the backstop for a guest that spins
     max_sessions: int = MAX_SESSIONS
     max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD
+    max_kv_bytes: int | None = None  # KV cache memory of the tenant's sessions, at capacity
 
 
 # forward(model, [(session, tokens, mode)]) -> logits per entry; the actor layer's batcher
@@ -78,12 +79,25 @@ class TenantState:
 
     def open_session(self, model_name: str, capacity: int) -> int:
         key, model = self.model(model_name)
+        cap = capacity or model.info.context_length
         with self._lock:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise OverflowError(f"tenant {self.name!r} has {len(self.sessions)} sessions open")
+            quota = self.limits.max_kv_bytes
+            if quota is not None:  # reserved at capacity, so a session never outgrows it
+                held = sum(
+                    s.session.capacity * s.session.model.kv_bytes_per_position()
+                    for s in self.sessions.values()
+                )
+                need = cap * model.kv_bytes_per_position()
+                if held + need > quota:
+                    raise OverflowError(
+                        f"tenant {self.name!r}: a session of {cap} positions needs {need} bytes "
+                        f"of KV memory; {held} of its {quota} are held"
+                    )
             handle = self._next_handle
             self._next_handle += 1
-            session = model.open_session(capacity=capacity or model.info.context_length)
+            session = model.open_session(capacity=cap)
             self.sessions[handle] = SessionSlot(session, key, model.tokenizer.stream())
         return handle
 

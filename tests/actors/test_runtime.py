@@ -197,3 +197,15 @@ async def test_long_prefill_is_chunked_between_other_steps(model_path: Path) -> 
             again = await rt.call("hank", "generate", {"prompt": long_prompt, "max_tokens": 3,
                                                        "temperature": 0})  # fmt: skip
             assert again["text"] == r["text"]
+
+
+async def test_per_tenant_kv_quota(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        model = realm.load_model(model_path)
+        per = model.kv_bytes_per_position()
+        tenants = {"small": {"limits": GuestLimits(max_kv_bytes=8 * per)}, "big": {}}
+        async with realm.open_runtime(models={"tiny": model}, tenants=tenants) as rt:
+            with pytest.raises(realm.GuestError, match="KV memory"):
+                await rt.call("small", "generate", {**GEN, "max_tokens": 20})
+            r = await rt.call("big", "generate", {**GEN, "max_tokens": 20})
+            assert r["usage"]["completion_tokens"] > 0
