@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 import trio
 
-from .._errors import CallCancelled, GuestTrap, RealmError, TenantUnavailable
+from .._errors import CallCancelled, GuestTrap, Overloaded, RealmError, TenantUnavailable
 from ..model import Model, Session
 from ..sandbox import (
     CallContext,
@@ -46,6 +46,7 @@ class TenantConfig:
     default_model: str | None = None
     guest_limits: GuestLimits = attrs.field(factory=GuestLimits)
     max_concurrent_calls: int = 2
+    max_queued_calls: int = 64  # calls waiting for a slot; past it, Overloaded
     max_restarts: int = 3
     restart_period_seconds: float = 60.0
     cooldown_seconds: float = 30.0
@@ -145,41 +146,60 @@ class TenantActor:
     async def _call(
         self, function: str, params: Any, on_event: Callable[[Event], None] | None
     ) -> dict[str, Any]:
-        async with self._slots:
-            inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
-            index = 0
-            token = trio.lowlevel.current_trio_token()
+        waiting = self._slots.statistics().tasks_waiting
+        if self._slots.value == 0 and waiting >= self.config.max_queued_calls:
+            raise Overloaded(f"tenant {self.config.name!r} has {waiting} calls waiting for a slot")
+        await self._slots.acquire()
+        try:
+            return await self._call_in_slot(function, params, on_event)
+        finally:
+            self._slots.release()
 
-            def emit(text: str) -> bool:  # in the guest's thread
-                nonlocal index
-                if on_event is not None:
-                    ev = Event("token", {"token": text, "index": index})
-                    trio.from_thread.run_sync(on_event, ev, trio_token=token)
-                index += 1
-                return True
+    async def _call_in_slot(
+        self, function: str, params: Any, on_event: Callable[[Event], None] | None
+    ) -> dict[str, Any]:
+        inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
+        index = 0
+        token = trio.lowlevel.current_trio_token()
 
-            seed = params.get("seed") if isinstance(params, dict) else None
-            ctx = CallContext(seed=seed if isinstance(seed, int) and seed >= 0 else None,
-                              on_emit=emit)  # fmt: skip
-            t0 = time.perf_counter()
-            self.calls += 1
-            try:
-                result = await self._in_thread(inst, function, params, ctx)
-            except GuestTrap as e:
-                self.errors += 1
-                self._record_restart(str(e))
-                raise
-            except RealmError:
-                self.errors += 1
-                raise
-            finally:
-                self.busy_seconds += time.perf_counter() - t0
-                if not inst.broken:
-                    self._idle.append(inst)
-            usage = result.get("usage") if isinstance(result, dict) else None
-            if isinstance(usage, dict):
-                self.tokens += int(usage.get("completion_tokens") or 0)
-            return result
+        def emit(text: str) -> bool:  # in the guest's thread
+            nonlocal index
+            if on_event is not None:
+                ev = Event("token", {"token": text, "index": index})
+                trio.from_thread.run_sync(on_event, ev, trio_token=token)
+            index += 1
+            return True
+
+        seed = params.get("seed") if isinstance(params, dict) else None
+        ctx = CallContext(seed=seed if isinstance(seed, int) and seed >= 0 else None,
+                          on_emit=emit)  # fmt: skip
+        t0 = time.perf_counter()
+        self.calls += 1
+        try:
+            result = await self._in_thread(inst, function, params, ctx)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+            if not inst.broken:
+                self._idle.append(inst)
+        usage = result.get("usage") if isinstance(result, dict) else None
+        if isinstance(usage, dict):
+            self.tokens += int(usage.get("completion_tokens") or 0)
+        return result
+
+    def _guest_call(
+        self, inst: GuestInstance, function: str, params: Any, ctx: CallContext
+    ) -> dict[str, Any]:
+        """In the worker thread: the call, its errors counted here (whatever Trio does with
+        the outcome of a cancelled call), a trap recorded against the restart intensity."""
+        try:
+            return inst.call(function, params, ctx)
+        except GuestTrap as e:
+            self.errors += 1
+            trio.from_thread.run_sync(self._record_restart, str(e))
+            raise
+        except RealmError:
+            self.errors += 1
+            raise
 
     async def _in_thread(
         self, inst: GuestInstance, function: str, params: Any, ctx: CallContext
@@ -198,13 +218,18 @@ class TenantActor:
                 nursery.start_soon(watch_cancel)
                 try:
                     result = await trio.to_thread.run_sync(
-                        inst.call, function, params, ctx, limiter=self.limiter
+                        self._guest_call, inst, function, params, ctx, limiter=self.limiter
                     )
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # one failure: surface it as itself
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(lambda e: not isinstance(e, trio.Cancelled))
+            cancelled = group.subgroup(lambda e: isinstance(e, trio.Cancelled))
+            first = _first(failed) if failed is not None else None
+            if cancelled is not None:  # the caller was cancelled: that is what propagates
+                raise _first(cancelled) from None
+            if first is not None and len(failed.exceptions) == 1:  # type: ignore[union-attr]
+                raise first from None
             raise
         return result
 
@@ -225,6 +250,14 @@ class TenantActor:
             "sessions": len(self.state.sessions),
             "failed": time.monotonic() < self.failed_until,
         }
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf exception of a (possibly nested) group."""
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 __all__ = ["Event", "Session", "TenantActor", "TenantConfig"]

@@ -19,7 +19,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._errors import ModelError, Overloaded, RealmError, TenantUnavailable
+from .._errors import ModelError, RealmError, TenantUnavailable
 from ..model import Model, ModelRegistry
 from ..sandbox import GuestLimits, SandboxEngine, default_guest_path
 from ._actor import Event, TenantActor, TenantConfig
@@ -67,7 +67,6 @@ class Runtime:
         self._open = tenants is None  # no tenants configured: any name gets the default guest
         self._specs: dict[str, Mapping[str, Any]] = dict(tenants or {})
         self._actors: dict[str, TenantActor] = {}
-        self._waiting: dict[str, int] = {}
         self._limiter = trio.CapacityLimiter(limits.threads or max(8, 2 * (len(self._specs) + 2)))
         self._closing = False
         self._default_module = engine.compile(default_guest_path())
@@ -91,6 +90,7 @@ class Runtime:
             max_concurrent_calls=int(
                 spec.get("max_concurrent_calls", self.limits.max_concurrent_calls)
             ),
+            max_queued_calls=int(spec.get("max_queued_calls", self.limits.max_queued_calls)),
         )
 
     def _actor(self, name: str) -> TenantActor:
@@ -108,10 +108,11 @@ class Runtime:
         self.reload_tenant(name)
 
     def remove_tenant(self, name: str) -> None:
+        """Forget a tenant: new calls are refused; calls in flight finish first."""
         self._specs.pop(name, None)
         actor = self._actors.pop(name, None)
         if actor is not None:
-            actor.close()
+            self._nursery.start_soon(self._close_when_idle, actor)
 
     def reload_tenant(self, name: str) -> None:
         """A new guest module takes effect for new calls; calls in flight finish on the old."""
@@ -136,7 +137,7 @@ class Runtime:
                     actor.close()
 
     async def _close_when_idle(self, actor: TenantActor) -> None:
-        while actor._slots.value < actor.config.max_concurrent_calls:
+        while actor.in_flight:
             await trio.sleep(0.05)
         actor.close()
 
@@ -146,14 +147,7 @@ class Runtime:
         if self._closing:
             raise TenantUnavailable("the runtime is shutting down")
         actor = self._actor(tenant)
-        waiting = self._waiting.get(tenant, 0)
-        if waiting >= self.limits.max_queued_calls:
-            raise Overloaded(f"tenant {tenant!r} has {waiting} calls queued")
-        self._waiting[tenant] = waiting + 1
-        try:
-            return await actor.call(function, params, on_event)
-        finally:
-            self._waiting[tenant] -= 1
+        return await actor.call(function, params, on_event)
 
     async def call(self, tenant: str, function: str, params: Any | None = None) -> dict[str, Any]:
         """Run ``function`` of ``tenant``'s guest and return its result data."""
@@ -194,14 +188,19 @@ class Runtime:
             if failure:
                 raise failure[0]
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(runner)
-            gen = events()
-            try:
-                yield gen
-            finally:
-                nursery.cancel_scope.cancel()
-                await gen.aclose()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runner)
+                gen = events()
+                try:
+                    yield gen
+                finally:
+                    nursery.cancel_scope.cancel()
+                    await gen.aclose()
+        except BaseExceptionGroup as group:  # one error (the call's, or the body's): as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(

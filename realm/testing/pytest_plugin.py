@@ -25,20 +25,34 @@ Fixtures:
         def test_counts(realm_guest):
             assert realm_guest.call("count_tokens", {"text": "hi"})["count"] > 0
 
-The plain functions behind them are in :mod:`realm.testing.fixtures`.
+``realm_runtime`` (function, async: pytest-trio)
+    an open runtime (:func:`realm.testing.runtime.open_test_runtime`) on a tiny model named
+    ``"tiny"``; ``realm_runtime_options`` (override it) gives its ``tenants``, ``limits`` and
+    ``model_kwargs``.
+
+The plain functions behind them are in :mod:`realm.testing.fixtures` and
+:mod:`realm.testing.runtime`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
+from ..actors import Runtime
 from ..model import Model
 from ..sandbox import GuestInstance, SandboxEngine
 from .fixtures import guest_instance, tiny_model
 
-__all__ = ["realm_guest", "realm_sandbox_engine", "realm_tiny_model"]
+__all__ = [
+    "realm_guest",
+    "realm_runtime",
+    "realm_runtime_options",
+    "realm_sandbox_engine",
+    "realm_tiny_model",
+]
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +81,29 @@ def realm_guest(
         yield inst
     finally:
         inst.tenant.close()
+
+
+# --- a runtime (pytest-trio) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def realm_runtime_options() -> dict[str, Any]:
+    """Keyword arguments of ``open_test_runtime`` for ``realm_runtime`` (``tenants``,
+    ``limits``, ``model_kwargs``); override this fixture in a module or conftest to change them.
+    """
+    return {}
+
+
+@pytest.fixture
+async def realm_runtime(realm_runtime_options: dict[str, Any]) -> AsyncIterator[Runtime]:
+    """An open runtime on a tiny model named "tiny" (``realm.testing.runtime.open_test_runtime``),
+    for trio tests (pytest-trio)::
+
+        async def test_counts(realm_runtime):
+            r = await realm_runtime.call("alice", "count_tokens", {"text": "hi"})
+            assert r["count"] > 0
+    """
+    from .runtime import open_test_runtime  # imports hypothesis, needed only here
+
+    async with open_test_runtime(**realm_runtime_options) as rt:
+        yield rt
