@@ -7,5 +7,6 @@ as a table or, with ``--json``, one JSON object per line. Shared helpers live in
 
 Suites: ``kernels`` (the native kernels, one at a time), ``models`` (prefill, decode and
 batched decode of a TinyLlama-shaped model against the bandwidth bound and llama.cpp),
-``sandbox`` (guest calls, host imports and the default guest's sampling cost).
+``sandbox`` (guest calls, host imports and the default guest's sampling cost), ``batching``
+(aggregate decode tokens/s of 1-8 tenants through one runtime, fairness, runtime overhead).
 """
