@@ -90,6 +90,7 @@ class TenantActor:
         self.busy_seconds = 0.0
         self.in_flight = 0
         self.last_used = time.monotonic()
+        self._active: set[CallContext] = set()  # contexts of the calls running now
 
     # --- the guest's forward import, bridged to the Trio batcher ------------------------------
 
@@ -175,9 +176,11 @@ class TenantActor:
                           on_emit=emit)  # fmt: skip
         t0 = time.perf_counter()
         self.calls += 1
+        self._active.add(ctx)
         try:
             result = await self._in_thread(inst, function, params, ctx)
         finally:
+            self._active.discard(ctx)
             self.busy_seconds += time.perf_counter() - t0
             if not inst.broken:
                 self._idle.append(inst)
@@ -232,6 +235,11 @@ class TenantActor:
                 raise first from None
             raise
         return result
+
+    def cancel_all(self) -> None:
+        """Ask every running call's guest to stop (shutdown past its grace period)."""
+        for ctx in list(self._active):
+            ctx.cancel.set()
 
     def close(self) -> None:
         self.state.close()

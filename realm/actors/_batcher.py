@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import trio
 
+from .._errors import CallCancelled
 from ..model import Model, Session
 
 GATHER_SECONDS: Final = 0.002  # how long a step waits for sessions that are mid-generation
@@ -66,6 +67,8 @@ class Batcher:
         self._send, self._recv = trio.open_memory_channel[_Request](QUEUE_SIZE)
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._recent: set[int] = set()  # id(session) of sessions in the last step
+        self._in_flight: list[_Request] = []
+        self.closed = False
         self._steps = self._seqs = self._tokens = self._max = 0
         self._step_time = 0.0
 
@@ -75,6 +78,8 @@ class Batcher:
         self, model: Model, work: Sequence[tuple[Session, np.ndarray, str]]
     ) -> list[Any]:
         """Queue steps and wait for their logits (the ``TenantState.forward`` contract)."""
+        if self.closed:
+            raise CallCancelled("the runtime is shut down")
         out = []
         for session, tokens, mode in work:
             ids = np.asarray(tokens, np.int32)
@@ -89,7 +94,10 @@ class Batcher:
                 r = _Request(
                     model, session, chunk, mode if last else ("all" if mode == "all" else "none")
                 )
-                await self._send.send(r)
+                try:
+                    await self._send.send(r)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise CallCancelled("the runtime is shut down") from None
                 await r.done.wait()
                 if r.error is not None:
                     raise r.error
@@ -104,12 +112,28 @@ class Batcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with self._recv:
-            while True:
-                first = await self._recv.receive()
-                batch = [first]
-                await self._gather(batch)
-                await self._run_batch(batch)
+        try:
+            async with self._recv:
+                while True:
+                    first = await self._recv.receive()
+                    batch = [first]
+                    await self._gather(batch)
+                    await self._run_batch(batch)
+        finally:  # stopping: nothing may wait for a step that will never run
+            self.closed = True
+            for r in self._pending:
+                if not r.done.is_set():
+                    r.error = CallCancelled("the runtime is shut down")
+                    r.done.set()
+
+    @property
+    def _pending(self) -> list[_Request]:
+        pending = list(self._in_flight)
+        while True:
+            try:
+                pending.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                return pending
 
     async def _gather(self, batch: list[_Request]) -> None:
         """Add what is queued; wait a little for sessions that stepped last time."""
@@ -127,6 +151,7 @@ class Batcher:
                 batch.append(await self._recv.receive())
 
     async def _run_batch(self, batch: list[_Request]) -> None:
+        self._in_flight = batch
         by_model: dict[int, list[_Request]] = {}
         for r in batch:
             by_model.setdefault(id(r.model), []).append(r)

@@ -259,9 +259,14 @@ async def open_runtime(
                 rt._closing = True
                 with trio.move_on_after(limits.shutdown_seconds) as scope:
                     scope.shield = True
-                    while any(a._slots.value < a.config.max_concurrent_calls
-                              for a in rt._actors.values()):  # fmt: skip
+                    while any(a.in_flight for a in rt._actors.values()):
                         await trio.sleep(0.02)
-                for actor in rt._actors.values():
-                    actor.close()
+                with trio.move_on_after(1.0) as scope:  # past the grace period: stop them
+                    scope.shield = True
+                    for actor in rt._actors.values():
+                        actor.cancel_all()
+                    while any(a.in_flight for a in rt._actors.values()):
+                        await trio.sleep(0.02)
                 nursery.cancel_scope.cancel()
+        for actor in rt._actors.values():
+            actor.close()

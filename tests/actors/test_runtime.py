@@ -231,3 +231,31 @@ async def test_a_flooding_tenant_does_not_starve_another(model_path: Path) -> No
                 nursery.start_soon(polite)
             # the flood runs 2 at a time (its call slots); the polite call shares their steps
             assert done.index("polite") < len(done) - 4
+
+
+async def test_shutdown_lets_calls_finish_then_stops_the_rest(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        outcomes: dict[str, object] = {}
+
+        async def call(rt: realm.actors.Runtime, name: str, fn: str, params: dict) -> None:
+            try:
+                outcomes[name] = await rt.call(name, fn, params)
+            except realm.RealmError as e:
+                outcomes[name] = type(e).__name__
+
+        limits = RuntimeLimits(shutdown_seconds=0.3)
+        tenants = {"short": {}, "spin": {"guest": SPIN_GUEST}}
+        # the callers (in `outer`) outlive the runtime block
+        async with (
+            trio.open_nursery() as outer,
+            realm.open_runtime(models={"tiny": model_path}, tenants=tenants, limits=limits) as rt,
+        ):
+            outer.start_soon(call, rt, "short", "generate", {**GEN, "max_tokens": 3})
+            outer.start_soon(call, rt, "spin", "spin", {})
+            await trio.sleep(0.05)
+        short = outcomes["short"]
+        assert isinstance(short, dict) and short["finish_reason"] in ("length", "stop")
+        assert outcomes["spin"] == "CallCancelled"  # stopped after the grace period, not hung
+
+
+SPIN_GUEST = guest_wat(None, {"spin": "(loop $l (br $l)) (i32.const 0)"}).encode()
