@@ -68,6 +68,7 @@ class Batcher:
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._recent: set[int] = set()  # id(session) of sessions in the last step
         self._in_flight: list[_Request] = []
+        self._last_step = 0.0
         self.closed = False
         self._steps = self._seqs = self._tokens = self._max = 0
         self._step_time = 0.0
@@ -137,7 +138,9 @@ class Batcher:
 
     async def _gather(self, batch: list[_Request]) -> None:
         """Add what is queued; wait a little for sessions that stepped last time."""
-        deadline = trio.current_time() + self.gather_seconds
+        # a session that misses a step costs a whole extra pass over the weights, so the wait
+        # for laggards grows with the step time (15% of the last step, at least gather_seconds)
+        deadline = trio.current_time() + max(self.gather_seconds, 0.15 * self._last_step)
         while True:
             while True:
                 try:
@@ -196,7 +199,8 @@ class Batcher:
             if not isinstance(e, Exception):
                 raise
             return
-        self._step_time += time.perf_counter() - t0
+        self._last_step = time.perf_counter() - t0
+        self._step_time += self._last_step
         self._steps += 1
         self._seqs += len(reqs)
         self._tokens += sum(int(r.tokens.shape[0]) for r in reqs)
