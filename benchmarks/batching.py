@@ -39,11 +39,9 @@ superlinear (other load on a shared machine), or when the bare ``Model.step`` al
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -69,7 +67,14 @@ from ._common import (
     argument_parser,
     describe_machine,
 )
-from .models import ALL_WTYPES, SEED, TINYLLAMA, ensure_model, weight_bytes_per_token
+from .models import (
+    SEED,
+    TINYLLAMA,
+    _log,
+    _wtypes,
+    ensure_model,
+    weight_bytes_per_token,
+)
 
 SUITE: Final = "batching"
 DEFAULT_WTYPES: Final = ("Q8_0",)
@@ -676,20 +681,6 @@ async def overhead(b: Bench, rt: Runtime, model: Model, wtype: str) -> None:
 
 
 # --- main ------------------------------------------------------------------------------
-
-
-def _wtypes(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(w.strip().upper() for w in text.split(",") if w.strip()))
-    bad = [w for w in names if w not in ALL_WTYPES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"weight types are a comma-separated list of {', '.join(ALL_WTYPES)}; got {text!r}"
-        )
-    return names
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def targets(b: Bench, ran: set[str], wtypes: Sequence[str]) -> list[Target]:
