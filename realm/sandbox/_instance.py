@@ -42,7 +42,7 @@ from ._context import (
     TenantState,
     model_json,
 )
-from ._engine import GuestModule, SandboxEngine, host_func_type
+from ._engine import REQUIRED_FUNCS, GuestModule, SandboxEngine, host_func_type
 
 log = logging.getLogger("realm.guest")
 # imports that still work after the call is cancelled, so a guest can clean up and report
@@ -139,8 +139,7 @@ class GuestInstance:
             raise GuestABIError(f"{module.name}: instantiation failed: {e}") from e
         ex = self.instance.exports(self.store)
         self.memory: wasmtime.Memory = ex["memory"]  # type: ignore[assignment]
-        self._alloc = ex["realm_alloc"]
-        self._free = ex["realm_free"]
+        self._required = {n: ex[n] for n in REQUIRED_FUNCS}  # looked up once, called per call
         version = self._call_export("realm_abi_version")
         if version != ABI_VERSION:
             raise GuestABIError(
@@ -195,7 +194,7 @@ class GuestInstance:
 
     def _call_export(self, name: str, *args: int) -> Any:
         try:
-            return self.instance.exports(self.store)[name](self.store, *args)  # type: ignore[operator]
+            return self._required[name](self.store, *args)  # type: ignore[operator]
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self.broken = True
             raise GuestTrap(f"{self.module.name}: {name} trapped: {trap_reason(e)}") from e
