@@ -159,12 +159,16 @@ class TenantActor:
     async def _call_in_slot(
         self, function: str, params: Any, on_event: Callable[[Event], None] | None
     ) -> dict[str, Any]:
+        t_start = time.perf_counter()
         inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
         index = 0
+        t_first = 0.0
         token = trio.lowlevel.current_trio_token()
 
         def emit(text: str) -> bool:  # in the guest's thread
-            nonlocal index
+            nonlocal index, t_first
+            if index == 0:
+                t_first = time.perf_counter()
             if on_event is not None:
                 ev = Event("token", {"token": text, "index": index})
                 trio.from_thread.run_sync(on_event, ev, trio_token=token)
@@ -187,6 +191,8 @@ class TenantActor:
         usage = result.get("usage") if isinstance(result, dict) else None
         if isinstance(usage, dict):
             self.tokens += int(usage.get("completion_tokens") or 0)
+        if isinstance(result, dict) and index:
+            _add_timings(result, t_start, t_first, time.perf_counter(), index)
         return result
 
     def _guest_call(
@@ -258,6 +264,19 @@ class TenantActor:
             "sessions": len(self.state.sessions),
             "failed": time.monotonic() < self.failed_until,
         }
+
+
+def _add_timings(result: dict[str, Any], t0: float, t_first: float, t_end: float, n: int) -> None:
+    """Host-measured timings of a call that streamed ``n`` tokens, merged into the guest's."""
+    timings = result.get("timings")
+    if not isinstance(timings, dict):
+        timings = result["timings"] = {}
+    timings["time_to_first_token_ms"] = round((t_first - t0) * 1e3, 3)
+    timings["total_ms"] = round((t_end - t0) * 1e3, 3)
+    # tokens after the first, over the time after the first: the streaming rate a reader sees
+    timings["tokens_per_second"] = (
+        round((n - 1) / (t_end - t_first), 3) if n > 1 and t_end > t_first else None
+    )
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:

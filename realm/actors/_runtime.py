@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import attrs
 import trio
 
-from .._errors import ModelError, RealmError, TenantUnavailable
+from .._errors import ModelError, Overloaded, RealmError, TenantUnavailable
 from ..model import Model, ModelRegistry
 from ..sandbox import GuestLimits, SandboxEngine, default_guest_path
 from ._actor import Event, TenantActor, TenantConfig
@@ -149,9 +149,21 @@ class Runtime:
         actor = self._actor(tenant)
         return await actor.call(function, params, on_event)
 
-    async def call(self, tenant: str, function: str, params: Any | None = None) -> dict[str, Any]:
-        """Run ``function`` of ``tenant``'s guest and return its result data."""
-        return await self._run(tenant, function, {} if params is None else params, None)
+    async def call(
+        self,
+        tenant: str,
+        function: str,
+        params: Any | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``function`` of ``tenant``'s guest and return its result data.
+
+        ``on_event``, if given, is called in Trio (never in a worker thread) with each token
+        event as the guest emits it; it must not block (the server hands events to its bounded
+        outbound queue from here).
+        """
+        return await self._run(tenant, function, {} if params is None else params, on_event)
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -163,20 +175,33 @@ class Runtime:
         """
         send, recv = trio.open_memory_channel[Event](STREAM_BUFFER)
         failure: list[BaseException] = []
+        scope = trio.CancelScope()
 
         def on_event(ev: Event) -> None:
-            # a reader that stopped reading loses tokens; it never blocks the guest
-            with contextlib.suppress(
-                trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-            ):
+            # The guest never blocks on a reader: a reader that falls STREAM_BUFFER events
+            # behind fails the call (Overloaded) rather than losing tokens silently.
+            try:
                 send.send_nowait(ev)
+            except trio.WouldBlock:
+                if not failure:
+                    failure.append(
+                        Overloaded(
+                            f"stream reader fell {STREAM_BUFFER} events behind; call cancelled"
+                        )
+                    )
+                scope.cancel()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                scope.cancel()
 
         async def runner() -> None:
             async with send:
-                try:
-                    result = await self._run(tenant, function, params or {}, on_event)
-                except RealmError as e:
-                    failure.append(e)
+                with scope:
+                    try:
+                        result = await self._run(tenant, function, params or {}, on_event)
+                    except RealmError as e:
+                        failure.append(e)
+                        return
+                if scope.cancelled_caught:
                     return
                 with contextlib.suppress(trio.BrokenResourceError):
                     await send.send(Event("result", result))
