@@ -262,6 +262,7 @@ class TenantActor:
                 self.tokens / self.busy_seconds if self.busy_seconds else math.nan
             ),
             "sessions": len(self.state.sessions),
+            "in_flight": self.in_flight,
             "failed": time.monotonic() < self.failed_until,
         }
 

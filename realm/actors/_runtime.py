@@ -236,6 +236,16 @@ class Runtime:
     def tenants(self) -> list[str]:
         return sorted(set(self._specs) | set(self._actors))
 
+    async def functions(self, tenant: str) -> list[dict[str, Any]]:
+        """``metadata`` without blocking the event loop (an instance is built in a thread)."""
+        actor = self._actor(tenant)
+        actor.check_available()
+        inst = await trio.to_thread.run_sync(actor._instance, limiter=self._limiter)
+        try:
+            return inst.functions()
+        finally:
+            actor._idle.append(inst)
+
     def metadata(self, tenant: str) -> list[dict[str, Any]]:
         """The functions a tenant's guest exports (name, description, params schema)."""
         actor = self._actor(tenant)

@@ -1,0 +1,259 @@
+"""Server configuration: limits, models and tenants, from arguments or a TOML file.
+
+A TOML file (read with the standard library's ``tomllib``) looks like docs/server.md shows.
+Every value is checked at load time; a bad one fails fast with its dotted key named
+(``ConfigError: tenants.acme.tokens_per_second: must be a number > 0, not 'fast'``).
+API keys are stored as SHA-256 digests (``"sha256:<hex>"``); ``realm key`` prints one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from .._errors import RealmError
+
+OPEN_TENANT: Final = "local"  # the tenant of a server started without a config
+
+
+class ConfigError(RealmError):
+    """A configuration value is missing or wrong (the message names its key)."""
+
+    code = "INVALID_PARAMS"
+
+
+@attrs.frozen
+class ServerLimits:
+    """Connection and call limits (docs/server.md explains each)."""
+
+    max_message_bytes: int = 1 << 20  # a bigger client message closes the connection (1009)
+    max_connections: int = 1024  # more are refused at the handshake (HTTP 503)
+    max_calls_per_connection: int = 64  # in flight at once; past it, OVERLOADED
+    outbound_queue: int = 1024  # messages waiting to be written to one connection
+    send_timeout_seconds: float = 10.0  # a client that reads nothing this long is closed (1008)
+    ping_interval_seconds: float = 20.0  # keepalive ping; no pong within the timeout: close
+    ping_timeout_seconds: float = 20.0
+    idle_timeout_seconds: float = 300.0  # no message and no call in flight: close (1000)
+    handshake_timeout_seconds: float = 10.0
+    shutdown_seconds: float = 10.0  # on SIGTERM/SIGINT: calls in flight get this long
+    max_tokens: int = 4096  # cap on a call's max_tokens param
+    call_timeout_seconds: float = 600.0  # a call still running after this ends with TIMEOUT
+
+
+@attrs.frozen
+class TenantSpec:
+    name: str
+    api_key_hashes: tuple[str, ...] = ()
+    guest: str | None = None  # a wasm path; None: the default guest
+    model: str | None = None
+    max_concurrent_calls: int = 2
+    max_queued_calls: int = 16
+    tokens_per_second: float | None = None  # token bucket on generated tokens (None: no limit)
+    burst_tokens: float | None = None  # bucket size (default: 2 seconds' worth)
+    calls_per_second: float | None = None  # bucket on calls started
+    max_kv_bytes: int | None = None
+
+    def runtime_spec(self) -> dict[str, Any]:
+        from ..sandbox import GuestLimits
+
+        spec: dict[str, Any] = {
+            "max_concurrent_calls": self.max_concurrent_calls,
+            "max_queued_calls": self.max_queued_calls,
+        }
+        if self.guest:
+            spec["guest"] = self.guest
+        if self.model:
+            spec["model"] = self.model
+        if self.max_kv_bytes is not None:
+            spec["limits"] = GuestLimits(max_kv_bytes=self.max_kv_bytes)
+        return spec
+
+
+@attrs.frozen
+class ServerConfig:
+    models: dict[str, str]  # name -> GGUF path
+    tenants: dict[str, TenantSpec] | None = None  # None: open, one local tenant, no auth
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int | None = None
+    limits: ServerLimits = attrs.field(factory=ServerLimits)
+
+    @property
+    def open(self) -> bool:
+        return self.tenants is None
+
+    def tenant_for_key(self, key: str | None) -> str | None:
+        """The tenant an API key belongs to, or None (compared in constant time)."""
+        if not key or self.tenants is None:
+            return None
+        digest = hash_key(key)
+        found = None
+        for spec in self.tenants.values():
+            for h in spec.api_key_hashes:
+                if hmac.compare_digest(h, digest):
+                    found = spec.name
+        return found
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh API key and the digest to put in the config."""
+    key = "rk-" + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+# --- checking values ---------------------------------------------------------------------------
+
+
+def _int(where: str, v: Any, lo: int = 1, hi: int = 2**62) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{where}: must be an integer in {lo}..{hi}, not {v!r}")
+    return v
+
+
+def _num(where: str, v: Any, *, positive: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or (positive and not v > 0):
+        raise ConfigError(f"{where}: must be a number > 0, not {v!r}")
+    return float(v)
+
+
+def _str(where: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}: must be a non-empty string, not {v!r}")
+    return v
+
+
+def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(
+                f"{where}.{k}: unknown key (expected one of {', '.join(sorted(allowed))})"
+            )
+
+
+def _limits(table: Mapping[str, Any]) -> ServerLimits:
+    fields = {f.name: f for f in attrs.fields(ServerLimits)}
+    values: dict[str, Any] = {}
+    for k, v in table.items():
+        if k not in fields:
+            continue
+        where = f"server.{k}"
+        values[k] = _num(where, v) if k.endswith("_seconds") else _int(where, v)
+    return ServerLimits(**values)
+
+
+def _tenant(name: str, table: Any, base: Path, models: Mapping[str, str]) -> TenantSpec:
+    where = f"tenants.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _check_keys(where, table, {f.name for f in attrs.fields(TenantSpec)} - {"name"} | {"api_keys"})
+    if "api_key_hashes" in table:
+        raise ConfigError(f"{where}.api_key_hashes: write the digests under 'api_keys'")
+    keys = table.get("api_keys", [])
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{where}.api_keys: must be a non-empty list of 'sha256:<hex>' digests")
+    for i, k in enumerate(keys):
+        if not (isinstance(k, str) and k.startswith("sha256:") and len(k) == 71):
+            raise ConfigError(
+                f"{where}.api_keys[{i}]: must be 'sha256:' + 64 hex digits "
+                "(store digests, not keys: `realm key` prints a key and its digest)"
+            )
+        try:
+            bytes.fromhex(k[7:])
+        except ValueError:
+            raise ConfigError(f"{where}.api_keys[{i}]: not hex") from None
+    guest = table.get("guest")
+    if guest is not None:
+        path = base / _str(f"{where}.guest", guest)
+        if not path.is_file():
+            raise ConfigError(f"{where}.guest: no such file {str(path)!r}")
+        guest = str(path)
+    model = table.get("model")
+    if model is not None and _str(f"{where}.model", model) not in models:
+        raise ConfigError(f"{where}.model: no model named {model!r} in [models]")
+    opt_num = {
+        k: _num(f"{where}.{k}", table[k])
+        for k in ("tokens_per_second", "burst_tokens", "calls_per_second")
+        if k in table
+    }
+    return TenantSpec(
+        name=name,
+        api_key_hashes=tuple(k.lower() for k in keys),
+        guest=guest,
+        model=model,
+        max_concurrent_calls=_int(
+            f"{where}.max_concurrent_calls", table.get("max_concurrent_calls", 2), 1, 1024
+        ),
+        max_queued_calls=_int(
+            f"{where}.max_queued_calls", table.get("max_queued_calls", 16), 0, 1 << 20
+        ),
+        max_kv_bytes=(
+            _int(f"{where}.max_kv_bytes", table["max_kv_bytes"])
+            if "max_kv_bytes" in table
+            else None
+        ),
+        **opt_num,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read and check a TOML config; relative paths in it are relative to the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return config_from_dict(doc, base=path.parent)
+
+
+def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> ServerConfig:
+    base = base or Path.cwd()
+    _check_keys("", doc, {"server", "models", "tenants"})
+    server = doc.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("server: must be a table")
+    _check_keys(
+        "server",
+        server,
+        {"host", "port", "metrics_port"} | {f.name for f in attrs.fields(ServerLimits)},
+    )
+    models_t = doc.get("models")
+    if not isinstance(models_t, dict) or not models_t:
+        raise ConfigError('models: must be a table of name = "path.gguf" (at least one)')
+    models: dict[str, str] = {}
+    for name, p in models_t.items():
+        mp = base / _str(f"models.{name}", p)
+        if not mp.is_file():
+            raise ConfigError(f"models.{name}: no such file {str(mp)!r}")
+        models[name] = str(mp)
+    tenants_t = doc.get("tenants")
+    tenants = None
+    if tenants_t is not None:
+        if not isinstance(tenants_t, dict) or not tenants_t:
+            raise ConfigError("tenants: must be a table of [tenants.<name>] tables (at least one)")
+        tenants = {n: _tenant(n, t, base, models) for n, t in tenants_t.items()}
+    metrics_port = server.get("metrics_port")
+    return ServerConfig(
+        models=models,
+        tenants=tenants,
+        host=_str("server.host", server.get("host", "127.0.0.1")),
+        port=_int("server.port", server.get("port", 8080), 0, 65535),
+        metrics_port=(
+            None if metrics_port is None else _int("server.metrics_port", metrics_port, 0, 65535)
+        ),
+        limits=_limits(server),
+    )
