@@ -1,0 +1,318 @@
+"""The Python client of protocol v1: ``AsyncClient`` (Trio) and ``Client`` (plain threads).
+
+One WebSocket connection carries any number of calls at once, multiplexed by ``id``. A reader
+task hands each server message to its call's channel. A connection that has closed (the server's
+idle timeout, a restart) is opened again, with exponential backoff, when the next call starts;
+calls in flight when a connection drops fail with ``ConnectionLost`` (a call is not idempotent,
+so it is never silently sent twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import attrs
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+from ._errors import ConnectionLost, RemoteError, error_from_wire
+
+CALL_BUFFER: Final = 4096  # messages buffered per call before the reader waits for its caller
+MAX_MESSAGE_BYTES: Final = 16 << 20
+
+
+@attrs.frozen
+class Event:
+    """A streamed call's events: ``"token"`` events (``data``: ``token``, ``index``), then one
+    ``"result"`` (``data``: the call's result)."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[dict[str, Any] | BaseException](CALL_BUFFER)
+        self.done = False
+
+
+class AsyncClient:
+    """A connection to a Realm server; open it with ``connect`` (``async with``)."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 10.0,
+        retries: int = 5,
+        backoff_seconds: float = 0.1,
+    ) -> None:
+        self.url = url
+        self._nursery = nursery
+        self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        self._connect_timeout = connect_timeout
+        self._retries = retries
+        self._backoff = backoff_seconds
+        self._ws: WebSocketConnection | None = None
+        self._lock = trio.Lock()
+        self._calls: dict[str, _Call] = {}
+        self._ids = itertools.count(1)
+
+    # --- connection ----------------------------------------------------------------------------
+
+    async def _connection(self) -> WebSocketConnection:
+        """The open connection, (re)opened with exponential backoff when it has closed."""
+        async with self._lock:
+            if self._ws is not None and self._ws.closed is None:
+                return self._ws
+            delay, last = self._backoff, None
+            for attempt in range(self._retries + 1):
+                try:
+                    with trio.fail_after(self._connect_timeout):
+                        ws = await connect_websocket_url(
+                            self._nursery,
+                            self.url,
+                            extra_headers=self._headers,
+                            max_message_size=MAX_MESSAGE_BYTES,
+                        )
+                except HandshakeError as e:
+                    status = getattr(e, "status_code", None)
+                    if status is not None and 400 <= status < 500:  # refused: retrying won't help
+                        raise ConnectionLost(f"{self.url}: handshake refused ({status})") from None
+                    last = e
+                except (OSError, trio.TooSlowError) as e:
+                    last = e
+                else:
+                    self._ws = ws
+                    self._nursery.start_soon(self._reader, ws)
+                    return ws
+                if attempt < self._retries:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            raise ConnectionLost(f"cannot connect to {self.url}: {last}")
+
+    async def _reader(self, ws: WebSocketConnection) -> None:
+        try:
+            while True:
+                text = await ws.get_message()
+                try:
+                    msg = json.loads(text)
+                    call = self._calls.get(msg["id"]) if isinstance(msg, dict) else None
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if call is not None:
+                    await call.send.send(msg)
+        except ConnectionClosed as e:
+            reason = e.reason
+            lost = ConnectionLost(
+                f"connection closed ({reason.code} {reason.reason or reason.name})",
+                close_code=reason.code,
+                reason=reason.reason or "",
+            )
+            for call in list(self._calls.values()):
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    call.send.send_nowait(lost)
+
+    async def aclose(self) -> None:
+        if self._ws is not None:
+            with trio.move_on_after(2):
+                await self._ws.aclose()
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def _start(self, function: str, params: dict[str, Any] | None) -> tuple[str, _Call]:
+        ws = await self._connection()
+        call_id = f"c{next(self._ids)}"
+        call = _Call()
+        self._calls[call_id] = call
+        message = {"type": "call", "id": call_id, "function": function, "params": params or {}}
+        try:
+            await ws.send_message(json.dumps(message, allow_nan=False))
+        except ConnectionClosed as e:
+            self._calls.pop(call_id, None)
+            raise ConnectionLost(f"connection closed ({e.reason.code})") from None
+        return call_id, call
+
+    async def _events(self, call_id: str, call: _Call) -> AsyncIterator[Event]:
+        try:
+            while True:
+                msg = await call.recv.receive()
+                if isinstance(msg, BaseException):
+                    raise msg
+                kind = msg.get("type")
+                if kind == "stream":
+                    yield Event("token", msg.get("data") or {})
+                elif kind == "result":
+                    call.done = True
+                    yield Event("result", msg.get("data") or {})
+                    return
+                elif kind == "error":
+                    call.done = True
+                    raise error_from_wire(msg.get("error"), call_id)
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def call(self, function: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Call ``function`` and return its result data (streamed tokens are not kept)."""
+        async with self.stream(function, params) as events:
+            async for ev in events:
+                if ev.kind == "result":
+                    return ev.data
+        raise ConnectionLost("the call ended without a result")  # pragma: no cover
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, function: str, params: dict[str, Any] | None = None
+    ) -> AsyncIterator[AsyncIterator[Event]]:
+        """``async for ev in events``: token events, then the result. Leaving early cancels."""
+        call_id, call = await self._start(function, params)
+        events = self._events(call_id, call)
+        try:
+            yield events
+        finally:
+            if not call.done:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self.cancel(call_id)
+            await events.aclose()
+
+    async def cancel(self, call_id: str) -> None:
+        """Ask the server to cancel a call (its stream then ends with CANCELLED)."""
+        ws = self._ws
+        if ws is not None and ws.closed is None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message(json.dumps({"type": "cancel", "id": call_id}))
+
+    async def metadata(self) -> dict[str, Any]:
+        """``system_metadata``: the functions this tenant can call, with their JSON schemas."""
+        return await self.call("system_metadata")
+
+    async def health(self) -> dict[str, Any]:
+        return await self.call("system_health")
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    api_key: str | None = None,
+    connect_timeout: float = 10.0,
+    retries: int = 5,
+    backoff_seconds: float = 0.1,
+) -> AsyncIterator[AsyncClient]:
+    """``async with realm.client.connect("ws://127.0.0.1:8080", api_key=...) as c``."""
+    async with trio.open_nursery() as nursery:
+        client = AsyncClient(
+            nursery,
+            url,
+            api_key=api_key,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            backoff_seconds=backoff_seconds,
+        )
+        await client._connection()  # fail fast on a wrong URL or key
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+class Client:
+    """The same client for code without an event loop: a Trio loop runs in a helper thread.
+
+    ``with Client(url, api_key=...) as c: c.call(...)``; ``for ev in c.stream(...)``.
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, **options: Any) -> None:
+        self._url, self._key, self._options = url, api_key, options
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._client: AsyncClient | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="realm-client", daemon=True)
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            try:
+                async with connect(self._url, api_key=self._key, **self._options) as client:
+                    self._client = client
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as e:
+                self._failure = e
+                raise
+
+        with contextlib.suppress(BaseException):
+            trio.run(run)
+        self._ready.set()
+
+    def __enter__(self) -> Client:
+        self._thread.start()
+        self._ready.wait()
+        if self._client is None:
+            failure = self._failure
+            while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+                failure = failure.exceptions[0]
+            raise failure or ConnectionLost(f"cannot connect to {self._url}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(timeout=10)
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def call(self, function: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self._client is not None, "use `with Client(...) as c`"
+        return self._run(self._client.call, function, params)
+
+    def stream(self, function: str, params: dict[str, Any] | None = None) -> Iterator[Event]:
+        """Iterate token events, then the result; breaking out early cancels the call."""
+        client = self._client
+        assert client is not None, "use `with Client(...) as c`"
+        call_id, call = self._run(client._start, function, params)
+        events = client._events(call_id, call)
+        try:
+            while True:
+                try:
+                    ev = self._run(events.__anext__)
+                except StopAsyncIteration:
+                    return
+                yield ev
+        finally:
+            if not call.done:
+                self._run(client.cancel, call_id)
+            self._run(events.aclose)
+
+    def cancel(self, call_id: str) -> None:
+        assert self._client is not None
+        self._run(self._client.cancel, call_id)
+
+    def metadata(self) -> dict[str, Any]:
+        return self.call("system_metadata")
+
+    def health(self) -> dict[str, Any]:
+        return self.call("system_health")
+
+
+__all__ = ["AsyncClient", "Client", "Event", "RemoteError", "connect"]
