@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import attrs
 
 from ._errors import RealmError
+
+
+def _model_path(arg: str | None) -> str:
+    """The model a command runs on: ``--model``, else the built-in default model."""
+    if arg:
+        return arg
+    from .model import default_model_path
+
+    return str(default_model_path())
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
@@ -27,7 +41,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from .model import load_tokenizer
 
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(_model_path(args.model))
     ids = tok.encode(args.text, args.add_special)
     if args.json:
         print(json.dumps({"tokens": ids, "count": len(ids)}))
@@ -41,8 +55,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .model import load_model
 
-    info = load_model(args.model).info.as_dict()
-    print(json.dumps(info, indent=2))
+    path = _model_path(args.model)
+    info = load_model(path).info.as_dict()
+    print(json.dumps({"path": path, **info}, indent=2))
     return 0
 
 
@@ -51,8 +66,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .model import load_model
     from .sandbox import CallContext, GuestInstance, SandboxEngine, TenantState, default_guest_path
 
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = load_model(args.model)
+    path = _model_path(args.model)
+    print(f"loading {path} ...", file=sys.stderr)
+    model = load_model(path)
     params: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.n}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -80,6 +96,140 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_config(args: argparse.Namespace) -> Any:
+    from .server import ServerConfig, load_config
+
+    if args.config:
+        if args.model:
+            raise SystemExit("realm serve: give --model or --config, not both")
+        config = load_config(args.config)
+        changes: dict[str, Any] = {}
+        if args.host is not None:
+            changes["host"] = args.host
+        if args.port is not None:
+            changes["port"] = args.port
+        if args.metrics_port is not None:
+            changes["metrics_port"] = args.metrics_port
+        return attrs.evolve(config, **changes)
+    path = _model_path(args.model)
+    return ServerConfig(
+        models={Path(path).stem: path},
+        host=args.host or "127.0.0.1",
+        port=8080 if args.port is None else args.port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .server import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = _server_config(args)
+    for name, path in config.models.items():
+        print(f"loading model {name} from {path} ...", file=sys.stderr)
+    trio.run(serve, config)
+    return 0
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import connect
+
+    try:
+        params = json.loads(args.params)
+    except ValueError as e:
+        print(f"realm call: PARAMS is not JSON: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(params, dict):
+        print("realm call: PARAMS must be a JSON object", file=sys.stderr)
+        return 2
+    key = args.api_key or os.environ.get("REALM_API_KEY")
+
+    async def run() -> dict[str, Any]:
+        async with (
+            connect(args.url, api_key=key, retries=0) as client,
+            client.stream(args.function, params) as events,
+        ):
+            async for ev in events:
+                if ev.kind == "result":
+                    return ev.data
+                if not args.json:
+                    sys.stdout.write(str(ev.data.get("token", "")))
+                    sys.stdout.flush()
+        raise RealmError("the call ended without a result")
+
+    result = trio.run(run)
+    if "text" in result and not args.json:  # the text has streamed: the rest goes to stderr
+        print()
+        print(json.dumps({k: v for k, v in result.items() if k != "text"}), file=sys.stderr)
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .model import load_model
+
+    if args.config:
+        from .server import load_config
+
+        models = load_config(args.config).models
+    else:
+        path = _model_path(args.model)
+        models = {Path(path).stem: path}
+    for name, path in models.items():
+        info = load_model(path).info
+        print(
+            f"{name}: {path}\n  {info.arch}, {info.n_layers} layers, n_embd {info.n_embd}, "
+            f"{info.n_params / 1e6:.1f}M params, {info.file_type}, vocab {info.vocab_size}, "
+            f"context {info.context_length}"
+        )
+    return 0
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    from .server import hash_key, new_key
+
+    if args.key:
+        print(hash_key(args.key))
+        return 0
+    key, digest = new_key()
+    print(f"key:    {key}\ndigest: {digest}   (put the digest in the config's api_keys)")
+    return 0
+
+
+BENCH_SUITES = ("kernels", "models", "sandbox", "batching", "server")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        print(
+            "realm bench: the benchmark suites live in the source checkout (benchmarks/), "
+            "which this installation does not have",
+            file=sys.stderr,
+        )
+        return 2
+    suites = args.suites or list(BENCH_SUITES)
+    status = 0
+    for suite in suites:
+        if not (root / "benchmarks" / f"{suite}.py").is_file():
+            print(f"realm bench: no suite {suite!r} (have: {', '.join(BENCH_SUITES)})")
+            return 2
+        cmd = [sys.executable, "-m", f"benchmarks.{suite}", *args.args]
+        print(f"== {suite}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        status = subprocess.call(cmd, cwd=root) or status
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="realm", description="Realm: a multi-tenant LLM inference runtime for Trio."
@@ -88,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt (embedded, no server)")
     g.add_argument("prompt")
-    g.add_argument("--model", required=True, help="GGUF model file")
+    g.add_argument("--model", default=None, help="GGUF model file (default: the built-in model)")
     g.add_argument("-n", type=int, default=64, help="max tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")
@@ -96,14 +246,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenize", help="show the token ids of a text")
     t.add_argument("text")
-    t.add_argument("--model", required=True, help="GGUF file (a vocab-only file works)")
+    t.add_argument(
+        "--model", default=None, help="GGUF file, a vocab-only one works (default: built-in)"
+    )
     t.add_argument("--add-special", action="store_true", help="add BOS/EOS as the model does")
     t.add_argument("--json", action="store_true", help="print JSON")
     t.set_defaults(func=_cmd_tokenize)
 
-    i = sub.add_parser("info", help="describe a model file")
-    i.add_argument("--model", required=True)
+    i = sub.add_parser("info", help="describe a model file (JSON)")
+    i.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
     i.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the WebSocket server (protocol v1, docs/protocol.md)",
+        description="Serve models over WebSocket. With no --config: one model (the built-in "
+        "default without --model) and one open local tenant, no API keys. With --config "
+        "realm.toml: models, tenants with API keys, and limits (docs/server.md). "
+        "SIGTERM/Ctrl-C shut down gracefully.",
+    )
+    s.add_argument("--model", default=None, help="GGUF model file (default: the built-in model)")
+    s.add_argument("--config", default=None, help="TOML config: models, tenants, limits")
+    s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8080; 0: any free)")
+    s.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser(
+        "call",
+        help="call a function on a server and stream its tokens",
+        description="Call FUNCTION on the server at URL with PARAMS (a JSON object); tokens "
+        "stream to stdout, the rest of the result follows as JSON on stderr. The API key "
+        "comes from --api-key or $REALM_API_KEY.",
+    )
+    c.add_argument("url", help="ws://host:port")
+    c.add_argument("function", help="e.g. generate, chat, system_metadata")
+    c.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
+    c.add_argument("--api-key", default=None)
+    c.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    c.set_defaults(func=_cmd_call)
+
+    m = sub.add_parser("models", help="list the models a config (or --model) serves")
+    m.add_argument("--model", default=None)
+    m.add_argument("--config", default=None)
+    m.set_defaults(func=_cmd_models)
+
+    k = sub.add_parser("key", help="make an API key and its digest for a config")
+    k.add_argument("key", nargs="?", default=None, help="print the digest of this key instead")
+    k.set_defaults(func=_cmd_key)
+
+    bn = sub.add_parser(
+        "bench",
+        help="run the benchmark suites (source checkout)",
+        description="Run benchmark suites (default: all) from benchmarks/; arguments after "
+        "-- go to each suite (e.g. realm bench kernels -- --quick).",
+    )
+    bn.add_argument("suites", nargs="*", help=f"any of: {', '.join(BENCH_SUITES)}")
+    bn.add_argument("args", nargs=argparse.REMAINDER, default=[])
+    bn.set_defaults(func=_cmd_bench)
 
     guest = sub.add_parser("guest", help="guest modules (WebAssembly tenant runtimes)")
     gsub = guest.add_subparsers(dest="guest_command", required=True)

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from .._errors import ModelError, Overloaded, RealmError, TenantUnavailable
+from .._util import single_error
 from ..model import Model, ModelRegistry
 from ..sandbox import GuestLimits, SandboxEngine, default_guest_path
 from ._actor import Event, TenantActor, TenantConfig
@@ -284,24 +285,25 @@ async def open_runtime(
         raise ModelError("open_runtime needs at least one model")
     batcher = Batcher(gather_seconds=limits.gather_seconds)
     with SandboxEngine() as engine:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(batcher.run)
-            rt = Runtime(registry, engine, batcher, nursery, tenants, limits)
-            await nursery.start(rt.reap_idle)
-            try:
-                yield rt
-            finally:
-                rt._closing = True
-                with trio.move_on_after(limits.shutdown_seconds) as scope:
-                    scope.shield = True
-                    while any(a.in_flight for a in rt._actors.values()):
-                        await trio.sleep(0.02)
-                with trio.move_on_after(1.0) as scope:  # past the grace period: stop them
-                    scope.shield = True
-                    for actor in rt._actors.values():
-                        actor.cancel_all()
-                    while any(a.in_flight for a in rt._actors.values()):
-                        await trio.sleep(0.02)
-                nursery.cancel_scope.cancel()
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(batcher.run)
+                rt = Runtime(registry, engine, batcher, nursery, tenants, limits)
+                await nursery.start(rt.reap_idle)
+                try:
+                    yield rt
+                finally:
+                    rt._closing = True
+                    with trio.move_on_after(limits.shutdown_seconds) as scope:
+                        scope.shield = True
+                        while any(a.in_flight for a in rt._actors.values()):
+                            await trio.sleep(0.02)
+                    with trio.move_on_after(1.0) as scope:  # past the grace period: stop them
+                        scope.shield = True
+                        for actor in rt._actors.values():
+                            actor.cancel_all()
+                        while any(a.in_flight for a in rt._actors.values()):
+                            await trio.sleep(0.02)
+                    nursery.cancel_scope.cancel()
         for actor in rt._actors.values():
             actor.close()

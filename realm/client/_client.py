@@ -25,6 +25,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
+from .._util import single_error
 from ._errors import ConnectionLost, RemoteError, error_from_wire
 
 CALL_BUFFER: Final = 4096  # messages buffered per call before the reader waits for its caller
@@ -212,21 +213,22 @@ async def connect(
     backoff_seconds: float = 0.1,
 ) -> AsyncIterator[AsyncClient]:
     """``async with realm.client.connect("ws://127.0.0.1:8080", api_key=...) as c``."""
-    async with trio.open_nursery() as nursery:
-        client = AsyncClient(
-            nursery,
-            url,
-            api_key=api_key,
-            connect_timeout=connect_timeout,
-            retries=retries,
-            backoff_seconds=backoff_seconds,
-        )
-        await client._connection()  # fail fast on a wrong URL or key
-        try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            client = AsyncClient(
+                nursery,
+                url,
+                api_key=api_key,
+                connect_timeout=connect_timeout,
+                retries=retries,
+                backoff_seconds=backoff_seconds,
+            )
+            await client._connection()  # fail fast on a wrong URL or key
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
 
 
 class Client:
