@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import attrs
@@ -45,6 +46,7 @@ class TenantConfig:
     models: dict[str, Model]
     default_model: str | None = None
     guest_limits: GuestLimits = attrs.field(factory=GuestLimits)
+    weight: float = 1.0  # share of the batched steps under contention (fair queuing)
     max_concurrent_calls: int = 2
     max_queued_calls: int = 64  # calls waiting for a slot; past it, Overloaded
     max_restarts: int = 3
@@ -96,7 +98,15 @@ class TenantActor:
 
     def _forward(self, model: Model, work: Any) -> list[np.ndarray | None]:
         try:
-            return trio.from_thread.run(self.batcher.forward, model, work)
+            return trio.from_thread.run(
+                partial(
+                    self.batcher.forward,
+                    model,
+                    work,
+                    tenant=self.config.name,
+                    weight=self.config.weight,
+                )
+            )
         except trio.Cancelled:
             raise CallCancelled("cancelled while waiting for its forward step") from None
 

@@ -6,6 +6,14 @@ what is queued and runs it as ONE ``Model.step`` per model in a worker thread (t
 releases the GIL). Guests submit independently, so a batcher that ran whatever happened to be
 queued would run half-empty batches; this one knows which sessions stepped last time (they are
 mid-generation) and waits for them, up to ``gather_seconds``, before it runs a step.
+
+When a round holds more work than one step's token budget (long prefills, many tenants), the
+order of the steps is weighted fair queuing across tenants (start-time fair queuing): each
+request gets a virtual start tag ``max(clock, tenant's last finish)`` and a finish tag
+``start + tokens / weight``; steps take requests in start-tag order. A tenant flooding the
+runtime with prefills therefore cannot push another tenant's decode step behind its own
+backlog, and a tenant of weight 2 gets twice the tokens of a tenant of weight 1 under
+contention.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ class _Request:
     session: Session
     tokens: np.ndarray
     mode: str
+    tenant: str = ""
+    weight: float = 1.0
+    vstart: float = 0.0  # fair-queuing start tag
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -72,13 +83,25 @@ class Batcher:
         self.closed = False
         self._steps = self._seqs = self._tokens = self._max = 0
         self._step_time = 0.0
+        self._vclock = 0.0  # virtual time: the start tag of the last request served
+        self._vfinish: dict[str, float] = {}  # tenant -> finish tag of its last request
 
     # --- called from guest worker threads (through trio.from_thread.run) ---------------------
 
     async def forward(
-        self, model: Model, work: Sequence[tuple[Session, np.ndarray, str]]
+        self,
+        model: Model,
+        work: Sequence[tuple[Session, np.ndarray, str]],
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> list[Any]:
-        """Queue steps and wait for their logits (the ``TenantState.forward`` contract)."""
+        """Queue steps and wait for their logits (the ``TenantState.forward`` contract).
+
+        ``tenant`` and ``weight`` (its share under contention, > 0) drive the fair queuing.
+        """
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, not {weight!r}")
         if self.closed:
             raise CallCancelled("the runtime is shut down")
         out = []
@@ -93,7 +116,12 @@ class Batcher:
             for k, chunk in enumerate(chunks):
                 last = k == len(chunks) - 1
                 r = _Request(
-                    model, session, chunk, mode if last else ("all" if mode == "all" else "none")
+                    model,
+                    session,
+                    chunk,
+                    mode if last else ("all" if mode == "all" else "none"),
+                    tenant=tenant,
+                    weight=weight,
                 )
                 try:
                     await self._send.send(r)
@@ -159,9 +187,20 @@ class Batcher:
         for r in batch:
             by_model.setdefault(id(r.model), []).append(r)
         self._recent = {id(r.session) for r in batch}
+        self._tag(batch)
         for reqs in by_model.values():
-            for chunk in self._chunks(reqs):
+            for chunk in self._chunks(sorted(reqs, key=lambda r: r.vstart)):
                 await self._step(chunk)
+                self._vclock = max(self._vclock, max(r.vstart for r in chunk))
+
+    def _tag(self, batch: list[_Request]) -> None:
+        """Start-time fair queuing tags, in arrival order (see the module docs)."""
+        for r in batch:
+            start = max(self._vclock, self._vfinish.get(r.tenant, 0.0))
+            r.vstart = start
+            self._vfinish[r.tenant] = start + int(r.tokens.shape[0]) / r.weight
+        if len(self._vfinish) > 256:  # forget tenants whose backlog is served
+            self._vfinish = {t: f for t, f in self._vfinish.items() if f > self._vclock}
 
     def _chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Split into steps within the token budget; a session appears once per step."""

@@ -92,6 +92,7 @@ class Runtime:
                 spec.get("max_concurrent_calls", self.limits.max_concurrent_calls)
             ),
             max_queued_calls=int(spec.get("max_queued_calls", self.limits.max_queued_calls)),
+            weight=_weight(name, spec.get("weight", 1.0)),
         )
 
     def _actor(self, name: str) -> TenantActor:
@@ -257,6 +258,12 @@ class Runtime:
             actor._idle.append(inst)
 
 
+def _weight(tenant: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise TenantUnavailable(f"tenant {tenant!r}: weight must be a number > 0, not {value!r}")
+    return float(value)
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     models: Mapping[str, str | os.PathLike[str] | Model] | None = None,
@@ -270,7 +277,8 @@ async def open_runtime(
             shared by every tenant.
         tenants: name -> spec (``guest``: a wasm path or bytes, default the default guest;
             ``model``: default model name; ``limits``: ``GuestLimits``;
-            ``max_concurrent_calls``). None: an open, local runtime where any tenant name gets
+            ``max_concurrent_calls``; ``weight``: its share of batched steps under
+            contention, default 1). None: an open, local runtime where any tenant name gets
             the default guest and default limits.
         limits: runtime-wide limits and defaults.
     """
