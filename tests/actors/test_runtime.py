@@ -259,3 +259,58 @@ async def test_shutdown_lets_calls_finish_then_stops_the_rest(model_path: Path) 
 
 
 SPIN_GUEST = guest_wat(None, {"spin": "(loop $l (br $l)) (i32.const 0)"}).encode()
+
+
+async def test_shutdown_lets_calls_in_flight_finish(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        results: list[dict] = []
+        first_token = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async with realm.open_runtime(
+                models={"tiny": model_path}, limits=RuntimeLimits(shutdown_seconds=20)
+            ) as rt:
+
+                async def caller() -> None:
+                    results.append(
+                        await rt.call(
+                            "t", "generate", {**GEN, "max_tokens": 24},
+                            on_event=lambda ev: first_token.set(),
+                        )
+                    )  # fmt: skip
+
+                nursery.start_soon(caller)
+                await first_token.wait()
+            # leaving the runtime waited for the call in flight
+            assert len(results) == 1 and results[0]["usage"]["completion_tokens"] == 24
+            with pytest.raises(realm.TenantUnavailable, match="shutting down"):
+                await rt.call("t", "generate", GEN)
+
+
+async def test_shutdown_cancels_calls_past_the_grace_period(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        outcome: list[BaseException | dict] = []
+        first_token = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async with realm.open_runtime(
+                models={"tiny": model_path}, limits=RuntimeLimits(shutdown_seconds=0.2)
+            ) as rt:
+
+                async def caller() -> None:
+                    try:
+                        outcome.append(
+                            await rt.call(
+                                "t", "generate", {"prompt": "x", "max_tokens": 100_000},
+                                on_event=lambda ev: first_token.set(),
+                            )
+                        )  # fmt: skip
+                    except realm.RealmError as e:
+                        outcome.append(e)
+
+                nursery.start_soon(caller)
+                await first_token.wait()
+                t0 = trio.current_time()
+            assert trio.current_time() - t0 < 5  # grace period, then stopped within a step
+        assert len(outcome) == 1
+        got = outcome[0]
+        # the guest saw its cancel flag: it ends the generation as cancelled, or the call fails
+        assert isinstance(got, realm.CallCancelled) or got["finish_reason"] == "cancelled", got
