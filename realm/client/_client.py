@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import ssl
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
@@ -22,7 +24,7 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from .._util import single_error
@@ -30,6 +32,7 @@ from ._errors import ConnectionLost, RemoteError, error_from_wire
 
 CALL_BUFFER: Final = 4096  # messages buffered per call before the reader waits for its caller
 MAX_MESSAGE_BYTES: Final = 16 << 20
+DISCONNECT_SECONDS: Final = 2.0  # wait this long for the server to close a closed connection
 
 
 @attrs.frozen
@@ -41,10 +44,36 @@ class Event:
     data: dict[str, Any]
 
 
+def _split_url(url: str) -> tuple[str, int, str, str, bool]:
+    """``ws[s]://host[:port]/path?query`` -> host, port, Host header, resource, TLS."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConnectionLost(f"{url!r} is not a ws:// or wss:// URL")
+    tls = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError:
+        raise ConnectionLost(f"{url!r}: bad port") from None
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, parts.netloc.rpartition("@")[2], resource, tls
+
+
+def _lost(e: ConnectionClosed) -> ConnectionLost:
+    """The error of a call whose connection closed (carrying the close frame)."""
+    reason = e.reason
+    return ConnectionLost(
+        f"connection closed ({reason.code} {reason.reason or reason.name})",
+        close_code=reason.code,
+        reason=reason.reason or "",
+    )
+
+
 class _Call:
-    def __init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[dict[str, Any] | BaseException](CALL_BUFFER)
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws  # the connection it was sent on (only that one's closing fails it)
+        self.send, self.recv = trio.open_memory_channel[dict[str, Any]](CALL_BUFFER)
         self.done = False
+        self.lost: ConnectionLost | None = None  # set, and ``send`` closed, when ``ws`` closes
 
 
 class AsyncClient:
@@ -78,33 +107,85 @@ class AsyncClient:
         async with self._lock:
             if self._ws is not None and self._ws.closed is None:
                 return self._ws
-            delay, last = self._backoff, None
+            delay, last = self._backoff, "no attempt"
             for attempt in range(self._retries + 1):
                 try:
                     with trio.fail_after(self._connect_timeout):
-                        ws = await connect_websocket_url(
-                            self._nursery,
-                            self.url,
-                            extra_headers=self._headers,
-                            max_message_size=MAX_MESSAGE_BYTES,
-                        )
+                        ws: WebSocketConnection = await self._nursery.start(self._run_connection)
                 except HandshakeError as e:
                     status = getattr(e, "status_code", None)
-                    if status is not None and 400 <= status < 500:  # refused: retrying won't help
-                        raise ConnectionLost(f"{self.url}: handshake refused ({status})") from None
-                    last = e
-                except (OSError, trio.TooSlowError) as e:
-                    last = e
+                    body = (getattr(e, "body", None) or b"").decode("utf-8", "replace").strip()
+                    last = f"handshake refused ({status}{': ' + body if body else ''})"
+                    if status is not None and 400 <= status < 500:  # retrying won't help
+                        raise ConnectionLost(f"{self.url}: {last}") from None
+                except trio.TooSlowError:
+                    last = f"no handshake within {self._connect_timeout:g} s"
+                except OSError as e:
+                    last = str(e)
                 else:
                     self._ws = ws
-                    self._nursery.start_soon(self._reader, ws)
                     return ws
                 if attempt < self._retries:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             raise ConnectionLost(f"cannot connect to {self.url}: {last}")
 
-    async def _reader(self, ws: WebSocketConnection) -> None:
+    async def _run_connection(
+        self, *, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open one connection (``started`` with it after the handshake), read it until it
+        closes, then fail its calls still waiting and close its socket.
+
+        The connection's tasks run in a nursery of their own: a refused handshake is raised by
+        trio-websocket's reader task, and must reach ``_connection`` as an error of this attempt
+        rather than end the client. The socket is ours to close: trio-websocket leaves a
+        client's socket open when the server closes the connection.
+        """
+        host, port, host_header, resource, tls = _split_url(self.url)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        if tls:
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+        ws: WebSocketConnection | None = None
+        try:
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        host_header,
+                        resource,
+                        extra_headers=self._headers,
+                        max_message_size=MAX_MESSAGE_BYTES,
+                    )
+                    task_status.started(ws)
+                    self._drop(ws, await self._reader(ws))
+                    # trio-websocket's reader task completes the close handshake, then ends
+                    # when the server closes the socket; a server that never does is cut off
+                    nursery.cancel_scope.deadline = trio.current_time() + DISCONNECT_SECONDS
+        except Exception as e:
+            if ws is None:
+                raise  # the handshake failed: an error of this attempt
+            self._drop(ws, ConnectionLost(f"connection to {self.url} failed: {e!r}"))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _drop(self, ws: WebSocketConnection, lost: ConnectionLost) -> None:
+        """``ws`` has closed: the next call opens a new connection; its calls fail with
+        ``lost`` once they have read what arrived before the close."""
+        if self._ws is ws:
+            self._ws = None
+        for call in list(self._calls.values()):
+            if call.ws is ws and call.lost is None:
+                call.lost = lost
+                call.send.close()
+
+    async def _reader(self, ws: WebSocketConnection) -> ConnectionLost:
+        """Hand each message to its call until the connection closes; return the error for
+        the calls still waiting on it."""
         try:
             while True:
                 text = await ws.get_message()
@@ -116,15 +197,7 @@ class AsyncClient:
                 if call is not None:
                     await call.send.send(msg)
         except ConnectionClosed as e:
-            reason = e.reason
-            lost = ConnectionLost(
-                f"connection closed ({reason.code} {reason.reason or reason.name})",
-                close_code=reason.code,
-                reason=reason.reason or "",
-            )
-            for call in list(self._calls.values()):
-                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                    call.send.send_nowait(lost)
+            return _lost(e)
 
     async def aclose(self) -> None:
         if self._ws is not None:
@@ -136,22 +209,23 @@ class AsyncClient:
     async def _start(self, function: str, params: dict[str, Any] | None) -> tuple[str, _Call]:
         ws = await self._connection()
         call_id = f"c{next(self._ids)}"
-        call = _Call()
+        call = _Call(ws)
         self._calls[call_id] = call
         message = {"type": "call", "id": call_id, "function": function, "params": params or {}}
         try:
             await ws.send_message(json.dumps(message, allow_nan=False))
         except ConnectionClosed as e:
             self._calls.pop(call_id, None)
-            raise ConnectionLost(f"connection closed ({e.reason.code})") from None
+            raise _lost(e) from None
         return call_id, call
 
     async def _events(self, call_id: str, call: _Call) -> AsyncIterator[Event]:
         try:
             while True:
-                msg = await call.recv.receive()
-                if isinstance(msg, BaseException):
-                    raise msg
+                try:
+                    msg = await call.recv.receive()
+                except trio.EndOfChannel:
+                    raise call.lost or ConnectionLost("connection lost") from None
                 kind = msg.get("type")
                 if kind == "stream":
                     yield Event("token", msg.get("data") or {})
@@ -223,7 +297,10 @@ async def connect(
                 retries=retries,
                 backoff_seconds=backoff_seconds,
             )
-            await client._connection()  # fail fast on a wrong URL or key
+            # fail fast on a wrong URL or a refused handshake; a wrong API key is not seen
+            # here (the server accepts, then closes with 1008): the first call raises
+            # ConnectionLost with close_code 1008
+            await client._connection()
             try:
                 yield client
             finally:
