@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from ._errors import RealmError
+from ._util import single_error
 
 
 def _model_path(arg: str | None) -> str:
@@ -132,7 +133,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _server_config(args)
     for name, path in config.models.items():
         print(f"loading model {name} from {path} ...", file=sys.stderr)
-    trio.run(serve, config)
+    try:
+        with single_error():
+            trio.run(serve, config)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        print(
+            f"realm serve: cannot serve on {config.host} port {config.port}"
+            f"{'' if config.metrics_port is None else f' (metrics {config.metrics_port})'}: "
+            f"{e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -219,11 +230,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         return 2
     suites = args.suites or list(BENCH_SUITES)
+    for suite in suites:  # all checked before any runs
+        if not (root / "benchmarks" / f"{suite}.py").is_file():
+            print(
+                f"realm bench: no suite {suite!r} (have: {', '.join(BENCH_SUITES)})",
+                file=sys.stderr,
+            )
+            return 2
     status = 0
     for suite in suites:
-        if not (root / "benchmarks" / f"{suite}.py").is_file():
-            print(f"realm bench: no suite {suite!r} (have: {', '.join(BENCH_SUITES)})")
-            return 2
         cmd = [sys.executable, "-m", f"benchmarks.{suite}", *args.args]
         print(f"== {suite}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         status = subprocess.call(cmd, cwd=root) or status
@@ -317,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:
+        # argparse drops a "--" and reads what follows as more suite names
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        args.args = [*args.args, *passthrough]
     try:
         return int(args.func(args))
     except RealmError as e:
