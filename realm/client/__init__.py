@@ -14,6 +14,7 @@ Sync::
 """
 
 from ._client import AsyncClient as AsyncClient
+from ._client import CallStream as CallStream
 from ._client import Client as Client
 from ._client import Event as Event
 from ._client import connect as connect

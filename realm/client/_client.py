@@ -76,6 +76,22 @@ class _Call:
         self.lost: ConnectionLost | None = None  # set, and ``send`` closed, when ``ws`` closes
 
 
+class CallStream:
+    """A streamed call: iterate it for its events; ``id`` is its protocol id."""
+
+    def __init__(self, call_id: str, events: AsyncIterator[Event], client: AsyncClient) -> None:
+        self.id = call_id
+        self._events = events
+        self._client = client
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events
+
+    async def cancel(self) -> None:
+        """Ask the server to cancel this call."""
+        await self._client.cancel(self.id)
+
+
 class AsyncClient:
     """A connection to a Realm server; open it with ``connect`` (``async with``)."""
 
@@ -250,12 +266,13 @@ class AsyncClient:
     @contextlib.asynccontextmanager
     async def stream(
         self, function: str, params: dict[str, Any] | None = None
-    ) -> AsyncIterator[AsyncIterator[Event]]:
-        """``async for ev in events``: token events, then the result. Leaving early cancels."""
+    ) -> AsyncIterator[CallStream]:
+        """``async for ev in events``: token events, then the result. Leaving early cancels;
+        so does ``await events.cancel()`` (the iteration then ends with ``RemoteCancelled``)."""
         call_id, call = await self._start(function, params)
         events = self._events(call_id, call)
         try:
-            yield events
+            yield CallStream(call_id, events, self)
         finally:
             if not call.done:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -394,4 +411,4 @@ class Client:
         return self.call("system_health")
 
 
-__all__ = ["AsyncClient", "Client", "Event", "RemoteError", "connect"]
+__all__ = ["AsyncClient", "CallStream", "Client", "Event", "RemoteError", "connect"]

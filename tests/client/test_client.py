@@ -21,6 +21,7 @@ from realm.client import (
     Client,
     ConnectionLost,
     Event,
+    RemoteCancelled,
     RemoteError,
     RemoteInvalidParams,
     RemoteUnknownFunction,
@@ -335,3 +336,21 @@ async def test_sync_client_missing_key(model_path: Path) -> None:
     assert tenant == "acme"
     assert isinstance(error, ConnectionLost) and error.close_code == 1008
     assert "UNAUTHORIZED" in error.reason
+
+
+async def test_cancel_by_id_ends_the_stream_with_cancelled(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with (
+            open_server(config(model_path)) as server,
+            connect(server.url) as c,
+            c.stream("generate", {"prompt": "Hi", "max_tokens": 200}) as events,
+        ):
+            assert isinstance(events.id, str)
+            seen = 0
+            with pytest.raises(RemoteCancelled) as info:
+                async for ev in events:
+                    assert ev.kind == "token"
+                    seen += 1
+                    if seen == 2:
+                        await events.cancel()
+            assert info.value.code == "CANCELLED" and info.value.call_id == events.id
