@@ -242,3 +242,23 @@ def test_guest_instance_takes_modules_bytes_and_limits(
         assert inst.module is module  # compiled once, cached by content
         assert inst.tenant.limits is limits and inst.tenant.default_model == "tiny"
         assert inst.call("word_count", {"text": "a b"})["words"] == 2
+
+
+def test_server_client_example_runs(tmp_path: Path) -> None:
+    model = write_test_model(tmp_path / "tiny.gguf")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "server_client.py"), "--model", str(model)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    out = proc.stdout
+    assert "server on ws://127.0.0.1:" in out
+    assert "generate" in out.split("functions:")[1].splitlines()[0]
+    assert "[length: 40 tokens" in out or "[stop:" in out
+    assert "'The function' -> " in out and "'A module' -> " in out
+    assert "typed error: INVALID_PARAMS: generate: max_tokens" in out
