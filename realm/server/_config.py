@@ -137,9 +137,8 @@ def _str(where: str, v: Any) -> str:
 def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
     for k in table:
         if k not in allowed:
-            raise ConfigError(
-                f"{where}.{k}: unknown key (expected one of {', '.join(sorted(allowed))})"
-            )
+            key = f"{where}.{k}" if where else k  # a top-level key has no table before it
+            raise ConfigError(f"{key}: unknown key (expected one of {', '.join(sorted(allowed))})")
 
 
 def _limits(table: Mapping[str, Any]) -> ServerLimits:

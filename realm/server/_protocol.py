@@ -197,7 +197,16 @@ def _show(value: Any) -> str:
 
 
 def dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON, UTF-8 text where it can be: a string holding a lone surrogate (a client's
+    ``"\\ud800"`` id, a guest's result) cannot be encoded as UTF-8, so then every non-ASCII
+    character is escaped instead (the frame would otherwise fail to send)."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(message, separators=(",", ":"), allow_nan=False)
+    return text
 
 
 def stream_message(call_id: CallId, data: dict[str, Any]) -> str:

@@ -24,6 +24,9 @@ from typing import Any, Final
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from .. import __version__
 from .._errors import RealmError
@@ -292,6 +295,67 @@ def _api_key(request: WebSocketRequest) -> str | None:
     return keys[0] if keys else None
 
 
+class _UncutStream(trio.abc.Stream):
+    """A TCP stream that never writes after a write it left half done.
+
+    A write cancelled part way (a close, or the send timeout, while the client reads nothing)
+    leaves half a WebSocket frame on the wire; a close frame or ping written after it is read as
+    garbage by the client (it saw 1007 instead of the close code). Once a write is cut, every
+    later one fails with ``BrokenResourceError`` (trio-websocket then drops the connection);
+    a write that was cancelled before sending anything is no harm and leaves the stream usable.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.cut = False
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            self._peer = f"{host}:{port}"
+        except OSError:
+            self._peer = "?"
+
+    def __repr__(self) -> str:
+        return self._peer
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.cut:
+            raise trio.BrokenResourceError("an earlier write was cut short")
+        with memoryview(data) as view:
+            sent = 0
+            try:
+                while sent < len(view):
+                    sent += await self.stream.socket.send(view[sent:])
+            except OSError as e:
+                raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
+            finally:
+                if 0 < sent < len(view):
+                    self.cut = True
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _WebSocketConnection(WebSocketConnection):
+    """trio-websocket's connection, telling the client why when its frames cannot be parsed.
+
+    wsproto reports invalid UTF-8 (1007) or a protocol violation (1002) as a close event while
+    the connection is still OPEN (a real close frame from the peer makes it REMOTE_CLOSING);
+    trio-websocket then drops TCP without sending a close frame, so the client saw only 1006.
+    """
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(CloseConnection(event.code, _reason(event.reason or "")))
+        await super()._handle_close_connection_event(event)
+
+
 class _Server(trio_websocket.WebSocketServer):
     """trio-websocket's server with an error boundary around each connection: by default an
     exception in one connection's tasks (even a client closing mid-send) ends ``serve_listeners``
@@ -299,13 +363,38 @@ class _Server(trio_websocket.WebSocketServer):
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         try:
-            await super()._handle_connection(stream)
+            await self._serve_stream(stream)
         except Exception as e:
             if not isinstance(e, ConnectionClosed | trio.BrokenResourceError):
                 log.warning("connection ended with %s: %s", type(e).__name__, e)
         finally:
             with contextlib.suppress(Exception):
                 await trio.aclose_forcefully(stream)
+
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        """``WebSocketServer._handle_connection`` of trio-websocket 0.12, with our connection
+        class on an ``_UncutStream``."""
+        assert isinstance(stream, trio.SocketStream)
+        async with trio.open_nursery() as nursery:
+            connection = _WebSocketConnection(
+                _UncutStream(stream),  # type: ignore[arg-type]
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=self._message_queue_size,
+                max_message_size=self._max_message_size,
+                receive_buffer_size=self._receive_buffer_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self._connect_timeout) as connect_scope:
+                request = await connection._get_request()
+            if connect_scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handler(request)
+            finally:
+                with trio.move_on_after(self._disconnect_timeout):
+                    await connection.aclose()
 
 
 class Connection:
