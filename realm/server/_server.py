@@ -104,6 +104,7 @@ class Server:
         self._open_limits = _TenantLimits(None)
         self._serving = trio.CancelScope()
         self._idle = trio.Event()  # set when the last connection ends
+        self._admitted = 0  # connections past the max_connections check, handshaking or open
 
     @property
     def url(self) -> str:
@@ -177,9 +178,18 @@ class Server:
         if self.closing:
             await request.reject(503, body=b"the server is shutting down\n")
             return
-        if len(self.connections) >= self.limits.max_connections:
+        # counted from admission, not once accepted: handshakes in progress hold a slot too
+        # (else a burst of simultaneous handshakes all pass the check)
+        if self._admitted >= self.limits.max_connections:
             await request.reject(503, body=b"too many connections\n")
             return
+        self._admitted += 1
+        try:
+            await self._admit(request)
+        finally:
+            self._admitted -= 1
+
+    async def _admit(self, request: WebSocketRequest) -> None:
         tenant: str | None = OPEN_TENANT
         if not self.config.open:
             tenant = self.config.tenant_for_key(_api_key(request))

@@ -505,6 +505,34 @@ async def test_max_connections_refuses_the_handshake(model_path: Path, kind: str
             await assert_serving(server)
 
 
+async def test_max_connections_holds_for_simultaneous_handshakes(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_server(config(model_path, max_connections=3)) as server:
+            outcomes: list[str] = []
+            release = trio.Event()
+
+            async def one(i: int) -> None:
+                try:
+                    async with open_client(CLIENTS[i % 2], server.url) as c:
+                        outcomes.append("open")
+                        await release.wait()
+                        _, ok = await c.request("h", "system_health")
+                        assert ok["data"]["connections"] == 3
+                except Rejected as e:
+                    outcomes.append(str(e.status))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(one, i)
+                with trio.fail_after(5):
+                    while len(outcomes) < 12:
+                        await trio.sleep(0.01)
+                assert sorted(outcomes) == ["503"] * 9 + ["open"] * 3
+                assert len(server.connections) == 3
+                release.set()
+            await assert_serving(server)
+
+
 async def test_idle_connection_is_closed(model_path: Path) -> None:
     with trio.fail_after(LIMIT):
         async with open_server(config(model_path, idle_timeout_seconds=0.3)) as server:
