@@ -346,8 +346,8 @@ static int gen_setup(rg_call *c, gen_cfg *g) {
     if (!g->model) g->model = "", g->model_len = 0;
     int st = rg_get_model_info(c->arena, g->model, g->model_len, &g->mi);
     if (st == REALM_ENOENT)
-        return rg_fail(c, st, "%s: no model %.*q on this host", c->fn->name, g->model_len,
-                       g->model);
+        return rg_fail(c, REALM_EINVAL, "%s: model: no model %.*q on this host", c->fn->name,
+                       g->model_len, g->model);
     if (st < 0) return import_failed(c, "model_info", st);
     g->sp.temperature = (float)rg_param_num(c, "temperature");
     g->sp.top_k = clamp_int(rg_param_int(c, "top_k"), 0, 0x7fffffff);
@@ -562,9 +562,9 @@ static int do_generate(rg_call *c) {
     if (n == 0) return rg_fail(c, REALM_EINVAL, "generate: the prompt has no tokens");
     int ctx = g.mi.context_length;
     if (ctx > 0 && n > ctx)
-        return rg_fail(c, REALM_ELIMIT,
-                       "generate: the prompt is %d tokens, longer than the model's context of "
-                       "%d tokens",
+        return rg_fail(c, REALM_EINVAL,
+                       "generate: prompt: the prompt is %d tokens, longer than the model's "
+                       "context of %d tokens",
                        n, ctx);
     int64_t want = (int64_t)n + g.max_tokens;
     int capacity = ctx > 0 && want > ctx ? ctx : want > 0x7fffffff ? 0x7fffffff : (int)want;
@@ -737,9 +737,9 @@ static int do_chat(rg_call *c) {
             continue;
         }
         if (n <= ctx) break; /* only the newest message left: generate what fits */
-        return rg_fail(c, REALM_ELIMIT,
-                       "chat: the conversation is %d tokens, longer than the model's context of "
-                       "%d tokens (reset it, or send a shorter message)",
+        return rg_fail(c, REALM_EINVAL,
+                       "chat: messages: the conversation is %d tokens, longer than the model's "
+                       "context of %d tokens (reset it, or send a shorter message)",
                        n, ctx);
     }
     int n_pick = 0;

@@ -66,6 +66,12 @@ class CallCancelled(RealmError):
     code: ClassVar[str] = "CANCELLED"
 
 
+class Overloaded(RealmError):
+    """A bounded queue is full: try again later."""
+
+    code: ClassVar[str] = "OVERLOADED"
+
+
 class GuestError(RealmError):
     """A guest failed: it trapped, broke the ABI, or returned an error."""
 
@@ -81,13 +87,20 @@ class GuestABIError(GuestError):
     """The module does not follow the guest ABI (version, imports, exports, metadata)."""
 
 
+class GuestRefusedParams(GuestError, InvalidParams):
+    """The guest refused the call's params (it returned EINVAL or ENOENT: a bad value, a model
+    or session that does not exist); its message names the parameter."""
+
+    code: ClassVar[str] = "INVALID_PARAMS"
+
+
+class GuestLimitReached(GuestError, Overloaded):
+    """The guest hit a limit (it returned ELIMIT: KV memory, sessions, output size)."""
+
+    code: ClassVar[str] = "OVERLOADED"
+
+
 class TenantUnavailable(RealmError):
     """The tenant is unknown here, failed past its restart intensity, or stopping."""
 
     code: ClassVar[str] = "TENANT_UNAVAILABLE"
-
-
-class Overloaded(RealmError):
-    """A bounded queue is full: try again later."""
-
-    code: ClassVar[str] = "OVERLOADED"

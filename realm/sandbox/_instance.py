@@ -28,6 +28,8 @@ from .._errors import (
     CallCancelled,
     GuestABIError,
     GuestError,
+    GuestLimitReached,
+    GuestRefusedParams,
     GuestTrap,
     InvalidParams,
     RealmError,
@@ -662,7 +664,14 @@ class GuestInstance:
             parts = [str(message)] if message else []
             if ctx.errors:  # what the host saw go wrong, which the guest cannot read
                 parts.append("host: " + "; ".join(ctx.errors))
-            raise GuestError(f"{function} failed: {' | '.join(parts) or f'status {status}'}")
+            why = f"{function} failed: {' | '.join(parts) or f'status {status}'}"
+            # the guest's own status says whose fault it is: the caller's params (EINVAL,
+            # ENOENT: a model or session that does not exist), a limit (ELIMIT), or the guest
+            if status in (Status.EINVAL, Status.ENOENT):
+                raise GuestRefusedParams(why)
+            if status == Status.ELIMIT:
+                raise GuestLimitReached(why)
+            raise GuestError(why)
         return ctx.result if ctx.result is not None else {}
 
     def close(self) -> None:

@@ -593,7 +593,7 @@ def test_generate_cancel_from_forward(host: FakeHost) -> None:
 def test_generate_prompt_longer_than_context(make_host: Callable[..., FakeHost]) -> None:
     host = make_host(context=32)
     status = host.call_raw("generate", json.dumps({"prompt": "y" * 40}).encode())
-    assert status == Status.ELIMIT
+    assert status == Status.EINVAL  # the caller's params: INVALID_PARAMS on the protocol
     assert host.result is not None
     assert "41 tokens" in host.result["error"] and "context of 32" in host.result["error"]
     assert not host.opened
@@ -601,8 +601,8 @@ def test_generate_prompt_longer_than_context(make_host: Callable[..., FakeHost])
 
 def test_generate_unknown_model(host: FakeHost) -> None:
     status = host.call_raw("generate", json.dumps({"prompt": "a", "model": "nope"}).encode())
-    assert status == Status.ENOENT
-    assert host.result == {"error": 'generate: no model "nope" on this host'}
+    assert status == Status.EINVAL
+    assert host.result == {"error": 'generate: model: no model "nope" on this host'}
 
 
 def test_generate_long_prompt_is_prefilled_in_chunks(make_host: Callable[..., FakeHost]) -> None:
@@ -947,7 +947,7 @@ def test_chat_drops_old_messages_past_the_context(make_host: Callable[..., FakeH
     sent = host.templates[-1]
     assert sent[0] == msgs[0] and sent[-1] == msgs[-1]
     status = host.call_raw("chat", json.dumps({"message": "z" * 200, "reset": True}).encode())
-    assert status == Status.ELIMIT and "longer than the model's context" in host.result["error"]  # type: ignore[index]
+    assert status == Status.EINVAL and "longer than the model's context" in host.result["error"]  # type: ignore[index]
 
 
 # --- the allocator -------------------------------------------------------------------------------
