@@ -1,6 +1,7 @@
 """Models: GGUF files, tokenizers, the forward pass over sessions, registry and layer paging."""
 
 from ._chat import CHATML_TEMPLATE as CHATML_TEMPLATE
+from ._default import default_model_path as default_model_path
 from ._detok import TokenStream as TokenStream
 from ._gguf import ModelInfo as ModelInfo
 from ._gguf import content_hash as content_hash
