@@ -60,6 +60,7 @@ class TenantSpec:
     burst_tokens: float | None = None  # bucket size (default: 2 seconds' worth)
     calls_per_second: float | None = None  # bucket on calls started
     max_kv_bytes: int | None = None
+    weight: float = 1.0  # share of batched steps under contention (fair queuing)
 
     def runtime_spec(self) -> dict[str, Any]:
         from ..sandbox import GuestLimits
@@ -67,6 +68,7 @@ class TenantSpec:
         spec: dict[str, Any] = {
             "max_concurrent_calls": self.max_concurrent_calls,
             "max_queued_calls": self.max_queued_calls,
+            "weight": self.weight,
         }
         if self.guest:
             spec["guest"] = self.guest
@@ -85,6 +87,10 @@ class ServerConfig:
     port: int = 8080
     metrics_port: int | None = None
     limits: ServerLimits = attrs.field(factory=ServerLimits)
+    # the open server's one tenant: a local user whose many connections share it
+    open_tenant: TenantSpec = attrs.field(
+        factory=lambda: TenantSpec(OPEN_TENANT, max_concurrent_calls=16, max_queued_calls=1024)
+    )
 
     @property
     def open(self) -> bool:
@@ -183,7 +189,7 @@ def _tenant(name: str, table: Any, base: Path, models: Mapping[str, str]) -> Ten
         raise ConfigError(f"{where}.model: no model named {model!r} in [models]")
     opt_num = {
         k: _num(f"{where}.{k}", table[k])
-        for k in ("tokens_per_second", "burst_tokens", "calls_per_second")
+        for k in ("tokens_per_second", "burst_tokens", "calls_per_second", "weight")
         if k in table
     }
     return TenantSpec(

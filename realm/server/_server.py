@@ -616,7 +616,21 @@ class Connection:
 
 
 def runtime_limits(config: ServerConfig) -> RuntimeLimits:
-    return RuntimeLimits(shutdown_seconds=config.limits.shutdown_seconds)
+    """The runtime's limits for a server: every tenant's concurrent calls get a worker thread
+    (a call holds its thread while it waits for its forward steps)."""
+    if config.tenants is None:
+        t = config.open_tenant
+        slots = t.max_concurrent_calls
+        return RuntimeLimits(
+            shutdown_seconds=config.limits.shutdown_seconds,
+            max_concurrent_calls=t.max_concurrent_calls,
+            max_queued_calls=t.max_queued_calls,
+            threads=slots + 4,
+        )
+    slots = sum(t.max_concurrent_calls for t in config.tenants.values())
+    return RuntimeLimits(
+        shutdown_seconds=config.limits.shutdown_seconds, threads=min(slots, 512) + 4
+    )
 
 
 @contextlib.asynccontextmanager
