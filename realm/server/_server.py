@@ -30,6 +30,7 @@ from wsproto.events import CloseConnection
 
 from .. import __version__
 from .._errors import RealmError
+from .._util import single_error
 from ..actors import Event, Runtime, RuntimeLimits, open_runtime
 from . import _protocol as p
 from ._config import OPEN_TENANT, ServerConfig, TenantSpec
@@ -646,14 +647,15 @@ async def open_server(config: ServerConfig) -> AsyncIterator[Server]:
         models=config.models, tenants=tenants, limits=runtime_limits(config)
     ) as rt:
         server = Server(config, rt)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            try:
-                yield server
-            finally:
-                with trio.CancelScope(shield=True):
-                    await server.shutdown()
-                nursery.cancel_scope.cancel()
+        with single_error():  # an error of the caller's block comes out as itself
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                try:
+                    yield server
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await server.shutdown()
+                    nursery.cancel_scope.cancel()
 
 
 async def serve(config: ServerConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
