@@ -2,21 +2,19 @@
 
     python examples/trio_app.py [--model PATH]
 
-Without --model it writes a tiny random test model (its text is gibberish: the point is the
-plumbing). Each tenant's calls run its guest in the sandbox; their forward steps are batched
-into shared native steps by the runtime's scheduler.
+Without --model it uses the built-in model that ships with Realm. Each tenant's calls run its
+guest in the sandbox; their forward steps are batched into shared native steps by the
+runtime's scheduler.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import trio
 
 import realm
-from realm.testing import write_test_model
 
 
 async def tenant_session(rt: realm.actors.Runtime, name: str, prompt: str) -> None:
@@ -33,7 +31,7 @@ async def tenant_session(rt: realm.actors.Runtime, name: str, prompt: str) -> No
 async def main(model: Path) -> None:
     async with realm.open_runtime(models={"default": model}) as rt:
         async with trio.open_nursery() as nursery:
-            for i, prompt in enumerate(["Once upon a time", "The weather", "In the beginning"]):
+            for i, prompt in enumerate(["The module", "A string is", "In the beginning"]):
                 nursery.start_soon(tenant_session, rt, f"tenant-{i}", prompt)
         count = await rt.call("tenant-0", "count_tokens", {"text": "How many tokens is this?"})
         print("count_tokens:", count["count"])
@@ -45,6 +43,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or write_test_model(Path(tmp) / "tiny.gguf", n_layers=2)
-        trio.run(main, path)
+    trio.run(main, args.model or realm.default_model_path())
