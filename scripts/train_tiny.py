@@ -694,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
             "final_train_loss": final_loss,
             "loss_curve": curve,
             "optimizer": "AdamW (0.9, 0.95), weight decay on matrices only, grad clip",
+            "precision": "bfloat16 autocast (matmuls, attention); float32 weights, optimizer "
+            "state, norms and residual stream",
             "torch": torch.__version__,
             "threads": cfg.threads,
             "machine": platform.processor() or platform.machine(),
