@@ -22,8 +22,9 @@ from realm import KernelError, kernels
 from realm.kernels import Isa, WeightType
 
 WEIGHT_TYPES = list(WeightType)
-#: None is a 1-D x (decode); 17 crosses the F32 GEMM threshold of 16
-BATCHES = (None, 1, 2, 3, 8, 17)
+#: None is a 1-D x (decode); 8 is the row-streaming kernel's register group and Q4_0's GEMM
+#: threshold, 11 Q8_0's GEMM threshold, 17 crosses the F32 GEMM threshold of 16
+BATCHES = (None, 1, 2, 3, 8, 11, 17)
 N_ROWS = (1, 2, 3, 5, 7, 63, 129)
 FLOAT_N_COLS = (1, 3, 8, 17, 64, 100, 257, 1023)  # ragged against 8/16/32/64-wide loops
 BLOCK_N_COLS = (32, 64, 96, 160, 288, 1024)  # 1, 2, 3, 5, 9, 32 blocks: odd tails for unrolling
