@@ -15,8 +15,18 @@ REALM_ERRORS = (
     "ModelError",
     "TokenizerError",
     "KVMemoryExhausted",
+    "InvalidParams",
+    "UnknownFunction",
+    "CallCancelled",
+    "GuestError",
+    "GuestTrap",
+    "GuestABIError",
+    "GuestRefusedParams",
+    "GuestLimitReached",
+    "TenantUnavailable",
+    "Overloaded",
 )
-REALM_FUNCTIONS = ("load_model", "load_tokenizer")
+REALM_FUNCTIONS = ("load_model", "load_tokenizer", "open_runtime", "default_model_path")
 KERNEL_CLASSES = ("Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer")
 MODEL_NAMES = (
     "Model",
@@ -27,6 +37,7 @@ MODEL_NAMES = (
     "ModelRegistry",
     "load_model",
     "content_hash",
+    "default_model_path",
 )
 KERNEL_FUNCTIONS = (
     "quantize",
@@ -147,3 +158,56 @@ def test_guest_errors_map_to_protocol_codes(name: str) -> None:
     error = getattr(realm, name)
     assert issubclass(error, realm.RealmError)
     assert error.code in {"GUEST_TRAP", "INVALID_PARAMS", "UNKNOWN_FUNCTION", "CANCELLED"}
+
+
+#: the protocol code of each error: what a server sends for it
+ERROR_CODES = {
+    "InvalidParams": "INVALID_PARAMS",
+    "UnknownFunction": "UNKNOWN_FUNCTION",
+    "CallCancelled": "CANCELLED",
+    "GuestError": "GUEST_TRAP",
+    "GuestTrap": "GUEST_TRAP",
+    "GuestRefusedParams": "INVALID_PARAMS",
+    "GuestLimitReached": "OVERLOADED",
+    "TenantUnavailable": "TENANT_UNAVAILABLE",
+    "Overloaded": "OVERLOADED",
+    "KVMemoryExhausted": "OVERLOADED",
+}
+
+
+@pytest.mark.parametrize(("name", "code"), ERROR_CODES.items())
+def test_error_codes(name: str, code: str) -> None:
+    assert getattr(realm, name).code == code
+
+
+SERVER_NAMES = (
+    *("ServerConfig", "ServerLimits", "TenantSpec", "ConfigError", "load_config"),
+    *("config_from_dict", "hash_key", "new_key", "Server", "open_server", "serve"),
+)
+CLIENT_NAMES = (
+    *("connect", "AsyncClient", "Client", "CallStream", "Event", "RemoteError"),
+    *("ConnectionLost", "RateLimited", "Unauthorized", "CallTimeout", "ServerError"),
+    "InvalidRequest",
+)
+
+
+@pytest.mark.parametrize("name", SERVER_NAMES)
+def test_server_names(name: str) -> None:
+    import realm.server
+
+    assert getattr(realm.server, name) is not None
+
+
+@pytest.mark.parametrize("name", CLIENT_NAMES)
+def test_client_names(name: str) -> None:
+    import realm.client
+
+    assert getattr(realm.client, name) is not None
+
+
+def test_remote_errors_are_realm_errors() -> None:
+    import realm.client as rc
+
+    assert issubclass(rc.RemoteOverloaded, realm.Overloaded)
+    assert issubclass(rc.RemoteInvalidParams, realm.InvalidParams)
+    assert rc.RateLimited.code == "RATE_LIMITED"
