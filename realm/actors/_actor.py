@@ -52,6 +52,7 @@ class TenantConfig:
     max_restarts: int = 3
     restart_period_seconds: float = 60.0
     cooldown_seconds: float = 30.0
+    restart_backoff_seconds: float = 0.05  # doubles with each restart in the period (max 2 s)
 
 
 @attrs.frozen
@@ -88,6 +89,7 @@ class TenantActor:
         self._restarts: list[float] = []
         self.failed_until = 0.0
         self.failed_reason = ""
+        self.restart_at = 0.0  # after a crash, no new instance before this (backoff)
         self.calls = self.errors = self.tokens = 0
         self.busy_seconds = 0.0
         self.in_flight = 0
@@ -123,6 +125,9 @@ class TenantActor:
         now = time.monotonic()
         period = self.config.restart_period_seconds
         self._restarts = [t for t in self._restarts if now - t < period] + [now]
+        # backoff: the next instance starts later the more often this tenant crashed lately
+        backoff = self.config.restart_backoff_seconds * 2 ** (len(self._restarts) - 1)
+        self.restart_at = now + min(backoff, 2.0)
         if len(self._restarts) > self.config.max_restarts:
             self.failed_until = now + self.config.cooldown_seconds
             self.failed_reason = (
@@ -139,6 +144,7 @@ class TenantActor:
     def reset(self) -> None:
         """Operator action: clear a failed state now."""
         self.failed_until, self._restarts, self.failed_reason = 0.0, [], ""
+        self.restart_at = 0.0
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -170,6 +176,8 @@ class TenantActor:
         self, function: str, params: Any, on_event: Callable[[Event], None] | None
     ) -> dict[str, Any]:
         t_start = time.perf_counter()
+        if not self._idle and (delay := self.restart_at - time.monotonic()) > 0:
+            await trio.sleep(delay)  # restart backoff: a new instance after a recent crash
         inst = await trio.to_thread.run_sync(self._instance, limiter=self.limiter)
         index = 0
         t_first = 0.0

@@ -4,6 +4,7 @@ Every test runs under an absolute time limit (``trio.fail_after``)."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -132,6 +133,20 @@ async def test_a_crashing_tenant_is_restarted_then_marked_unavailable(model_path
             assert (await rt.call("good", "count_tokens", {"text": "fine"}))["count"] > 0
             rt._actors["bad"].reset()  # an operator action
             assert await rt.call("bad", "fine", {}) == {}
+
+
+async def test_restarts_back_off(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        tenants = {"bad": {"guest": TRAP_GUEST}}
+        async with realm.open_runtime(models={"tiny": model_path}, tenants=tenants) as rt:
+            times = [trio.current_time()]
+            for _ in range(3):
+                with pytest.raises(realm.GuestTrap):
+                    await rt.call("bad", "boom", {})
+                times.append(trio.current_time())
+            took = [b - a for a, b in itertools.pairwise(times)]
+            # the call after the first crash waits 0.05 s for its instance, the next 0.1 s
+            assert took[1] >= 0.05 and took[2] >= 0.1, took
 
 
 async def test_reload_takes_effect_for_new_calls(model_path: Path) -> None:
