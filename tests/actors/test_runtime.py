@@ -301,7 +301,9 @@ async def test_shutdown_lets_calls_in_flight_finish(model_path: Path) -> None:
                 await rt.call("t", "generate", GEN)
 
 
-async def test_shutdown_cancels_calls_past_the_grace_period(model_path: Path) -> None:
+async def test_shutdown_cancels_calls_past_the_grace_period(tmp_path: Path) -> None:
+    # a context of 8192: the stream outlasts the grace period even on a fast, idle machine
+    model_path = write_test_model(tmp_path / "long.gguf", context_length=8192)
     with trio.fail_after(LIMIT):
         outcome: list[BaseException | dict] = []
         first_token = trio.Event()

@@ -267,17 +267,21 @@ async def test_metrics_endpoint(model_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
-async def test_shutdown_cancels_a_long_call_and_closes_1001(model_path: Path, kind: str) -> None:
+async def test_shutdown_cancels_a_long_call_and_closes_1001(
+    long_model_path: Path, kind: str
+) -> None:
+    model_path = long_model_path
     shutdown = 0.5
     seen: list[Any] = []
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            async with open_server(config(model_path, shutdown_seconds=shutdown)) as server:
+            cfg = config(model_path, shutdown_seconds=shutdown, max_tokens=8000)
+            async with open_server(cfg) as server:
                 streaming = trio.Event()
 
                 async def client() -> None:
                     async with open_client(kind, server.url) as c:
-                        await c.send(call_text("long", "generate", LONG))
+                        await c.send(call_text("long", "generate", {**LONG, "max_tokens": 8000}))
                         try:
                             while True:
                                 msg = await c.recv()
