@@ -12,6 +12,7 @@ until the cool-down ends.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from ..sandbox import (
     TenantState,
 )
 from ._batcher import Batcher
+
+log = logging.getLogger("realm.actors")
 
 MAILBOX_SIZE: Final = 64
 
@@ -188,8 +191,11 @@ class TenantActor:
             if index == 0:
                 t_first = time.perf_counter()
             if on_event is not None:
+                # fire and forget: the guest goes on sampling while Trio delivers the event.
+                # Trio runs these callbacks in order, and the call's own completion is queued
+                # behind them, so the events of a call always arrive before its result.
                 ev = Event("token", {"token": text, "index": index})
-                trio.from_thread.run_sync(on_event, ev, trio_token=token)
+                token.run_sync_soon(_deliver, on_event, ev)
             index += 1
             return True
 
@@ -283,6 +289,15 @@ class TenantActor:
             "in_flight": self.in_flight,
             "failed": time.monotonic() < self.failed_until,
         }
+
+
+def _deliver(on_event: Callable[[Event], None], ev: Event) -> None:
+    """Run a token event's callback in Trio; an exception from it must not reach Trio's
+    scheduler (it would end the run), so it is logged."""
+    try:
+        on_event(ev)
+    except Exception:
+        log.exception("a token event callback failed")
 
 
 def _add_timings(result: dict[str, Any], t0: float, t_first: float, t_end: float, n: int) -> None:
