@@ -528,7 +528,7 @@ class Connection:
                 p.ProtocolError(
                     p.INVALID_REQUEST,
                     f"field 'id': a call with id {call.id!r} is already in flight",
-                    call.id,
+                    None,  # not that call's end: it goes on, and ends with its own reply
                 )
             )
             return

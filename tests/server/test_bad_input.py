@@ -292,11 +292,15 @@ async def test_duplicate_in_flight_id(model_path: Path, kind: str) -> None:
                 refused = None
                 while final is None:
                     msg = await c.recv()
+                    if msg["type"] == "error" and msg["id"] is None:
+                        # the refusal is about the message, not the call in flight with that
+                        # id: every call ends with exactly one result or error of its own
+                        assert refused is None
+                        refused = msg["error"]
+                        continue
                     assert msg["id"] == "dup"
                     if msg["type"] == "stream":
                         stream.append(msg["data"])
-                    elif msg["type"] == "error" and refused is None:
-                        refused = msg["error"]
                     else:
                         final = msg
                 assert refused is not None and refused["code"] == "INVALID_REQUEST"
