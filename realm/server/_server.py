@@ -220,7 +220,6 @@ class Server:
             return await self._system(tenant, call)
         if self.closing:
             raise _CallError(p.OVERLOADED, "the server is shutting down")
-        self.tenant_limits(tenant).admit(tenant)
         cap = self.limits.max_tokens
         mt = call.params.get("max_tokens")
         if isinstance(mt, int) and not isinstance(mt, bool) and mt > cap:
@@ -228,6 +227,7 @@ class Server:
                 p.INVALID_PARAMS,
                 f"{call.function}: max_tokens: {mt} is over this server's limit of {cap}",
             )
+        self.tenant_limits(tenant).admit(tenant)  # a refused call costs no rate tokens
         return await self.runtime.call(tenant, call.function, call.params, on_event=on_event)
 
     async def _system(self, tenant: str, call: p.Call) -> dict[str, Any]:
