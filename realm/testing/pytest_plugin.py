@@ -30,6 +30,15 @@ Fixtures:
     ``"tiny"``; ``realm_runtime_options`` (override it) gives its ``tenants``, ``limits`` and
     ``model_kwargs``.
 
+``realm_server`` (function, async: pytest-trio)
+    a running WebSocket server (:func:`realm.server.open_server`) on 127.0.0.1, a free port,
+    serving ``realm_tiny_model`` as ``"tiny"``; ``realm_server_options`` (override it) gives
+    the other :class:`~realm.server.ServerConfig` fields (``tenants``, ``limits``)::
+
+        async def test_health(realm_server):
+            async with realm.client.connect(realm_server.url) as c:
+                assert (await c.health())["status"] == "ok"
+
 The plain functions behind them are in :mod:`realm.testing.fixtures` and
 :mod:`realm.testing.runtime`.
 """
@@ -51,6 +60,8 @@ __all__ = [
     "realm_runtime",
     "realm_runtime_options",
     "realm_sandbox_engine",
+    "realm_server",
+    "realm_server_options",
     "realm_tiny_model",
 ]
 
@@ -107,3 +118,25 @@ async def realm_runtime(realm_runtime_options: dict[str, Any]) -> AsyncIterator[
 
     async with open_test_runtime(**realm_runtime_options) as rt:
         yield rt
+
+
+# --- a server (pytest-trio) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def realm_server_options() -> dict[str, Any]:
+    """Keyword arguments of ``ServerConfig`` for ``realm_server`` besides ``models`` and
+    ``port`` (``tenants``, ``limits``, ``host``); override it in a module or conftest."""
+    return {}
+
+
+@pytest.fixture
+async def realm_server(
+    realm_tiny_model: Model, realm_server_options: dict[str, Any]
+) -> AsyncIterator[Any]:
+    """A running server on a free port (``.url``), shut down gracefully after the test."""
+    from ..server import ServerConfig, open_server
+
+    config = ServerConfig(models={"tiny": realm_tiny_model.path}, port=0, **realm_server_options)
+    async with open_server(config) as server:
+        yield server

@@ -3,10 +3,13 @@
 ``params_for(schema)`` draws call parameters that a function's JSON schema accepts (the subset
 of JSON Schema guests use: objects with typed properties, ranges, lengths, enums, arrays);
 ``invalid_params_for(schema)`` draws parameters it rejects, each wrong in one named way.
+``protocol_calls`` and ``protocol_messages`` draw protocol v1 client messages, well-formed and
+hostile, for testing servers and clients.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -118,3 +121,63 @@ def invalid_params_for(schema: Mapping[str, Any]) -> st.SearchStrategy[tuple[str
     if not options:
         return st.nothing()
     return st.one_of(options)
+
+
+# --- protocol v1 messages (docs/protocol.md) -----------------------------------------------------
+
+_IDS = st.one_of(st.text(min_size=1, max_size=12), st.integers(min_value=0, max_value=2**53 - 1))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False,
+                                                                          allow_infinity=False)
+    | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def protocol_calls(
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Well-formed ``call`` messages: a function of ``functions`` (name -> params schema, e.g.
+    from ``system_metadata``) with params its schema accepts, or a system function."""
+    system = st.sampled_from(["system_health", "system_models", "system_metadata"]).map(
+        lambda f: (f, st.just({}))
+    )
+    if functions:
+        user = st.sampled_from(sorted(functions)).map(lambda f: (f, params_for(functions[f])))
+        pick = st.one_of(system, user)
+    else:
+        pick = system
+    return pick.flatmap(
+        lambda fp: st.builds(
+            lambda i, params: {"type": "call", "id": i, "function": fp[0], "params": params},
+            _IDS,
+            fp[1],
+        )
+    )
+
+
+def protocol_messages(
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+) -> st.SearchStrategy[str]:
+    """Text frames a careless or hostile client sends: well-formed calls and cancels, messages
+    with missing, wrong or unknown fields, JSON that is not an object, and text that is not
+    JSON. A server must answer each (or, for a cancel, ignore it) and keep serving."""
+    wrong_field = st.builds(
+        lambda base, key, value: {**base, key: value},
+        protocol_calls(functions),
+        st.sampled_from(["type", "id", "function", "params", "tenant_id", "extra"]),
+        _JSON,
+    )
+    missing = st.builds(
+        lambda base, key: {k: v for k, v in base.items() if k != key},
+        protocol_calls(functions),
+        st.sampled_from(["type", "id", "function"]),
+    )
+    cancels = st.builds(lambda i: {"type": "cancel", "id": i}, _IDS)
+    objects = st.one_of(protocol_calls(functions), wrong_field, missing, cancels)
+    return st.one_of(
+        objects.map(lambda m: json.dumps(m, ensure_ascii=False)),
+        _JSON.filter(lambda v: not isinstance(v, dict)).map(json.dumps),
+        TEXT,
+    )

@@ -262,3 +262,15 @@ def test_server_client_example_runs(tmp_path: Path) -> None:
     assert "[length: 40 tokens" in out or "[stop:" in out
     assert "'The function' -> " in out and "'A module' -> " in out
     assert "typed error: INVALID_PARAMS: generate: max_tokens" in out
+
+
+async def test_the_realm_server_fixture_serves(realm_server: Any) -> None:
+    import trio
+
+    import realm.client
+
+    with trio.fail_after(30):
+        async with realm.client.connect(realm_server.url) as c:
+            assert (await c.health())["status"] == "ok"
+            r = await c.call("generate", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+            assert r["usage"]["completion_tokens"] == 3
