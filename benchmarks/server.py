@@ -3,24 +3,32 @@
     python -m benchmarks.server [--quick] [--json] [--json-out FILE] [--threads N]
                                 [--only SUBSTRING] [--model PATH]
 
-The server runs in a process of its own, as a deployment runs it: ``open_server`` with one
-model and API-key tenants, on 127.0.0.1 port 0. The clients (``realm.client.connect``) run in
+The server runs in a process of its own, as a deployment runs it: ``open_server`` with the
+models and API-key tenants, on 127.0.0.1 port 0. The clients (``realm.client.connect``) run in
 this process. The peers run in the server's process too, so that they share its CPU share,
 native thread pool and page cache:
     echo       a bare trio-websocket server that sends every message back (the transport's
                floor), driven by a bare trio-websocket client from this process;
-    embedded   ``realm.open_runtime(models=...)`` on the same model file with the same tenant
+    embedded   ``realm.open_runtime(models=...)`` on the same model files with the same tenant
                specs, read with ``rt.stream`` by a task in that process (asked for, and its
                timings returned, over a side connection whose own cost is outside every timing);
     lateness   a task in that event loop sleeps 10 ms in a loop and records how late it wakes
                (``time.monotonic`` stamps, so a window can be asked for from this process).
 
-Model: ``--model PATH``, else a small llama made by ``benchmarks.models``'s helpers and cached
-beside its files (8 layers, hidden 1024, 16 query heads over 4 KV heads, FFN 2816, Q8_0, random
-weights, ~93 MiB). Its vocabulary is the test tokenizer's own 587 pieces without padding: the
-other suites' TinyLlama-shaped model pads its vocabulary to 32000 with unused entries, which
-have no text, and greedy decoding of its random weights picks them, so its calls stream no
-token events at all; and on 2 cores its 1.1 GB read per decode step is too slow for 100 streams.
+Models: the server process (and its embedded peer) serves two, made by ``benchmarks.models``'s
+helpers and cached beside its files, and every call names one (the ``model`` param):
+    small      8 layers, hidden 1024, 16 query heads over 4 KV heads, FFN 2816 (~93 MiB): the
+               concurrent case's (100 streams of a 1B model are too slow on a few cores), and
+               the stream case's informational rows;
+    large      TinyLlama-1.1B's shape (22 layers, hidden 2048, 32/4 heads, FFN 5632; ~985 MiB):
+               the stream case's target rows. The server costs a roughly fixed amount of CPU
+               per token (well under a millisecond on 2 cores): the target bounds its share of
+               a token of a model of real size (~27 ms there); of the small model's ~3 ms
+               tokens it is a share no real model sees.
+Both are Q8_0 with random weights, and their vocabulary is the test tokenizer's own 587 pieces
+without padding: the other suites' TinyLlama-shaped model pads its vocabulary to 32000 with
+unused entries, which have no text, and greedy decoding of its random weights picks them, so
+its calls stream no token events at all. ``--model PATH``: that one model serves every case.
 
 Every call is ``generate`` with the same short prompt, greedy (``temperature`` 0,
 ``repeat_penalty`` 1), a fixed ``max_tokens``; the random model does not stop early. A token
@@ -32,12 +40,15 @@ Cases:
                  call. Peer: the same request text through the echo server; ratio = p50 / p50.
     stream       one ``generate`` stream through the server (``AsyncClient.stream``) versus
                  embedded (``rt.stream``), in pairs that run back to back (each path first in
-                 every other pair). Time to first token: call start to the first token event.
-                 Streamed tokens/s: token events after the first / time from the first to the
-                 last, as the reader sees them (the runtime's own ``tokens_per_second``
-                 definition). Medians; ratio = the median over the pairs of server / embedded.
-                 The note gives the ratio of the two medians and that of each path's best
-                 sample (the one the rest of a shared machine disturbed least).
+                 every other pair); on the large model (the target), then on the small one
+                 (informational: the same figures, not checked). Time to first token: call
+                 start to the first token event. Streamed tokens/s: token events after the
+                 first / time from the first to the last, as the reader sees them (the
+                 runtime's own ``tokens_per_second`` definition). Medians; ratio = the median
+                 over the pairs of server / embedded. The note gives the time the server adds
+                 per token event (and its share of the embedded path's), the ratio of the two
+                 medians and that of each path's best sample (the one the rest of a shared
+                 machine disturbed least).
     concurrent   C connections (100; ``--quick``: 20), all opened first, then one ``generate``
                  stream on each, all started together. Each connection is a tenant of its own
                  (API keys): the open server's one tenant runs 2 calls at once and queues 64,
@@ -57,8 +68,9 @@ Cases:
                  column), p99, max; peers: the same loop idle just before the rounds, and
                  during the embedded rounds (ratio = p99 / p99).
 
-Targets: one stream through the server at most 5% slower than embedded (streamed tokens/s >=
-0.95x, time to first token <= 1.05x); every concurrent call complete and intact.
+Targets: one stream of the large model through the server at most 5% slower than embedded
+(streamed tokens/s >= 0.95x, time to first token <= 1.05x); every concurrent call complete and
+intact.
 """
 
 from __future__ import annotations
@@ -101,13 +113,16 @@ from ._common import (
     describe_machine,
     format_seconds,
 )
-from .models import SEED, ModelShape, _log, ensure_model
+from .models import SEED, TINYLLAMA, ModelShape, _log, ensure_model
 
 SUITE: Final = "server"
 CASES: Final = ("round trip", "stream", "concurrent")
-MODEL_NAME: Final = "bench"
+# Model names in the server's config; a call picks one with its "model" param.
+SMALL: Final = "small"
+LARGE: Final = "large"
+GIVEN: Final = "bench"  # the one model of a run with --model
 WTYPE: Final = "Q8_0"
-SHAPE: Final = ModelShape(
+SMALL_SHAPE: Final = ModelShape(
     n_layers=8,
     n_embd=1024,
     n_heads=16,
@@ -116,6 +131,7 @@ SHAPE: Final = ModelShape(
     vocab=natural_spm_vocab_size(),
     context=2048,
 )
+LARGE_SHAPE: Final = attrs.evolve(TINYLLAMA, vocab=natural_spm_vocab_size())
 PROMPT: Final = "Once upon a time"
 SOLO: Final = "solo"  # the tenant of the round-trip and stream cases
 KEY_PREFIX: Final = "bench-key-"  # a tenant's API key is this + its name
@@ -136,7 +152,8 @@ STREAM_MAX_SLOWDOWN: Final = 0.05  # server vs embedded, one stream
 class Profile:
     rtt_calls: int  # system_health calls (and as many echoes)
     rtt_block: int  # calls per block; blocks alternate between Realm and the echo peer
-    stream_reps: int  # samples of each path, alternating
+    stream_reps: int  # samples of each path, alternating, on the target's (large) model
+    small_stream_reps: int  # ... on the small model (informational)
     stream_tokens: int  # max_tokens of a stream-case call
     connections: int
     concurrent_tokens: int  # max_tokens of each concurrent call
@@ -149,6 +166,7 @@ FULL: Final = Profile(
     rtt_calls=2000,
     rtt_block=100,
     stream_reps=15,
+    small_stream_reps=15,
     stream_tokens=32,
     connections=100,
     concurrent_tokens=16,
@@ -159,7 +177,8 @@ FULL: Final = Profile(
 QUICK: Final = Profile(
     rtt_calls=400,
     rtt_block=50,
-    stream_reps=7,
+    stream_reps=5,
+    small_stream_reps=7,
     stream_tokens=24,
     connections=20,
     concurrent_tokens=16,
@@ -169,9 +188,15 @@ QUICK: Final = Profile(
 )
 
 
-def gen_params(max_tokens: int) -> dict[str, Any]:
+def gen_params(model: str, max_tokens: int) -> dict[str, Any]:
     """Greedy, no penalties: both paths produce the same tokens."""
-    return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0}
+    return {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
 
 
 def tenant_names(n: int) -> list[str]:
@@ -418,6 +443,35 @@ def batcher_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, fl
 # --- the server process --------------------------------------------------------------------
 
 
+@attrs.frozen
+class ServedModel:
+    """A model the server process serves, under the name calls give as their ``model``."""
+
+    name: str
+    path: Path
+    wtype: str  # the file's weight type, e.g. "Q8_0"
+    described: str  # its shape and size, for the report
+
+    @classmethod
+    def load(cls, name: str, path: Path, *, generated: bool) -> ServedModel:
+        """Read the file's header; ``generated``: made by ``benchmarks.models`` (random)."""
+        model = load_model(path)
+        info = model.info
+        model.close()
+        described = (
+            f"{path} ({info.arch}, {info.n_layers} layers, n_embd {info.n_embd}, heads "
+            f"{info.n_heads}/{info.n_kv_heads}, n_ff {info.n_ff}, vocab {info.vocab_size}, "
+            f"{info.file_type}, {info.n_params / 1e6:.1f}M params, {info.n_bytes / MIB:.0f} MiB"
+            + (f", random weights, seed {SEED})" if generated else ")")
+        )
+        return cls(name, path, info.file_type, described)
+
+
+def served_models(small: ServedModel, large: ServedModel) -> list[ServedModel]:
+    """The server process's models, each once; the first is its default model."""
+    return [small] if large == small else [small, large]
+
+
 @attrs.define(eq=False)
 class LatenessMonitor:
     """A task that sleeps ``LATENESS_PERIOD`` in a loop and records how late it wakes.
@@ -497,7 +551,7 @@ class SideServer:
 
 
 async def _serve_child(spec: dict[str, Any]) -> None:
-    models = {spec["name"]: spec["model"]}
+    models: dict[str, str] = spec["models"]  # name -> path; the first is the default
     tenants = tenant_specs(spec["tenants"])
     config = ServerConfig(models=models, tenants=tenants, port=0)
     runtime_tenants = {n: t.runtime_spec() for n, t in tenants.items()}
@@ -571,10 +625,14 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
 
 @contextlib.asynccontextmanager
 async def open_server_process(
-    model: Path, threads: int, tenants: int
+    models: Sequence[ServedModel], threads: int, tenants: int
 ) -> AsyncIterator[ServerProcess]:
     """Start the server process; closing its stdin at the end makes it shut down gracefully."""
-    spec = {"model": str(model), "name": MODEL_NAME, "threads": threads, "tenants": tenants}
+    spec = {
+        "models": {m.name: str(m.path) for m in models},
+        "threads": threads,
+        "tenants": tenants,
+    }
     root = Path(__file__).resolve().parents[1]
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", f"benchmarks.{SUITE}", "--serve-child", json.dumps(spec)],
@@ -605,18 +663,33 @@ async def open_server_process(
 class Bench:
     profile: Profile
     threads: int
-    wtype: str
     reporter: Any  # a Reporter, or a _Tee of two
     server: ServerProcess
+    small: ServedModel  # the concurrent case's, and the stream case's informational rows
+    large: ServedModel  # the stream case's target (with --model, both are the one model)
     results: list[Result] = attrs.field(factory=list)
     values: dict[str, float] = attrs.field(factory=dict)  # read by the targets
     caveats: dict[str, str] = attrs.field(factory=dict)  # the targets' caveats, by value key
 
-    def emit(self, case: str, kernel: str, shape: str, timing: Timing, **kw: Any) -> None:
-        """Report a row; keywords that are not ``Result`` fields go to its ``extra``."""
+    def emit(
+        self,
+        case: str,
+        kernel: str,
+        shape: str,
+        timing: Timing,
+        *,
+        model: ServedModel | None = None,
+        **kw: Any,
+    ) -> None:
+        """Report a row; keywords that are not ``Result`` fields go to its ``extra``. A row
+        measured on a model names it: its note begins with the name, and ``extra["model"]``."""
         fields = {f.name for f in attrs.fields(Result)}
         own = {k: v for k, v in kw.items() if k in fields}
         extra = {k: v for k, v in kw.items() if k not in fields}
+        if model is not None:
+            own["wtype"] = model.wtype
+            own["note"] = f"{model.name}: {own.get('note', '')}"
+            extra["model"] = model.name
         own.setdefault("wtype", "-")
         own.setdefault("batch", 1)
         r = Result(
@@ -695,8 +768,17 @@ async def round_trip(b: Bench) -> None:
 
 
 async def stream(b: Bench) -> None:
+    """The target on the large model; then the same figures on the small one, informational."""
+    await stream_on(b, b.large, b.profile.stream_reps, target=True)
+    if b.small != b.large:
+        await stream_on(b, b.small, b.profile.small_stream_reps, target=False)
+
+
+async def stream_on(b: Bench, model: ServedModel, reps: int, *, target: bool) -> None:
+    """``reps`` pairs of one stream through the server and one embedded, on ``model``;
+    ``target``: the targets check these rows (else their notes say they are informational)."""
     p = b.profile
-    params = gen_params(p.stream_tokens)
+    params = gen_params(model.name, p.stream_tokens)
     emb: list[StreamRun] = []
     srv: list[StreamRun] = []
     async with (
@@ -712,7 +794,7 @@ async def stream(b: Bench) -> None:
         # warm-up: the tenant's actors and guest instances, the model's pages, both paths
         await embedded()
         await client_stream(client, params)
-        for i in range(p.stream_reps):
+        for i in range(reps):
             for path in pair_order(i):
                 if path == "embedded":
                     emb.append(await embedded())
@@ -726,19 +808,25 @@ async def stream(b: Bench) -> None:
     if not problems and any(r.events < 2 for r in runs):
         problems = ["fewer than 2 token events per call: the model streams (almost) no text"]
     ok = not problems
-    why = "; ".join(problems)
+    role = "" if target else "informational, not a target; "
+
+    def note(text: str) -> str:
+        return role + ("; ".join(problems) or text)
+
     e_rate, s_rate = _median([r.rate for r in emb]), _median([r.rate for r in srv])
     e_ttft, s_ttft = _median([r.ttft for r in emb]), _median([r.ttft for r in srv])
     e_lat, s_lat = _median([r.latency for r in emb]), _median([r.latency for r in srv])
     rate_ratio, ttft_ratio = paired_ratio(emb, srv, "rate"), paired_ratio(emb, srv, "ttft")
+    added = 1 / s_rate - 1 / e_rate  # seconds the server adds per token event
     # the best sample of each path: the one the rest of the machine disturbed least
     best_rate = max(r.rate for r in srv) / max(r.rate for r in emb) if ok else math.nan
     best_ttft = min(r.ttft for r in srv) / min(r.ttft for r in emb) if ok else math.nan
-    b.values["stream_rate_ratio"] = rate_ratio if ok else math.nan
-    b.values["stream_ttft_ratio"] = ttft_ratio if ok else math.nan
-    if ok:
-        b.caveats["stream_rate_ratio"] = spread_caveat(pair_ratios(emb, srv, "rate"))
-        b.caveats["stream_ttft_ratio"] = spread_caveat(pair_ratios(emb, srv, "ttft"))
+    if target:
+        b.values["stream_rate_ratio"] = rate_ratio if ok else math.nan
+        b.values["stream_ttft_ratio"] = ttft_ratio if ok else math.nan
+        if ok:
+            b.caveats["stream_rate_ratio"] = spread_caveat(pair_ratios(emb, srv, "rate"))
+            b.caveats["stream_ttft_ratio"] = spread_caveat(pair_ratios(emb, srv, "ttft"))
     events = emb[0].events
     prompt_tokens = ((emb[0].result or {}).get("usage") or {}).get("prompt_tokens")
     shape = f"{prompt_tokens}+{p.stream_tokens} tok"
@@ -747,8 +835,9 @@ async def stream(b: Bench) -> None:
         return _timing([1.0 / r.rate for r in xs]) if ok else _NO_TIMING
 
     common = {
-        "wtype": b.wtype,
+        "model": model,
         "ok": ok,
+        "target": target,
         "max_tokens": p.stream_tokens,
         "prompt_tokens": prompt_tokens,
         "token_events": events,
@@ -761,7 +850,7 @@ async def stream(b: Bench) -> None:
         rate=e_rate,
         unit="tok/s",
         record="limit",
-        note=why or f"embedded; {events} token events per call; whole call {format_seconds(e_lat)}",
+        note=note(f"embedded; {events} token events per call; whole call {format_seconds(e_lat)}"),
         rates=[r.rate for r in emb],
         latency_seconds=e_lat,
         **common,
@@ -775,17 +864,19 @@ async def stream(b: Bench) -> None:
         unit="tok/s",
         limit=Limit("embedded rt.stream tok/s (interleaved)", "embedded", e_rate, "tok/s"),
         ratio=rate_ratio,
-        note=why
-        or f"through the server: {(1 / s_rate - 1 / e_rate) * 1e3:+.3f} ms per token event; "
-        f"ratio of medians {s_rate / e_rate:.3f}, of the best samples {best_rate:.3f}; whole "
-        f"call {format_seconds(s_lat)} ({s_lat / e_lat:.3f}x embedded)",
+        note=note(
+            f"through the server: {added * 1e3:+.3f} ms per token event ({added * e_rate:+.1%} "
+            f"of the embedded {format_seconds(1 / e_rate)}); ratio of medians "
+            f"{s_rate / e_rate:.3f}, of the best samples {best_rate:.3f}; whole call "
+            f"{format_seconds(s_lat)} ({s_lat / e_lat:.3f}x embedded)"
+        ),
         rates=[r.rate for r in srv],
         pair_ratios=pair_ratios(emb, srv, "rate"),
         latency_seconds=s_lat,
         rate_ratio=rate_ratio,
         rate_ratio_of_medians=s_rate / e_rate,
         rate_ratio_of_best=best_rate,
-        added_seconds_per_event=1 / s_rate - 1 / e_rate,
+        added_seconds_per_event=added,
         **common,
     )
     b.emit(
@@ -794,7 +885,7 @@ async def stream(b: Bench) -> None:
         "time to 1st token",
         _timing([r.ttft for r in emb]),
         record="limit",
-        note="embedded: call start to first token event",
+        note=note("embedded: call start to first token event"),
         **common,
     )
     b.emit(
@@ -804,8 +895,10 @@ async def stream(b: Bench) -> None:
         _timing([r.ttft for r in srv]),
         limit=Limit("embedded time to first token (interleaved)", "embedded", e_ttft, "s"),
         ratio=ttft_ratio,
-        note=f"through the server: {(s_ttft - e_ttft) * 1e3:+.2f} ms; ratio of medians "
-        f"{s_ttft / e_ttft:.3f}, of the best samples {best_ttft:.3f}",
+        note=note(
+            f"through the server: {(s_ttft - e_ttft) * 1e3:+.2f} ms; ratio of medians "
+            f"{s_ttft / e_ttft:.3f}, of the best samples {best_ttft:.3f}"
+        ),
         ttft_ratio=ttft_ratio,
         pair_ratios=pair_ratios(emb, srv, "ttft"),
         ttft_ratio_of_medians=s_ttft / e_ttft,
@@ -860,11 +953,10 @@ class Rounds:
         """CPU seconds per wall second of a round (``"server_cpu"`` or ``"client_cpu"``)."""
         return statistics.median(getattr(rd, key) / rd.window for rd in self.rounds)
 
-    def row_fields(self, wtype: str, n: int) -> dict[str, Any]:
+    def row_fields(self, n: int) -> dict[str, Any]:
         """The fields of a result row both paths share."""
         lat = self.latencies
         return {
-            "wtype": wtype,
             "batch": n,
             "rate": self.aggregate,
             "unit": "tok/s",
@@ -895,7 +987,7 @@ class Rounds:
 async def warm_up_tenants(b: Bench, names: Sequence[str]) -> None:
     """One short call per tenant, each on its own connection, so that every tenant's actor and
     guest instance exists (the embedded runtime's too)."""
-    params = gen_params(1)
+    params = gen_params(b.small.name, 1)
 
     async def one(name: str) -> None:
         async with connect(b.server.url, api_key=api_key(name)) as c:
@@ -969,7 +1061,7 @@ async def concurrent(b: Bench) -> None:
     p = b.profile
     n, mt = p.connections, p.concurrent_tokens
     names = tenant_names(n)
-    params = gen_params(mt)
+    params = gen_params(b.small.name, mt)
     await warm_up_tenants(b, names)
     t_idle = time.monotonic()
     await trio.sleep(p.idle_seconds)
@@ -1004,7 +1096,8 @@ async def concurrent(b: Bench) -> None:
         record="limit",
         note=f"embedded, same tenants, {reps}: {emb.good}/{emb.calls} complete and intact; "
         f"latency p99 {format_seconds(percentile(emb.latencies, 99))}; {emb.batcher_note()}",
-        **emb.row_fields(b.wtype, n),
+        model=b.small,
+        **emb.row_fields(n),
     )
     note = (
         f"{srv.good}/{srv.calls} complete and intact ({lost} events lost, {dup} duplicated, "
@@ -1030,7 +1123,8 @@ async def concurrent(b: Bench) -> None:
         connect_p50_seconds=percentile(connects, 50),
         connect_p99_seconds=percentile(connects, 99),
         distinct_texts=len({r.text for r in runs if r.text is not None}),
-        **srv.row_fields(b.wtype, n),
+        model=b.small,
+        **srv.row_fields(n),
     )  # fmt: skip
     emb_p99 = percentile(emb.lateness, 99)
     for kernel, where, values, batch in (
@@ -1045,6 +1139,7 @@ async def concurrent(b: Bench) -> None:
             kernel,
             f"sleep {LATENESS_PERIOD * 1e3:g} ms",
             _timing(values),
+            model=b.small if batch else None,  # the idle loop ran no model
             batch=batch,
             limit=Limit("p99 lateness, embedded rounds", "emb p99", emb_p99, "s")
             if serving
@@ -1082,14 +1177,14 @@ def targets(b: Bench, ran: set[str]) -> list[Target]:
     if "stream" in ran:
         out += [
             Target(
-                "one stream, server / embedded streamed tok/s",
+                f"one stream on {b.large.name}, server / embedded streamed tok/s",
                 b.values.get("stream_rate_ratio"),
                 ">=",
                 1.0 - STREAM_MAX_SLOWDOWN,
                 b.caveats.get("stream_rate_ratio", ""),
             ),
             Target(
-                "one stream, server / embedded time to first token",
+                f"one stream on {b.large.name}, server / embedded time to first token",
                 b.values.get("stream_ttft_ratio"),
                 "<=",
                 1.0 + STREAM_MAX_SLOWDOWN,
@@ -1109,10 +1204,16 @@ def targets(b: Bench, ran: set[str]) -> list[Target]:
 
 
 async def run(
-    profile: Profile, threads: int, wtype: str, reporter: Any, selected: set[str], path: Path
+    profile: Profile,
+    threads: int,
+    reporter: Any,
+    selected: set[str],
+    small: ServedModel,
+    large: ServedModel,
 ) -> Bench:
-    async with open_server_process(path, threads, profile.connections) as server:
-        b = Bench(profile, threads, wtype, reporter, server)
+    models = served_models(small, large)
+    async with open_server_process(models, threads, profile.connections) as server:
+        b = Bench(profile, threads, reporter, server, small, large)
         reporter.text(f"server process {server.pid} at {server.url}; side server {server.side_url}")
         for case, fn in (
             ("round trip", round_trip),
@@ -1155,16 +1256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads = kernels.set_threads(args.threads)
     profile = QUICK if args.quick else FULL
-    path = args.model or ensure_model(SHAPE, WTYPE, SEED, _log)
-    model = load_model(path)
-    info = model.info
-    model.close()
-    described = (
-        f"{path} ({info.arch}, {info.n_layers} layers, n_embd {info.n_embd}, heads "
-        f"{info.n_heads}/{info.n_kv_heads}, n_ff {info.n_ff}, vocab {info.vocab_size}, "
-        f"{info.file_type}, {info.n_params / 1e6:.1f}M params, {info.n_bytes / MIB:.0f} MiB"
-        + (f", random weights, seed {SEED})" if args.model is None else ")")
-    )
+    if args.model is not None:
+        small = large = ServedModel.load(GIVEN, args.model, generated=False)
+    else:
+        small, large = (
+            ServedModel.load(name, ensure_model(shape, WTYPE, SEED, _log), generated=True)
+            for name, shape in ((SMALL, SMALL_SHAPE), (LARGE, LARGE_SHAPE))
+        )
+    models = served_models(small, large)
 
     reporters = [Reporter(json_lines=args.json)]
     with contextlib.ExitStack() as stack:
@@ -1172,20 +1271,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = stack.enter_context(open(args.json_out, "w", encoding="utf-8"))
             reporters.append(Reporter(json_lines=True, out=out))
         reporter: Any = reporters[0] if len(reporters) == 1 else _Tee(*reporters)
+        stream_runs = f"{profile.stream_reps} samples per path on {large.name}" + (
+            "" if large == small else f" (target), {profile.small_stream_reps} on {small.name}"
+        )
         settings = {
             "quick": args.quick,
             "only": args.only,
-            "model": described,
+            **{f"model {m.name}": m.described for m in models},
             "prompt": repr(PROMPT),
             "sampling": "greedy (temperature 0, repeat_penalty 1)",
             "round trip": f"{profile.rtt_calls} calls in blocks of {profile.rtt_block}",
-            "stream": f"{profile.stream_reps} samples per path, max_tokens {profile.stream_tokens}",
+            "stream": f"{stream_runs}, max_tokens {profile.stream_tokens}",
             "concurrent": f"{profile.connections} connections x {profile.concurrent_reps} "
-            f"rounds, max_tokens {profile.concurrent_tokens}",
+            f"rounds on {small.name}, max_tokens {profile.concurrent_tokens}",
         }
         reporter.machine(describe_machine(SUITE, threads, settings, numpy_limit=False))
-        reporter.text(f"model: {described}")
-        b = trio.run(run, profile, threads, info.file_type, reporter, selected, path)
+        for m in models:
+            reporter.text(f"model {m.name}: {m.described}")
+        b = trio.run(run, profile, threads, reporter, selected, small, large)
         reporter.text("")
         reporter.text(
             "median/min: round trip per call (median = p50); stream per token event (rate = "
