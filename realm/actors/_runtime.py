@@ -67,6 +67,8 @@ class Runtime:
         self._nursery = nursery
         self._open = tenants is None  # no tenants configured: any name gets the default guest
         self._specs: dict[str, Mapping[str, Any]] = dict(tenants or {})
+        for name, spec in self._specs.items():  # fail at open, not at the tenant's first call
+            _weight(name, spec.get("weight", 1.0))
         self._actors: dict[str, TenantActor] = {}
         self._limiter = trio.CapacityLimiter(limits.threads or max(8, 2 * (len(self._specs) + 2)))
         self._closing = False
@@ -106,6 +108,7 @@ class Runtime:
 
     def add_tenant(self, name: str, **spec: Any) -> None:
         """Add (or replace) a tenant's spec: ``guest`` (wasm path or bytes), ``model``, limits."""
+        _weight(name, spec.get("weight", 1.0))
         self._specs[name] = spec
         self.reload_tenant(name)
 

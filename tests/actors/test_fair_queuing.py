@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import trio
@@ -79,3 +81,16 @@ async def test_weight_must_be_positive() -> None:
     batcher = Batcher()
     with pytest.raises(ValueError, match="weight"):
         await batcher.forward(RecordingModel(), [], tenant="t", weight=0)  # type: ignore[arg-type]
+
+
+async def test_a_bad_tenant_weight_fails_when_the_runtime_opens(tmp_path: Path) -> None:
+    import realm
+    from realm.testing import write_test_model
+
+    path = write_test_model(tmp_path / "tiny.gguf")
+    with pytest.raises(realm.TenantUnavailable, match="weight"):
+        async with realm.open_runtime(models={"m": path}, tenants={"t": {"weight": 0}}):
+            pass
+    async with realm.open_runtime(models={"m": path}, tenants={"t": {}}) as rt:
+        with pytest.raises(realm.TenantUnavailable, match="weight"):
+            rt.add_tenant("u", weight="heavy")
