@@ -88,8 +88,9 @@ class GuestABIError(GuestError):
 
 
 class GuestRefusedParams(GuestError, InvalidParams):
-    """The guest refused the call's params (it returned EINVAL or ENOENT: a bad value, a model
-    or session that does not exist); its message names the parameter."""
+    """The guest refused the call's params (it returned EINVAL, ENOENT or ENOTSUP: a bad value,
+    a model or session that does not exist, something the model cannot do); its message names
+    the parameter."""
 
     code: ClassVar[str] = "INVALID_PARAMS"
 

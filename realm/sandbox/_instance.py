@@ -666,8 +666,9 @@ class GuestInstance:
                 parts.append("host: " + "; ".join(ctx.errors))
             why = f"{function} failed: {' | '.join(parts) or f'status {status}'}"
             # the guest's own status says whose fault it is: the caller's params (EINVAL,
-            # ENOENT: a model or session that does not exist), a limit (ELIMIT), or the guest
-            if status in (Status.EINVAL, Status.ENOENT):
+            # ENOENT: a model or session that does not exist, ENOTSUP: something the model
+            # cannot do), a limit (ELIMIT), or the guest
+            if status in (Status.EINVAL, Status.ENOENT, Status.ENOTSUP):
                 raise GuestRefusedParams(why)
             if status == Status.ELIMIT:
                 raise GuestLimitReached(why)
