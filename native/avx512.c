@@ -314,6 +314,115 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     }
 }
 
+/* ---- attention over an F16 cache (see internal.h) ---- */
+
+#define ATT_HEADS 8  /* query heads per pass over the values: 8 x 2 accumulators in registers */
+
+static void attn_softmax_rows(float *scores, int64_t ss, int64_t n, int32_t group);
+
+static void attn_probs_f16(float *scores, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
+                            const float *q, int32_t group, int32_t d, float scale) {
+    const int32_t nc = (d + 15) / 16;  /* 16-wide chunks of a row; d <= 256, so nc <= 16 */
+    const __mmask16 last = d % 16 ? tail16(d % 16) : (__mmask16)0xffff;
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *kj = k + j * ks;
+        __m512 kv[16];  /* the row, converted once for every head of the group */
+        for (int32_t c = 0; c < nc; c++)
+            kv[c] = c + 1 < nc ? load_f16x16(kj + c * 16) : load_f16x16_tail(kj + c * 16, last);
+        for (int32_t h = 0; h < group; h++) {
+            const float *qh = q + (int64_t)h * d;
+            __m512 acc = _mm512_mul_ps(kv[0], nc > 1 ? _mm512_loadu_ps(qh)
+                                                     : _mm512_maskz_loadu_ps(last, qh));
+            for (int32_t c = 1; c < nc; c++)
+                acc = _mm512_fmadd_ps(kv[c], c + 1 < nc ? _mm512_loadu_ps(qh + c * 16)
+                                                        : _mm512_maskz_loadu_ps(last, qh + c * 16),
+                                      acc);
+            scores[h * ss + j] = scale * _mm512_reduce_add_ps(acc);
+        }
+    }
+    attn_softmax_rows(scores, ss, n, group);
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, a
+ * degree-6 Taylor polynomial for e^r (relative error < 2e-7), then scalef by 2^n */
+static inline __m512 exp_neg512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  /* ln2, high part */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);     /* and the rest */
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores -> softmax probabilities, in place, for each of `group` rows of n */
+static void attn_softmax_rows(float *scores, int64_t ss, int64_t n, int32_t group) {
+    for (int32_t h = 0; h < group; h++) {
+        float *s = scores + h * ss;
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + j));
+        if (j < n) vm = _mm512_mask_max_ps(vm, tail16(n - j), vm, _mm512_maskz_loadu_ps(tail16(n - j), s + j));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+        __m512 sum = _mm512_setzero_ps();
+        for (j = 0; j + 16 <= n; j += 16) {
+            const __m512 e = exp_neg512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+            _mm512_storeu_ps(s + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (j < n) {
+            const __mmask16 t = tail16(n - j);
+            const __m512 e = exp_neg512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), m));
+            _mm512_mask_storeu_ps(s + j, t, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+        if (j < n) {
+            const __mmask16 t = tail16(n - j);
+            _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), inv));
+        }
+    }
+}
+
+static void attn_values_f16(float *o, const uint16_t *v, int64_t vs, int64_t n, const float *w,
+                            int64_t ws, int32_t group, int32_t d) {
+    /* passes of up to 8 heads x 32 columns: the accumulators stay in registers and each pass
+     * reads a 64-byte slice of every V row (the rows stay in L2 between passes) */
+    for (int32_t h0 = 0; h0 < group; h0 += ATT_HEADS) {
+        const int32_t nh = group - h0 < ATT_HEADS ? group - h0 : ATT_HEADS;
+        for (int32_t c0 = 0; c0 < d; c0 += 32) {
+            const int32_t r0 = d - c0 >= 16 ? 16 : d - c0, r1 = d - c0 - 16;
+            const __mmask16 m0 = tail16(r0), m1 = r1 >= 16 ? (__mmask16)0xffff
+                                                           : r1 > 0 ? tail16(r1) : 0;
+            __m512 a0[ATT_HEADS], a1[ATT_HEADS];
+            for (int32_t h = 0; h < nh; h++) a0[h] = a1[h] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                const uint16_t *vj = v + j * vs + c0;
+                const __m512 v0 = r0 == 16 ? load_f16x16(vj) : load_f16x16_tail(vj, m0);
+                const __m512 v1 = m1 == 0xffff ? load_f16x16(vj + 16)
+                                  : m1 ? load_f16x16_tail(vj + 16, m1) : _mm512_setzero_ps();
+                for (int32_t h = 0; h < nh; h++) {
+                    const __m512 wh = _mm512_set1_ps(w[(int64_t)(h0 + h) * ws + j]);
+                    a0[h] = _mm512_fmadd_ps(wh, v0, a0[h]);
+                    a1[h] = _mm512_fmadd_ps(wh, v1, a1[h]);
+                }
+            }
+            for (int32_t h = 0; h < nh; h++) {
+                float *oh = o + (int64_t)(h0 + h) * d + c0;
+                _mm512_mask_storeu_ps(oh, m0, a0[h]);
+                if (m1) _mm512_mask_storeu_ps(oh + 16, m1, a1[h]);
+            }
+        }
+    }
+}
+
 int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                           int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                           int nth);
@@ -332,6 +441,8 @@ const realm_isa_ops realm_ops_avx512 = {
     .vdot_f16 = vdot_f16,
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
+    .attn_probs_f16 = attn_probs_f16,
+    .attn_values_f16 = attn_values_f16,
     .gemm_f32 = realm_gemm_f32_avx512,
     .gemm_q8 = realm_gemm_q8_avx512,
 };

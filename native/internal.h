@@ -122,6 +122,15 @@ typedef struct {
     /* y += a * x, for attention's weighted sum over values */
     void (*axpy_f32)(int64_t n, float a, const float *x, float *y);
     void (*axpy_f16)(int64_t n, float a, const uint16_t *x, float *y);
+    /* attention over an F16 cache for the `group` query heads that share one KV head (may be
+     * NULL: the per-position dots above are used). p[h*ss + j] = softmax over j < n of
+     * scale * dot(k_j, q_h), with k_j = k + j*ks elements and q_h = q + h*d. Each K row is
+     * converted once for the whole group. */
+    void (*attn_probs_f16)(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
+                           const float *q, int32_t group, int32_t d, float scale);
+    /* o[h*d + c] = sum_j w[h*ws + j] * v_j[c] for h < group, v_j = v + j*vs elements */
+    void (*attn_values_f16)(float *o, const uint16_t *v, int64_t vs, int64_t n, const float *w,
+                            int64_t ws, int32_t group, int32_t d);
     /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k]: blocked GEMM with F32 activations and
      * F32, F16 or BF16 weights b (btype; ldb in elements), run by every pool thread (may be NULL) */
     int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const void *b, int btype,

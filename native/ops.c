@@ -150,6 +150,14 @@ static void attn_task(void *p, int ith, int nth) {
         float *o = c->out + (i * c->n_heads + h0) * d;
         int64_t n = (int64_t)c->q_pos[i] + 1;  /* causal: positions 0..q_pos */
         if (n > c->n_kv) n = c->n_kv;
+        if (c->kv_type == REALM_TYPE_F16 && c->ops->attn_probs_f16) {
+            /* the SIMD level's fused path: probabilities for the group, then values */
+            c->ops->attn_probs_f16(scores, n, (const uint16_t *)(c->k + kvh_off), kv_row / 2, n,
+                                   qv, group, d, c->scale);
+            c->ops->attn_values_f16(o, (const uint16_t *)(c->v + kvh_off), kv_row / 2, n, scores,
+                                    n, group, d);
+            continue;
+        }
         for (int32_t h = 0; h < group; h++) m[h] = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             const uint8_t *kj = c->k + j * kv_row + kvh_off;

@@ -33,7 +33,7 @@ SWIGLU_ATOL = 1e-35
 ATTN_ATOL = 1e-30
 
 HEAD_DIMS = (1, 2, 3, 7, 16, 17, 33, 64, 80, 96, 127, 128, 255, 256)
-GQA_GROUPS = (1, 2, 4)
+GQA_GROUPS = (1, 2, 4, 12)  # 12: more query heads than one pass of the SIMD value kernel
 KV_DTYPES = (np.float32, np.float16)
 
 
