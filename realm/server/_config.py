@@ -22,6 +22,7 @@ import attrs
 from .._errors import RealmError
 
 OPEN_TENANT: Final = "local"  # the tenant of a server started without a config
+BUILTIN_MODEL: Final = "builtin"  # a model path naming the built-in model
 
 
 class ConfigError(RealmError):
@@ -238,9 +239,16 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
     )
     models_t = doc.get("models")
     if not isinstance(models_t, dict) or not models_t:
-        raise ConfigError('models: must be a table of name = "path.gguf" (at least one)')
+        raise ConfigError(
+            'models: must be a table of name = "path.gguf" or "builtin" (at least one)'
+        )
     models: dict[str, str] = {}
     for name, p in models_t.items():
+        if p == BUILTIN_MODEL:  # the model that ships with Realm
+            from ..model import default_model_path
+
+            models[name] = str(default_model_path())
+            continue
         mp = base / _str(f"models.{name}", p)
         if not mp.is_file():
             raise ConfigError(f"models.{name}: no such file {str(mp)!r}")

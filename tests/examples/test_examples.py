@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -274,3 +275,27 @@ async def test_the_realm_server_fixture_serves(realm_server: Any) -> None:
             assert (await c.health())["status"] == "ok"
             r = await c.call("generate", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
             assert r["usage"]["completion_tokens"] == 3
+
+
+async def test_the_example_config_serves_its_tenants() -> None:
+    import trio
+
+    import realm.client
+    from realm.server import load_config, open_server
+
+    config = load_config(EXAMPLES / "realm.toml")
+    assert config.models["tiny"] == str(realm.default_model_path())
+    assert set(config.tenants or {}) == {"acme", "beta"}
+    assert config.tenants["acme"].weight == 2.0  # type: ignore[index]
+    config = attrs.evolve(config, port=0, metrics_port=None)
+    with trio.fail_after(60):
+        async with open_server(config) as server:
+            async with realm.client.connect(server.url, api_key="demo-acme-key") as c:
+                assert (await c.metadata())["tenant"] == "acme"
+                r = await c.call("generate", {"prompt": "A list is", "max_tokens": 4})
+                assert r["usage"]["completion_tokens"] == 4
+            async with realm.client.connect(server.url, api_key="demo-beta-key") as c:
+                assert (await c.metadata())["tenant"] == "beta"
+            async with realm.client.connect(server.url, api_key="wrong", retries=0) as c:
+                with pytest.raises(realm.client.ConnectionLost, match="1008"):
+                    await c.health()
