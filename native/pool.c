@@ -1,10 +1,16 @@
 /* Realm native kernels: the persistent thread pool.
  *
  * Workers are created once (realm_threads_set, or lazily on first use) and wait for jobs; a
- * job runs fn(ctx, ith, nth) on nth threads, the caller being thread 0. Waiting spins briefly
- * (decode issues hundreds of short jobs per token) and then sleeps on a condition variable,
- * so an idle pool costs no CPU. One job runs at a time: concurrent callers (Python threads
- * with the GIL released) queue on job_lock.
+ * job runs fn(ctx, ith, nth) for each share ith in [0, nth). Shares are claimed, not assigned:
+ * the caller and every worker that wakes take the next unclaimed share until none is left, so
+ * a worker that is late (descheduled on a shared machine, asleep) costs nothing — the caller
+ * runs its share — and the caller waits only for shares already under way. (With fixed
+ * assignment, one descheduled worker stalled every job of a decode step for a scheduler time
+ * slice: decode ran 10-20x slower beside one busy process.) Waiting spins briefly (decode
+ * issues hundreds of short jobs per token) and then sleeps on a condition variable, so an idle
+ * pool costs no CPU. One job runs at a time: concurrent callers (Python threads with the GIL
+ * released) queue on job_lock. Shares must be independent (no barriers inside fn): one thread
+ * may run several of them in turn.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -37,7 +43,8 @@ typedef struct {
     void *ctx;
     int job_nth;
     atomic_uint_fast64_t generation;
-    atomic_int pending;        /* workers still running the current job */
+    atomic_uint_fast64_t claim;  /* (generation << 16) | next unclaimed share of the job */
+    atomic_int finished;       /* shares of the current job done */
     atomic_int stop;
     uint_fast64_t start_generation;  /* generation when the workers were created */
 } pool_t;
@@ -61,8 +68,29 @@ static int online_cores(void) {
     return n > 0 ? (int)n : 1;
 }
 
+/* Claim and run shares of job `gen` until none is left (or a later job has replaced it). A
+ * successful claim means the job is still live (its last share is not done), so fn, ctx and
+ * job_nth, written before the claim word was published, are that job's. */
+static void run_shares(uint_fast64_t gen) {
+    for (;;) {
+        uint_fast64_t c = atomic_load_explicit(&pool.claim, memory_order_acquire);
+        if ((c >> 16) != (gen & 0xffffffffffffULL)) return;
+        const int share = (int)(c & 0xffff), nth = pool.job_nth;
+        if (share >= nth) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &c, c + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        pool.fn(pool.ctx, share, nth);
+        if (atomic_fetch_add_explicit(&pool.finished, 1, memory_order_acq_rel) + 1 == nth) {
+            pthread_mutex_lock(&pool.m);
+            pthread_cond_signal(&pool.done_cv);
+            pthread_mutex_unlock(&pool.m);
+        }
+    }
+}
+
 static void *worker_main(void *arg) {
-    const int ith = (int)(intptr_t)arg;
+    (void)arg;
     /* not the live value: a job may already have been posted before this thread ran */
     uint_fast64_t seen = pool.start_generation;
     for (;;) {
@@ -79,13 +107,8 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&pool.m);
         }
         if (atomic_load(&pool.stop)) return NULL;
-        seen = atomic_load(&pool.generation);
-        if (ith < pool.job_nth) pool.fn(pool.ctx, ith, pool.job_nth);
-        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1) {
-            pthread_mutex_lock(&pool.m);
-            pthread_cond_signal(&pool.done_cv);
-            pthread_mutex_unlock(&pool.m);
-        }
+        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        run_shares(seen);  /* nothing left to claim when it arrives late: back to waiting */
     }
 }
 
@@ -164,22 +187,25 @@ int realm_parallel(realm_task_fn fn, void *ctx, int max_threads) {
     pool.fn = fn;
     pool.ctx = ctx;
     pool.job_nth = nth;
-    atomic_store(&pool.pending, pool.n_threads - 1);
+    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
+    const uint_fast64_t gen = atomic_load(&pool.generation) + 1;
+    /* publish the shares (release: fn, ctx, job_nth and finished are visible to a claimer) */
+    atomic_store_explicit(&pool.claim, (gen & 0xffffffffffffULL) << 16, memory_order_release);
     pthread_mutex_lock(&pool.m);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    atomic_store_explicit(&pool.generation, gen, memory_order_release);
     pthread_cond_broadcast(&pool.start_cv);
     pthread_mutex_unlock(&pool.m);
 
-    fn(ctx, 0, nth);
+    run_shares(gen);  /* the caller works too, and takes the shares of late workers */
 
     int spins = 0;
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
+    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < nth) {
         if (++spins < SPIN_ITERS) {
             cpu_relax();
             continue;
         }
         pthread_mutex_lock(&pool.m);
-        while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done_cv, &pool.m);
+        while (atomic_load(&pool.finished) < nth) pthread_cond_wait(&pool.done_cv, &pool.m);
         pthread_mutex_unlock(&pool.m);
     }
     pthread_mutex_unlock(&pool.job_lock);
