@@ -9,7 +9,7 @@ git clone -q "$src" "$work/realm"
 cd "$work/realm"
 python3 -m venv .venv
 . .venv/bin/activate
-pip install -q setuptools wheel cffi
+pip install -q 'setuptools>=77' wheel 'cffi>=2.0' 'ziglang>=0.13'
 REALM_NATIVE_SANITIZE=address pip install -q --no-build-isolation -e '.[test]'
 LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
     python -m pytest -q -p no:cacheprovider tests/kernels "$@"
