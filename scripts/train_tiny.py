@@ -5,7 +5,8 @@ embeddings) trained on English text that ships with Python: CPython's documentat
 (``pydoc_data.topics``), the docstrings of the standard library's modules, classes and
 functions (read with ``ast``) and its prose comments (read with ``tokenize``). The tokenizer
 is a SentencePiece BPE model with byte fallback, written into the GGUF with llama's tokenizer
-fields, so Realm and llama.cpp tokenize as SentencePiece does. About 4% of the documents,
+fields, so Realm and llama.cpp tokenize as SentencePiece does. Each document is trained on as
+``<s>`` + its ids + ``</s>``, so the model learns to end a text. About 4% of the documents,
 chosen by a hash of their names, are held out; the held-out perplexity is measured here (torch,
 float32, on the F16-rounded weights) and recorded with the held-out text so a test recomputes
 it with Realm.
@@ -74,6 +75,7 @@ SAMPLE_PROMPTS: Final = (
     "If the",
     "This module provides",
 )
+SAMPLE_TOKENS: Final = 48  # greedy tokens per sample prompt (fewer when the model stops)
 # strings whose SentencePiece ids are recorded; Realm's tokenizer must give the same
 TOKENIZER_SAMPLES: Final = (
     "Hello world",
@@ -103,7 +105,7 @@ class Config:
     context: int = 256
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
-    steps: int = 1200
+    steps: int = 1500
     batch: int = 16  # sequences of `context` tokens per step
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
@@ -267,12 +269,14 @@ def token_type(sp: spm.SentencePieceProcessor, i: int) -> int:
 
 
 def encode_docs(sp: spm.SentencePieceProcessor, docs: list[Document]) -> list[int]:
-    """One token stream: each document as bos + its ids (what ``encode(add_special=True)``
-    gives)."""
+    """One token stream: each document as bos + its ids + eos (``encode(add_special=True)``,
+    then eos). The eos is what teaches the model to stop; llama's tokenizer fields keep
+    ``add_eos_token = false``, so prompts are not ended with it."""
     out: list[int] = []
     for ids in sp.encode([d.text for d in docs]):
         out.append(BOS_ID)
         out.extend(ids)
+        out.append(EOS_ID)
     return out
 
 
@@ -470,17 +474,21 @@ def round_to_f16(model: Transformer) -> None:
 
 
 @torch.no_grad()
-def greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
+def greedy(model: Transformer, ids: list[int], n: int) -> tuple[list[int], bool]:
+    """Up to ``n`` argmax tokens after ``ids``, and whether generation stopped at eos (which is
+    not among the tokens returned)."""
     model.eval()
     out = list(ids)
+    stopped = False
     for _ in range(n):
         logits = model(torch.tensor([out[-model.cfg.context :]]))
         nxt = int(logits[0, -1].argmax())
         if nxt == EOS_ID:
+            stopped = True
             break
         out.append(nxt)
     model.train()
-    return out[len(ids) :]
+    return out[len(ids) :], stopped
 
 
 # --- export --------------------------------------------------------------------------------
@@ -552,7 +560,7 @@ def check_with_realm(
     import realm
 
     tok = realm.load_tokenizer(path)
-    ours = [t for d in heldout_docs for t in tok.encode(d.text, add_special=True)]
+    ours = [t for d in heldout_docs for t in [*tok.encode(d.text, add_special=True), EOS_ID]]
     if ours != heldout:
         pairs = enumerate(zip(ours, heldout, strict=False))
         first = next((i for i, (a, b) in pairs if a != b), min(len(ours), len(heldout)))
@@ -641,9 +649,16 @@ def main(argv: list[str] | None = None) -> None:
     samples = []
     for prompt in SAMPLE_PROMPTS:
         ids = [BOS_ID, *sp.encode(prompt)]
-        out = greedy(model, ids, 48)
-        samples.append({"prompt": prompt, "greedy_ids": out, "greedy_text": sp.decode(out)})
-        print(f"  {prompt!r} -> {sp.decode(out)!r}", flush=True)
+        out, stopped = greedy(model, ids, SAMPLE_TOKENS)
+        samples.append(
+            {
+                "prompt": prompt,
+                "greedy_ids": out,
+                "greedy_text": sp.decode(out),
+                "stopped_at_eos": stopped,
+            }
+        )
+        print(f"  {prompt!r} -> {sp.decode(out)!r}{' </s>' if stopped else ''}", flush=True)
 
     report = {
         "name": MODEL_NAME,
@@ -684,11 +699,14 @@ def main(argv: list[str] | None = None) -> None:
             "bos_id": BOS_ID,
             "eos_id": EOS_ID,
             "add_bos_token": True,
+            "add_eos_token": False,
             "samples": [{"text": s, "ids": sp.encode(s)} for s in TOKENIZER_SAMPLES],
         },
         "training": {
             "seconds": round(train_seconds, 1),
             "total_seconds": round(time.monotonic() - t0, 1),
+            "stream": "each training document as bos + its ids + eos, concatenated in corpus "
+            "order; batches are random windows of context + 1 tokens of it",
             "tokens_seen": cfg.steps * cfg.batch * cfg.context,
             "epochs": round(cfg.steps * cfg.batch * cfg.context / len(train_stream), 2),
             "final_train_loss": final_loss,
@@ -703,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout": {
             "file": HELDOUT_FILE,
             "document_separator": DOC_SEPARATOR,
-            "tokenization": "each document as bos + its ids, concatenated in file order",
+            "tokenization": "each document as bos + its ids + eos, concatenated in file order",
             "windowing": (
                 f"consecutive non-overlapping windows of {cfg.context} tokens (the last one "
                 "shorter), each a fresh context; every token after a window's first is scored"

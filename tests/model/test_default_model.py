@@ -3,8 +3,9 @@
 It loads from the package with no network; its metadata matches the training report
 (``realm-tiny.json``); Realm's held-out perplexity, over the same windows as the trainer's,
 equals the trainer's within 1%; Realm tokenizes as SentencePiece did at training time; greedy
-generation gives English words; and llama.cpp (when installed) tokenizes the same and gives the
-same logits.
+generation gives English words, and through the default guest it can end with ``</s>`` (the
+trainer ends every document with it); and llama.cpp (when installed) tokenizes the same and
+gives the same logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import trio
 
 import realm
 from realm.model import _default
@@ -29,6 +31,8 @@ MIN_ASCII = 0.95  # of the generated characters
 MIN_KNOWN_WORDS = 0.8  # of the generated words, found in the held-out text's words
 PROMPTS = ("The", "Return the", "If the", "This module provides")
 GENERATED_TOKENS = 32
+GUEST_MAX_TOKENS = 200  # per generate call through the default guest
+GUEST_LIMIT = 60  # seconds, the whole runtime test
 TEXTS = (
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",
@@ -111,7 +115,9 @@ def test_heldout_perplexity_matches_the_trainer(
     spec = report["heldout"]
     context = report["hyperparameters"]["context"]
     assert len(heldout) == len(report["corpus"]["heldout_documents"])
-    ids = [t for doc in heldout for t in model.tokenizer.encode(doc, add_special=True)]
+    tok = model.tokenizer
+    # the trainer's stream: each document as bos + its ids + eos
+    ids = [t for doc in heldout for t in [*tok.encode(doc, add_special=True), tok.eos_id]]
     assert len(ids) == spec["tokens"]  # the trainer's SentencePiece ids, token for token
     total, scored = 0.0, 0
     for start in range(0, len(ids), context):  # the trainer's windows: each a fresh context
@@ -163,6 +169,24 @@ def test_greedy_generation_matches_the_trainer(
         ours = greedy(model, sample["prompt"], 16)
         agree += ours == sample["greedy_ids"][:16]
     assert agree >= len(report["samples"]) - 1
+
+
+async def test_generation_through_the_default_guest_can_stop() -> None:
+    """The trainer ends every document with ``</s>``, so the model learned to end a text:
+    greedy generation through the default guest (its default repeat penalty on) stops before
+    ``max_tokens`` on some prompts. (The 1,200-step model trained without ``</s>`` ran every
+    call to ``max_tokens``.)"""
+    results = []
+    with trio.fail_after(GUEST_LIMIT):
+        async with realm.open_runtime(models={"d": realm.default_model_path()}) as rt:
+            for prompt in PROMPTS:
+                params = {"prompt": prompt, "max_tokens": GUEST_MAX_TOKENS, "temperature": 0}
+                results.append(await rt.call("t", "generate", params))
+    stopped = [r for r in results if r["finish_reason"] == "stop"]
+    assert stopped, results
+    for r in stopped:
+        assert r["usage"]["completion_tokens"] < GUEST_MAX_TOKENS, r
+        assert re.search(r"[A-Za-z]+ [A-Za-z]+", r["text"]), r  # words, not only a newline
 
 
 def test_llama_cpp_agrees(model: realm.model.Model, heldout: list[str]) -> None:
