@@ -5,6 +5,7 @@ from ._actor import TenantActor as TenantActor
 from ._actor import TenantConfig as TenantConfig
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStatistics as BatcherStatistics
+from ._runtime import CallEvents as CallEvents
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeLimits as RuntimeLimits
 from ._runtime import RuntimeStatistics as RuntimeStatistics

@@ -11,6 +11,7 @@ flight ``shutdown_seconds`` to finish, then cancels them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -19,7 +20,14 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._errors import ModelError, Overloaded, RealmError, TenantUnavailable
+from .._errors import (
+    CallCancelled,
+    InvalidParams,
+    ModelError,
+    Overloaded,
+    RealmError,
+    TenantUnavailable,
+)
 from .._util import single_error
 from ..model import Model, ModelRegistry
 from ..sandbox import GuestLimits, SandboxEngine, default_guest_path
@@ -48,6 +56,17 @@ class RuntimeStatistics:
     tenants: dict[str, dict[str, Any]]
 
 
+class CallEvents:
+    """A streamed call's events (``async for``); ``id`` names the call for ``Runtime.cancel``."""
+
+    def __init__(self, call_id: str, events: AsyncIterator[Event]) -> None:
+        self.id = call_id
+        self._events = events
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events
+
+
 class Runtime:
     """Use ``open_runtime``."""
 
@@ -72,6 +91,8 @@ class Runtime:
         self._actors: dict[str, TenantActor] = {}
         self._limiter = trio.CapacityLimiter(limits.threads or max(8, 2 * (len(self._specs) + 2)))
         self._closing = False
+        self._calls: dict[str, trio.CancelScope] = {}  # running calls by id, for cancel()
+        self._ids = itertools.count(1)
         self._default_module = engine.compile(default_guest_path())
 
     # --- tenants -------------------------------------------------------------------------------
@@ -148,11 +169,50 @@ class Runtime:
 
     # --- calls -----------------------------------------------------------------------------------
 
-    async def _run(self, tenant: str, function: str, params: Any, on_event: Any) -> dict[str, Any]:
-        if self._closing:
-            raise TenantUnavailable("the runtime is shutting down")
-        actor = self._actor(tenant)
-        return await actor.call(function, params, on_event)
+    def _claim(self, call_id: str | None) -> tuple[str, trio.CancelScope]:
+        """An id for a new call (the caller's, checked, or a fresh one) and its cancel scope."""
+        if call_id is None:
+            call_id = f"call-{next(self._ids)}"
+        elif not isinstance(call_id, str) or not call_id:
+            raise InvalidParams(f"call_id must be a non-empty string, not {call_id!r}")
+        if call_id in self._calls:
+            raise InvalidParams(f"call_id {call_id!r}: a call with this id is already running")
+        scope = self._calls[call_id] = trio.CancelScope()
+        return call_id, scope
+
+    def _release(self, call_id: str, scope: trio.CancelScope) -> None:
+        if self._calls.get(call_id) is scope:
+            del self._calls[call_id]
+
+    async def _run(
+        self,
+        tenant: str,
+        function: str,
+        params: Any,
+        on_event: Any,
+        call_id: str,
+        scope: trio.CancelScope,
+    ) -> dict[str, Any]:
+        try:
+            if self._closing:
+                raise TenantUnavailable("the runtime is shutting down")
+            actor = self._actor(tenant)
+            with scope:
+                return await actor.call(function, params, on_event)
+            raise CallCancelled(f"call {call_id!r} of tenant {tenant!r} was cancelled")
+        finally:
+            self._release(call_id, scope)
+
+    def cancel(self, call_id: str) -> bool:
+        """Cancel a running call by the id it was given (``call_id=``, or ``events.id`` of a
+        stream): its guest stops within one forward step, its session and batch slot are
+        freed, and its caller gets ``CallCancelled``. False if no call has that id (it may
+        have just ended)."""
+        scope = self._calls.get(call_id)
+        if scope is None:
+            return False
+        scope.cancel()
+        return True
 
     async def call(
         self,
@@ -161,23 +221,29 @@ class Runtime:
         params: Any | None = None,
         *,
         on_event: Callable[[Event], None] | None = None,
+        call_id: str | None = None,
     ) -> dict[str, Any]:
         """Run ``function`` of ``tenant``'s guest and return its result data.
 
         ``on_event``, if given, is called in Trio (never in a worker thread) with each token
         event as the guest emits it; it must not block (the server hands events to its bounded
-        outbound queue from here).
+        outbound queue from here). ``call_id`` names the call for ``cancel`` (unique among
+        the calls running; default: a fresh one).
         """
-        return await self._run(tenant, function, {} if params is None else params, on_event)
+        params = {} if params is None else params
+        call_id, scope = self._claim(call_id)
+        return await self._run(tenant, function, params, on_event, call_id, scope)
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, tenant: str, function: str, params: Any | None = None
-    ) -> AsyncIterator[AsyncIterator[Event]]:
+        self, tenant: str, function: str, params: Any | None = None, *, call_id: str | None = None
+    ) -> AsyncIterator[CallEvents]:
         """Stream a call: ``async for ev in events`` gives token events, then the result.
 
-        Leaving the block early cancels the call.
+        Leaving the block early cancels the call; so does ``rt.cancel(events.id)`` (the
+        iteration then raises ``CallCancelled``).
         """
+        call_id, call_scope = self._claim(call_id)  # now: a second call with this id is refused
         send, recv = trio.open_memory_channel[Event](STREAM_BUFFER)
         failure: list[BaseException] = []
         scope = trio.CancelScope()
@@ -202,7 +268,9 @@ class Runtime:
             async with send:
                 with scope:
                     try:
-                        result = await self._run(tenant, function, params or {}, on_event)
+                        result = await self._run(
+                            tenant, function, params or {}, on_event, call_id, call_scope
+                        )
                     except RealmError as e:
                         failure.append(e)
                         return
@@ -223,10 +291,11 @@ class Runtime:
                 nursery.start_soon(runner)
                 gen = events()
                 try:
-                    yield gen
+                    yield CallEvents(call_id, gen)
                 finally:
                     nursery.cancel_scope.cancel()
                     await gen.aclose()
+                    self._release(call_id, call_scope)  # if the runner never started
         except BaseExceptionGroup as group:  # one error (the call's, or the body's): as itself
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None

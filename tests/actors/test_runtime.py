@@ -327,3 +327,41 @@ async def test_shutdown_cancels_calls_past_the_grace_period(model_path: Path) ->
         assert 0.2 <= took < 5, took  # the grace period, then stopped
         assert len(outcome) == 1
         assert isinstance(outcome[0], realm.CallCancelled | realm.GuestTrap), outcome
+
+
+async def test_cancel_by_id(model_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            assert rt.cancel("no-such-call") is False
+            # a stream, cancelled from elsewhere by its id
+            seen = 0
+            async with rt.stream("t", "generate", {**GEN, "max_tokens": 200}) as events:
+                assert isinstance(events.id, str)
+                with pytest.raises(realm.CallCancelled, match=events.id):
+                    async for _ev in events:
+                        seen += 1
+                        if seen == 2:
+                            assert rt.cancel(events.id) is True
+            assert seen < 200
+            assert rt.statistics().tenants["t"]["sessions"] == 0  # its session was freed
+            # a call given its id by the caller
+            outcome: list[BaseException] = []
+
+            async def caller() -> None:
+                try:
+                    await rt.call("t", "generate", {**GEN, "max_tokens": 200}, call_id="mine")
+                except realm.CallCancelled as e:
+                    outcome.append(e)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(caller)
+                while not rt.cancel("mine"):
+                    await trio.sleep(0.005)
+            assert len(outcome) == 1 and "mine" in str(outcome[0])
+            # ids are unique among running calls
+            async with rt.stream("t", "generate", GEN, call_id="dup") as first:
+                with pytest.raises(realm.InvalidParams, match="dup"):
+                    await rt.call("t", "generate", GEN, call_id="dup")
+                async for _ in first:
+                    pass
+            assert (await rt.call("t", "generate", GEN, call_id="dup"))["text"]  # free again
