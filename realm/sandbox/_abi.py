@@ -126,8 +126,9 @@ GUEST_EXPORTS: Final[tuple[tuple[str, str], ...]] = (
     (f"{FUNCTION_PREFIX}<name>", "(params_ptr: i32, params_len: i32) -> i32: a callable "
      "function; params are a JSON object; 0 = success (the result set with `result`), "
      "negative = failure (a `result` of {\"error\": message} explains; the status says "
-     "whose fault: EINVAL, ENOENT or ENOTSUP are the caller's params (INVALID_PARAMS), ELIMIT a limit "
-     "(OVERLOADED), ECANCELLED a cancel (CANCELLED), anything else the guest's (GUEST_TRAP))"),
+     "whose fault: EINVAL, ENOENT or ENOTSUP are the caller's params (INVALID_PARAMS), "
+     "ELIMIT a limit (OVERLOADED), ECANCELLED a cancel (CANCELLED), anything else the "
+     "guest's (GUEST_TRAP))"),
 )  # fmt: skip
 
 
