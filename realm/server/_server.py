@@ -21,6 +21,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import attrs
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -69,22 +70,16 @@ class _TenantLimits:
     def admit(self, tenant: str) -> None:
         if self.tokens is not None and not self.tokens.available():
             wait = self.tokens.seconds_until_available()
-            raise _CallError(
+            raise p.ProtocolError(
                 p.RATE_LIMITED,
                 f"tenant {tenant!r} is over its token rate ({self.tokens.rate:g} tokens/s); "
                 f"retry in {wait:.2f} s",
             )
         if self.calls is not None and not self.calls.take():
-            raise _CallError(
+            raise p.ProtocolError(
                 p.RATE_LIMITED,
                 f"tenant {tenant!r} is over its call rate ({self.calls.rate:g} calls/s)",
             )
-
-
-class _CallError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Server:
@@ -219,11 +214,11 @@ class Server:
         if call.function.startswith("system_"):
             return await self._system(tenant, call)
         if self.closing:
-            raise _CallError(p.OVERLOADED, "the server is shutting down")
+            raise p.ProtocolError(p.OVERLOADED, "the server is shutting down")
         cap = self.limits.max_tokens
         mt = call.params.get("max_tokens")
         if isinstance(mt, int) and not isinstance(mt, bool) and mt > cap:
-            raise _CallError(
+            raise p.ProtocolError(
                 p.INVALID_PARAMS,
                 f"{call.function}: max_tokens: {mt} is over this server's limit of {cap}",
             )
@@ -232,9 +227,9 @@ class Server:
 
     async def _system(self, tenant: str, call: p.Call) -> dict[str, Any]:
         if call.function not in SYSTEM_FUNCTIONS:
-            raise _CallError(p.UNKNOWN_FUNCTION, f"no function {call.function!r}")
+            raise p.ProtocolError(p.UNKNOWN_FUNCTION, f"no function {call.function!r}")
         if call.params:
-            raise _CallError(
+            raise p.ProtocolError(
                 p.INVALID_PARAMS, f"{call.function}: takes no params (got {sorted(call.params)})"
             )
         if call.function == "system_health":
@@ -257,7 +252,7 @@ class Server:
             stats = self.runtime.statistics()
             return _finite(
                 {
-                    "batcher": _attrs_dict(stats.batcher),
+                    "batcher": attrs.asdict(stats.batcher),
                     "tenants": stats.tenants,
                     "connections": len(self.connections),
                 }
@@ -274,12 +269,6 @@ class Server:
             "models": self.runtime.registry.names(),
             "functions": list(functions) + host,
         }
-
-
-def _attrs_dict(obj: Any) -> dict[str, Any]:
-    import attrs
-
-    return attrs.asdict(obj)
 
 
 def _finite(value: Any) -> Any:
@@ -588,7 +577,7 @@ class Connection:
                     message = f"the call took over {self.limits.call_timeout_seconds:g} s"
             if scope.cancelled_caught:
                 code, message = p.CANCELLED, "cancelled by the client"
-        except _CallError as e:
+        except p.ProtocolError as e:
             code, message = e.code, str(e)
         except RealmError as e:
             code, message = e.code, str(e)
