@@ -286,7 +286,7 @@ class Runtime:
             if failure:
                 raise failure[0]
 
-        try:
+        with single_error():  # one error (the call's, or the body's): as itself
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runner)
                 gen = events()
@@ -296,10 +296,6 @@ class Runtime:
                     nursery.cancel_scope.cancel()
                     await gen.aclose()
                     self._release(call_id, call_scope)  # if the runner never started
-        except BaseExceptionGroup as group:  # one error (the call's, or the body's): as itself
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
