@@ -549,20 +549,22 @@ class Connection:
         server, metrics, tenant = self.server, self.server.metrics, self.tenant
         t0 = last = time.perf_counter()
         n_tokens = 0
+        # looked up once per call, not per token
+        ttft, token_latency = metrics.ttft.labels(tenant), metrics.token_latency.labels(tenant)
+        tokens, bucket = metrics.tokens.labels(tenant), server.tenant_limits(tenant).tokens
 
         def on_event(ev: Event) -> None:
             nonlocal last, n_tokens
             now = time.perf_counter()
             if n_tokens == 0:
-                metrics.ttft.labels(tenant).observe(now - t0)
+                ttft.observe(now - t0)
             else:
-                metrics.token_latency.labels(tenant).observe(now - last)
+                token_latency.observe(now - last)
             last = now
             n_tokens += 1
-            metrics.tokens.labels(tenant).inc()
-            limits = server.tenant_limits(tenant).tokens
-            if limits is not None:
-                limits.spend(1)
+            tokens.inc()
+            if bucket is not None:
+                bucket.spend(1)
             if not self.send(p.stream_message(call.id, ev.data)):
                 scope.cancel()
 
