@@ -21,6 +21,7 @@ SOURCES = [
     "scalar.c",
     "avx2.c",
     "avx512.c",
+    "gemm_avx2.c",
     "gemm_avx512.c",
     "gemm_q8_avx512.c",
     "matmul.c",

@@ -274,9 +274,13 @@ def test_raw_weights_at_an_odd_address(wt: WeightType, isa: Isa) -> None:
 
 # --- the F32 GEMM path (batch >= 16) at its blocking edges ---------------------------------
 
-#: (batch, n_rows, n_cols) around the blocking of a GEMM: register tiles of 12 x 32, packed
-#: blocks of 96 activation rows, 512 weight rows and 256 columns (see native/gemm_*.c)
+#: (batch, n_rows, n_cols) around the blocking of the GEMMs (native/gemm_*.c): AVX-512 register
+#: tiles of 14 x 32 and packed blocks of 112 activation rows, 1024 weight rows and 256 columns;
+#: AVX2 tiles of 6 x 16, blocks of 72 rows, 256 weight rows and 256 columns, 8-column packing
 GEMM_SHAPES = [
+    (16, 17, 7),
+    (73, 257, 263),
+    (72, 256, 256),
     (16, 1, 1),
     (16, 33, 257),
     (17, 600, 300),
@@ -287,17 +291,18 @@ GEMM_SHAPES = [
 
 
 @pytest.mark.parametrize(("batch", "n_rows", "n_cols"), GEMM_SHAPES, ids=str)
-def test_f32_batches_at_gemm_blocking_edges(
-    batch: int, n_rows: int, n_cols: int, isa: Isa, restore_threads: None
+@pytest.mark.parametrize("wt", [WeightType.F32, WeightType.F16, WeightType.BF16], ids=str)
+def test_float_batches_at_gemm_blocking_edges(
+    batch: int, n_rows: int, n_cols: int, wt: WeightType, isa: Isa, restore_threads: None
 ) -> None:
     rng = np.random.default_rng([batch, n_rows, n_cols])
-    w, values = make_weights(WeightType.F32, n_rows, n_cols, rng)
+    w, values = make_weights(wt, n_rows, n_cols, rng)
     x = activations(batch, n_cols, rng)
     results = []
     for n in (1, 2):
         kernels.set_threads(n)
-        results.append(kernels.matmul(w, x))
-    check_against_reference(results[0], w, WeightType.F32, values, x)
+        results.append(kernels.matmul(w, x, wtype=wt))
+    check_against_reference(results[0], w, wt, values, x)
     np.testing.assert_array_equal(results[1], results[0])
 
 
