@@ -24,6 +24,8 @@ SOURCES = [
     "gemm_avx2.c",
     "gemm_avx512.c",
     "gemm_q8_avx512.c",
+    "quants.c",
+    "quants_avx2.c",
     "matmul.c",
     "ops.c",
     "forward.c",

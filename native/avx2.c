@@ -176,6 +176,10 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     for (; i < n; i++) y[i] += a * realm_f16_to_f32(x[i]);
 }
 
+void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b) {
+    quantize_q8x(x, src, b);
+}
+
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                         int nth);  /* gemm_avx2.c */
@@ -193,5 +197,7 @@ const realm_isa_ops realm_ops_avx2 = {
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = realm_gemm_f32_avx2,
+    .dot_other = realm_dot_other_avx2,
+    .quantize_q8x_plain = quantize_q8x,
 };
 #endif

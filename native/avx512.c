@@ -444,6 +444,8 @@ const realm_isa_ops realm_ops_avx512 = {
     .attn_probs_f16 = attn_probs_f16,
     .attn_values_f16 = attn_values_f16,
     .gemm_f32 = realm_gemm_f32_avx512,
+    .dot_other = realm_dot_other_avx2,
+    .quantize_q8x_plain = realm_quantize_q8x_plain_avx2,
     .gemm_q8 = realm_gemm_q8_avx512,
 };
 #endif

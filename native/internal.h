@@ -21,6 +21,27 @@ typedef struct {
     uint8_t qs[QK / 2];  /* element i in the low nibble of qs[i], i+16 in the high; value = d * (q - 8) */
 } block_q4_0;            /* 18 bytes */
 
+/* The other GGML block types (quants.c): 32-element blocks with a 5th bit or a minimum, and the
+ * 256-element K-quant super-blocks with 6-bit or 4-bit sub-block scales. Layouts as ggml's
+ * ggml-common.h; the gguf package's quants module is the reference the tests compare with. */
+#define QK_K 256
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;                 /* w = d*q + m */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;     /* d*(q - 16) */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1;  /* d*q + m */
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } block_q2_K;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } block_q3_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 must match GGML");
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 must match GGML");
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 must match GGML");
+_Static_assert(sizeof(block_q2_K) == 84, "block_q2_K must match GGML");
+_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K must match GGML");
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must match GGML");
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K must match GGML");
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must match GGML");
+
 /* Activations quantized on the fly for integer dot products (never stored in files): one
  * buffer per matmul call. Values are stored offset by 128 so they are unsigned, as VNNI's
  * u8 x s8 product wants; the dot then takes 128 * sum(w) back off. The layout of qs belongs
@@ -139,7 +160,26 @@ typedef struct {
      * the whole call (quantization, threads) in one; may be NULL (row-streaming path) */
     int (*gemm_q8)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                    int64_t n_cols, int64_t batch);
+    /* dot_q8_0's contract for the types of quants.c (Q4_1, Q5_0, Q5_1, Q2_K..Q6_K), against
+     * activations in the plain q8x layout whatever the level (quantized by quantize_q8x_plain) */
+    void (*dot_other)(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
+                      int64_t b0, int64_t nbat);
+    void (*quantize_q8x_plain)(const realm_q8x *x, const float *src, int64_t b);
 } realm_isa_ops;
+
+/* quants.c: the types beyond Q8_0 / Q4_0 */
+int realm_is_other_quant(int type);
+int64_t realm_other_block_elems(int type);  /* 32 or 256; < 0 if not such a type */
+int64_t realm_other_block_bytes(int type);
+void realm_dequantize_other(float *out, const void *src, int type, int64_t n);
+void realm_dequantize_row(float *out, const void *src, int type, int64_t n);  /* kernels.c */
+void realm_dot_other_scalar(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
+                            int64_t b0, int64_t nbat);
+#if defined(__x86_64__) || defined(__i386__)
+void realm_dot_other_avx2(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
+                          int64_t b0, int64_t nbat);
+void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b);
+#endif
 
 extern const realm_isa_ops realm_ops_scalar;
 #if defined(__x86_64__) || defined(__i386__)

@@ -83,7 +83,7 @@ int64_t realm_type_block_elems(int type) {
     switch (type) {
     case REALM_TYPE_F32: case REALM_TYPE_F16: case REALM_TYPE_BF16: return 1;
     case REALM_TYPE_Q8_0: case REALM_TYPE_Q4_0: return QK;
-    default: return REALM_EINVAL;
+    default: return realm_other_block_elems(type);
     }
 }
 
@@ -93,7 +93,7 @@ int64_t realm_type_block_bytes(int type) {
     case REALM_TYPE_F16: case REALM_TYPE_BF16: return 2;
     case REALM_TYPE_Q8_0: return (int64_t)sizeof(block_q8_0);
     case REALM_TYPE_Q4_0: return (int64_t)sizeof(block_q4_0);
-    default: return REALM_EINVAL;
+    default: return realm_other_block_bytes(type);
     }
 }
 
@@ -107,6 +107,7 @@ int64_t realm_row_bytes(int type, int64_t n) {
 
 int realm_quantize(void *out, int type, const float *x, int64_t n) {
     if (!out || !x || realm_row_bytes(type, n) < 0) return REALM_EINVAL;
+    if (realm_is_other_quant(type)) return REALM_EUNSUPPORTED;  /* read, never written */
     switch (type) {
     case REALM_TYPE_F32: memcpy(out, x, (size_t)n * 4); break;
     case REALM_TYPE_F16:
@@ -133,6 +134,7 @@ void realm_dequantize_row(float *out, const void *src, int type, int64_t n) {
         break;
     case REALM_TYPE_Q8_0: realm_dequantize_row_q8_0(out, src, n / QK); break;
     case REALM_TYPE_Q4_0: realm_dequantize_row_q4_0(out, src, n / QK); break;
+    default: realm_dequantize_other(out, src, type, n); break;
     }
 }
 

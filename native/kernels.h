@@ -27,7 +27,15 @@
 #define REALM_TYPE_F32 0
 #define REALM_TYPE_F16 1
 #define REALM_TYPE_Q4_0 2
+#define REALM_TYPE_Q4_1 3
+#define REALM_TYPE_Q5_0 6
+#define REALM_TYPE_Q5_1 7
 #define REALM_TYPE_Q8_0 8
+#define REALM_TYPE_Q2_K 10
+#define REALM_TYPE_Q3_K 11
+#define REALM_TYPE_Q4_K 12
+#define REALM_TYPE_Q5_K 13
+#define REALM_TYPE_Q6_K 14
 #define REALM_TYPE_BF16 30
 
 /* ---- instruction-set levels ---- */

@@ -51,7 +51,8 @@ static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
             case REALM_TYPE_F16: ops->dot_f16(y, ys, row, c->x, n, batch, b0, nbat); break;
             case REALM_TYPE_BF16: ops->dot_bf16(y, ys, row, c->x, n, batch, b0, nbat); break;
             case REALM_TYPE_Q8_0: ops->dot_q8_0(y, ys, row, c->xq, b0, nbat); break;
-            default: ops->dot_q4_0(y, ys, row, c->xq, b0, nbat); break;
+            case REALM_TYPE_Q4_0: ops->dot_q4_0(y, ys, row, c->xq, b0, nbat); break;
+            default: ops->dot_other(y, ys, row, c->wtype, c->xq, b0, nbat); break;
             }
         }
       }
@@ -73,14 +74,14 @@ typedef struct {
     const realm_q8x *xq;
     const float *x;
     int64_t batch;
-    const realm_isa_ops *ops;
+    void (*quantize)(const realm_q8x *x, const float *src, int64_t b);
 } quant_ctx;
 
 static void quant_task(void *p, int ith, int nth) {
     quant_ctx *c = p;
     int64_t b0, b1;
     realm_split(c->batch, ith, nth, &b0, &b1);
-    for (int64_t b = b0; b < b1; b++) c->ops->quantize_q8x(c->xq, c->x + b * c->xq->nb * QK, b);
+    for (int64_t b = b0; b < b1; b++) c->quantize(c->xq, c->x + b * c->xq->nb * QK, b);
 }
 
 /* One allocation for the quantized activations of a call; NULL if it cannot be had. */
@@ -134,6 +135,48 @@ static void gemm_task(void *p, int ith, int nth) {
     if (rc != REALM_OK) atomic_store(&c->status, rc);
 }
 
+/* The types of quants.c at a large batch: each thread dequantizes a panel of DQ_ROWS weight rows
+ * to F32 and runs the level's F32 GEMM on it, so prefill is compute-bound GEMM work rather than
+ * one unpack per block per activation group. */
+#define DQ_ROWS 64
+
+typedef struct {
+    float *y;
+    const uint8_t *w;
+    int wtype;
+    const float *x;
+    int64_t n_rows, n_cols, batch, row_bytes;
+    const realm_isa_ops *ops;
+    atomic_int_fast64_t next;
+    atomic_int status;
+} dq_ctx;
+
+static void dq_task(void *p, int ith, int nth) {
+    dq_ctx *c = p;
+    (void)ith;
+    (void)nth;
+    float *panel = malloc(sizeof(float) * (size_t)(DQ_ROWS * c->n_cols));
+    if (!panel) {
+        atomic_store(&c->status, REALM_ENOMEM);
+        return;
+    }
+    for (;;) {
+        const int64_t r0 = atomic_fetch_add(&c->next, DQ_ROWS);
+        if (r0 >= c->n_rows) break;
+        const int64_t nr = c->n_rows - r0 < DQ_ROWS ? c->n_rows - r0 : DQ_ROWS;
+        for (int64_t r = 0; r < nr; r++)
+            realm_dequantize_row(panel + r * c->n_cols, c->w + (r0 + r) * c->row_bytes, c->wtype,
+                                 c->n_cols);
+        const int rc = c->ops->gemm_f32(c->y + r0, c->n_rows, c->x, c->n_cols, panel,
+                                        REALM_TYPE_F32, c->n_cols, c->batch, nr, c->n_cols, 0, 1);
+        if (rc != REALM_OK) {
+            atomic_store(&c->status, rc);
+            break;
+        }
+    }
+    free(panel);
+}
+
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
 /* The quantized GEMM repacks weight panels on every call; below these batch sizes the
  * row-streaming kernel, which shares each weight block with up to 8 activation rows in
@@ -165,14 +208,25 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         ops->gemm_q8)
         return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
+    const int other = realm_is_other_quant(wtype);
+    if (other && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
+        dq_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
+                    .batch = batch, .row_bytes = row_bytes, .ops = ops};
+        atomic_store(&g.next, 0);
+        atomic_store(&g.status, REALM_OK);
+        const int rc = realm_parallel(dq_task, &g, 0);
+        return rc != REALM_OK ? rc : atomic_load(&g.status);
+    }
+
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                 .batch = batch, .row_bytes = row_bytes, .ops = ops};
     realm_q8x xq = {0};
     void *scratch = NULL;  /* quantized activations or float panels */
-    if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
+    if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0 || other) {
         scratch = alloc_q8x(&xq, batch, n_cols / QK);
         if (!scratch) return REALM_ENOMEM;
-        quant_ctx q = {.xq = &xq, .x = x, .batch = batch, .ops = ops};
+        quant_ctx q = {.xq = &xq, .x = x, .batch = batch,
+                       .quantize = other ? ops->quantize_q8x_plain : ops->quantize_q8x};
         int rc = realm_parallel(quant_task, &q, batch >= 8 ? 0 : 1);
         if (rc != REALM_OK) {
             free(scratch);

@@ -180,4 +180,6 @@ const realm_isa_ops realm_ops_scalar = {
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
     .gemm_f32 = NULL,
+    .dot_other = realm_dot_other_scalar,
+    .quantize_q8x_plain = quantize_q8x,
 };

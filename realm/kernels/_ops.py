@@ -200,6 +200,9 @@ def quantize(x: np.ndarray, wtype: WeightType | int) -> np.ndarray:
     k = "quantize"
     x = _array(k, "x", x, np.float32)
     wt = _weight_type(k, x, wtype)
+    if not wt.writable:
+        writable = ", ".join(w.name for w in WeightType if w.writable)
+        raise _fail(k, f"wtype {wt.name} is read from files only (quantize writes {writable})")
     n = int(x.shape[-1]) if x.ndim else 1
     try:
         rb = wt.row_bytes(n)

@@ -13,7 +13,15 @@ class WeightType(enum.IntEnum):
     F32 = 0
     F16 = 1
     Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
     BF16 = 30
 
     @property
@@ -28,7 +36,18 @@ class WeightType(enum.IntEnum):
 
     @property
     def quantized(self) -> bool:
-        return self in (WeightType.Q8_0, WeightType.Q4_0)
+        return self not in (WeightType.F32, WeightType.F16, WeightType.BF16)
+
+    @property
+    def writable(self) -> bool:
+        """``quantize`` can produce this type (the others are read from files only)."""
+        return self in (
+            WeightType.F32,
+            WeightType.F16,
+            WeightType.BF16,
+            WeightType.Q8_0,
+            WeightType.Q4_0,
+        )
 
     def row_bytes(self, n: int) -> int:
         """Bytes of a row of ``n`` elements; raises ValueError if n does not fill whole blocks."""
@@ -55,6 +74,14 @@ _BLOCK = {
     WeightType.BF16: (1, 2),
     WeightType.Q8_0: (32, 34),
     WeightType.Q4_0: (32, 18),
+    WeightType.Q4_1: (32, 20),
+    WeightType.Q5_0: (32, 22),
+    WeightType.Q5_1: (32, 24),
+    WeightType.Q2_K: (256, 84),
+    WeightType.Q3_K: (256, 110),
+    WeightType.Q4_K: (256, 144),
+    WeightType.Q5_K: (256, 176),
+    WeightType.Q6_K: (256, 210),
 }
 
 #: numpy dtypes that name a weight type by themselves

@@ -22,13 +22,7 @@ from ..kernels import Matrix, RopeMode, WeightType
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 _ROPE_MODE = {"llama": RopeMode.NORMAL, "qwen2": RopeMode.NEOX}
-_MATRIX_TYPES = {
-    gguf.GGMLQuantizationType.F32: WeightType.F32,
-    gguf.GGMLQuantizationType.F16: WeightType.F16,
-    gguf.GGMLQuantizationType.BF16: WeightType.BF16,
-    gguf.GGMLQuantizationType.Q8_0: WeightType.Q8_0,
-    gguf.GGMLQuantizationType.Q4_0: WeightType.Q4_0,
-}
+_MATRIX_TYPES = {gguf.GGMLQuantizationType(int(w)): w for w in WeightType}
 _FINGERPRINT_BYTES = 1 << 20  # head and tail of the file hashed into the fingerprint
 
 
@@ -124,6 +118,22 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _check_matrix_types(path: Path, matrices: list[Any]) -> None:
+    """One error naming every unsupported weight type and how many tensors have it."""
+    bad: dict[str, int] = {}
+    for t in matrices:
+        if t.tensor_type not in _MATRIX_TYPES:
+            bad[t.tensor_type.name] = bad.get(t.tensor_type.name, 0) + 1
+    if bad:
+        listed = ", ".join(
+            f"{name} ({n} tensor{'s' if n > 1 else ''})" for name, n in sorted(bad.items())
+        )
+        raise ModelError(
+            f"{path}: weight type{'s' if len(bad) > 1 else ''} {listed} not supported "
+            f"(supported: {', '.join(w.name for w in WeightType)})"
+        )
+
+
 def layer_tensor_names(i: int, arch: str) -> dict[str, str]:
     """GGUF names of block ``i``'s tensors, keyed by role."""
     names = {
@@ -208,6 +218,9 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     for i in range(n_layers):
         for role, name in layer_tensor_names(i, arch).items():
             expected[name] = shapes[role]
+    _check_matrix_types(
+        p, [tensors[n] for n, sh in expected.items() if len(sh) == 2 and n in tensors]
+    )
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -215,11 +228,6 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         got = tuple(int(s) for s in t.shape)  # GGML order: (row length, rows)
         if got != shape:
             raise ModelError(f"{p}: tensor {name!r} has shape {got}, expected {shape}")
-        if len(shape) == 2 and t.tensor_type not in _MATRIX_TYPES:
-            raise ModelError(
-                f"{p}: tensor {name!r} has type {t.tensor_type.name}, not supported "
-                f"(supported: {', '.join(w.name for w in WeightType)})"
-            )
         if len(shape) == 1 and t.tensor_type not in (
             gguf.GGMLQuantizationType.F32,
             gguf.GGMLQuantizationType.F16,

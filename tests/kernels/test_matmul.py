@@ -21,7 +21,8 @@ from kernel_reference import dot_rtol
 from realm import KernelError, kernels
 from realm.kernels import Isa, WeightType
 
-WEIGHT_TYPES = list(WeightType)
+#: the types quantize writes (the read-only file types: test_quant_types.py)
+WEIGHT_TYPES = [wt for wt in WeightType if wt.writable]
 #: None is a 1-D x (decode); 8 is the row-streaming kernel's register group and Q4_0's GEMM
 #: threshold, 11 Q8_0's GEMM threshold, 17 crosses the F32 GEMM threshold of 16
 BATCHES = (None, 1, 2, 3, 8, 11, 17)

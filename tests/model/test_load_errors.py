@@ -112,22 +112,28 @@ def test_wrong_shape(good: Path, tmp_path: Path) -> None:
         realm.load_model(p)
 
 
-def test_unsupported_tensor_type(good: Path, tmp_path: Path) -> None:
-    def to_q4_1(n: str, d: np.ndarray, t: Any) -> tuple[str, np.ndarray, Any]:
-        if n != "blk.0.ffn_gate.weight":
-            return (n, d, t)
-        w = gguf.quants.dequantize(d, t)
-        return (
-            n,
-            gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1),
-            gguf.GGMLQuantizationType.Q4_1,
-        )
+def test_unsupported_tensor_types_are_listed_with_their_counts(good: Path, tmp_path: Path) -> None:
+    """One error names every unsupported type and how many tensors have it (raw blocks: the
+    loader refuses the type before it reads a value)."""
+    new_types = {
+        "blk.0.ffn_gate.weight": gguf.GGMLQuantizationType.IQ4_NL,
+        "blk.1.ffn_gate.weight": gguf.GGMLQuantizationType.IQ4_NL,
+        "blk.0.attn_q.weight": gguf.GGMLQuantizationType.MXFP4,
+    }
 
-    p = _rewrite(good, tmp_path / "m.gguf", tensor=to_q4_1)
-    with pytest.raises(
-        realm.ModelError, match=r"'blk\.0\.ffn_gate\.weight' has type Q4_1, not supported"
-    ):
+    def retype(n: str, d: np.ndarray, t: Any) -> tuple[str, np.ndarray, Any]:
+        if n not in new_types:
+            return (n, d, t)
+        nt = new_types[n]
+        rows, cols = gguf.quants.dequantize(d, t).shape
+        block, size = gguf.GGML_QUANT_SIZES[nt]
+        return (n, np.zeros((rows, cols // block * size), np.uint8), nt)
+
+    p = _rewrite(good, tmp_path / "m.gguf", tensor=retype)
+    with pytest.raises(realm.ModelError) as e:
         realm.load_model(p)
+    assert "weight types IQ4_NL (2 tensors), MXFP4 (1 tensor) not supported" in str(e.value)
+    assert "Q4_K" in str(e.value)  # the supported ones are listed
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,111 @@
+"""The weight types that published files use and Realm reads but never writes: Q4_1, Q5_0, Q5_1
+and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (``native/quants.c``).
+
+Weights are random block bytes with sane half-precision scales (the block layouts put them at
+known offsets), so every bit pattern of the quantized fields occurs; the gguf package's
+dequantizer is the reference. Dequantization must be bit for bit the reference's (arbitrary
+bytes, NaN scales included, are also checked in test_formats.py). matmul quantizes the
+activations to 8 bits per 32-block below a batch of 16 (and at every batch on the scalar
+level), so it must equal the float64 product of the exact weights with those quantized
+activations up to float32 rounding; from a batch of 16 on the SIMD levels it dequantizes
+weight panels into the F32 GEMM, so it must equal the float64 product with the activations
+themselves.
+"""
+
+from __future__ import annotations
+
+import kernel_reference as reference
+import numpy as np
+import pytest
+
+from realm import kernels
+from realm._errors import KernelError
+from realm.kernels import Isa, WeightType
+
+READ_ONLY_TYPES = [wt for wt in WeightType if not wt.writable]
+
+#: byte offsets of each block's half-precision scale fields (ggml-common.h)
+HALF_FIELDS = {
+    WeightType.Q4_1: (0, 2),
+    WeightType.Q5_0: (0,),
+    WeightType.Q5_1: (0, 2),
+    WeightType.Q2_K: (80, 82),
+    WeightType.Q3_K: (108,),
+    WeightType.Q4_K: (0, 2),
+    WeightType.Q5_K: (0, 2),
+    WeightType.Q6_K: (208,),
+}
+GEMM_MIN_BATCH = 16  # native/matmul.c
+
+
+def random_weights(wt: WeightType, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    nb = n_cols // wt.block_elems
+    raw = rng.integers(0, 256, (n_rows, nb, wt.block_bytes), dtype=np.uint8)
+    for off in HALF_FIELDS[wt]:
+        half = (rng.standard_normal((n_rows, nb)) * 0.02).astype(np.float16)
+        raw[:, :, off : off + 2] = half.view(np.uint8).reshape(n_rows, nb, 2)
+    return raw.reshape(n_rows, nb * wt.block_bytes)
+
+
+def test_every_read_only_type_has_its_scale_offsets() -> None:
+    assert set(HALF_FIELDS) == set(READ_ONLY_TYPES)
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_dequantize_is_bit_exact(wt: WeightType, isa: Isa) -> None:
+    w = random_weights(wt, 7, 2 * wt.block_elems, seed=int(wt))
+    got = kernels.dequantize(w, wt)
+    np.testing.assert_array_equal(got.view(np.uint32), reference.dequantize(w, wt).view(np.uint32))
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_quantize_refuses_with_a_clear_error(wt: WeightType) -> None:
+    with pytest.raises(KernelError, match=f"wtype {wt.name} is read from files only"):
+        kernels.quantize(np.zeros(256, np.float32), wt)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 17, 40], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_matmul_matches_the_exact_product(wt: WeightType, batch: int, isa: Isa) -> None:
+    n_rows, n_cols = 37, 2 * max(wt.block_elems, 256)
+    w = random_weights(wt, n_rows, n_cols, seed=int(wt) * 100 + batch)
+    values = reference.dequantize(w, wt).astype(np.float64)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, n_cols)).astype(np.float32)
+    x[0, :32] *= 50.0  # an outlier block
+    y = kernels.matmul(w, x, wtype=wt)
+    if batch >= GEMM_MIN_BATCH and isa != Isa.SCALAR:
+        x_used = x.astype(np.float64)
+    else:
+        codes, d = reference.quantize_activations(x)
+        x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
+    want = x_used @ values.T
+    bound = np.abs(x_used) @ np.abs(values).T
+    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_simd_agrees_with_scalar_below_the_gemm_batch(wt: WeightType, simd_isa: Isa) -> None:
+    w = random_weights(wt, 20, 512, seed=7)
+    x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
+    with kernels.use_isa(Isa.SCALAR):
+        want = kernels.matmul(w, x, wtype=wt)
+    with kernels.use_isa(simd_isa):
+        got = kernels.matmul(w, x, wtype=wt)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_get_rows_dequantizes_embedding_rows(wt: WeightType, isa: Isa) -> None:
+    table = random_weights(wt, 9, 256, seed=11)
+    ids = np.array([8, 0, 3, 3], np.int32)
+    got = kernels.get_rows(table, ids, wtype=wt)
+    np.testing.assert_array_equal(got, reference.dequantize(table, wt)[ids])
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_partial_blocks_are_refused(wt: WeightType) -> None:
+    w = np.ascontiguousarray(random_weights(wt, 2, wt.block_elems, seed=1)[:, :-1])
+    with pytest.raises(KernelError, match=wt.name):
+        kernels.matmul(w, np.zeros((1, wt.block_elems), np.float32), wtype=wt)
