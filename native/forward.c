@@ -5,13 +5,19 @@
  * Projections and the FFN take all tokens of all sequences as one matmul batch (weights are
  * read once per step); attention runs per sequence over that sequence's cache.
  *
- *   x = embed(tokens)
+ *   x = embed(tokens) (* embd_scale)
  *   per layer:  h = rmsnorm(x) * attn_norm
- *               q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv); rope(q, k)
- *               cache[pos..] = k, v;  a = attention(q, cache)
- *               x += a Wo
- *               h = rmsnorm(x) * ffn_norm;  x += (silu(h Wgate) * h Wup) Wdown
- *   logits = rmsnorm(x[last rows]) * output_norm . Woutput
+ *               q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv)
+ *               (q, k = rmsnorm per head * q_norm, k_norm);  rope(q, k)
+ *               cache[pos..] = k, v;  a = attention(q, cache) (windowed, soft-capped)
+ *               x += (rmsnorm(a Wo) * post_attn_norm)   -- the norm only where given
+ *               h = rmsnorm(x) * ffn_norm
+ *               x += (rmsnorm((act(h Wgate) * h Wup) Wdown) * post_ffn_norm)
+ *   logits = rmsnorm(x[last rows]) * output_norm . Woutput (soft-capped)
+ *
+ * act is silu (llama, qwen, phi3) or GELU (gemma). The optional parts are what llama.cpp's
+ * graphs for qwen3 (QK-norm), gemma2 (post norms, soft-capping, every other layer windowed)
+ * and gemma3 (post norms, QK-norm, five windowed layers with their own RoPE base in six) add.
  */
 #include <stdlib.h>
 
@@ -36,8 +42,20 @@ static int check_model(const realm_model *m) {
         m->head_dim % 2 != 0 || m->n_ff <= 0 || m->n_vocab <= 0 || m->n_rot <= 0 ||
         m->n_rot > m->head_dim || m->n_rot % 2 != 0 || !m->tok_embd || !m->output_norm ||
         !m->output || (!m->layers && !m->acquire) ||
-        (m->kv_type != REALM_TYPE_F16 && m->kv_type != REALM_TYPE_F32))
+        (m->kv_type != REALM_TYPE_F16 && m->kv_type != REALM_TYPE_F32) ||
+        (m->act != REALM_ACT_SILU && m->act != REALM_ACT_GELU) || !(m->embd_scale >= 0.0f) ||
+        !(m->attn_scale >= 0.0f) || !(m->attn_softcap >= 0.0f) || !(m->final_softcap >= 0.0f) ||
+        !isfinite(m->embd_scale) || !isfinite(m->attn_scale) || !isfinite(m->attn_softcap) ||
+        !isfinite(m->final_softcap))
         return REALM_EINVAL;
+    for (int32_t l = 0; l < m->n_layers; l++) {
+        if (m->window && m->window[l] < 0) return REALM_EINVAL;
+        if (m->layer_rope_base && !(m->layer_rope_base[l] > 0.0f)) return REALM_EINVAL;
+        if (m->layer_rope_scale && !(m->layer_rope_scale[l] > 0.0f)) return REALM_EINVAL;
+    }
+    if (m->rope_freqs)
+        for (int32_t i = 0; i < m->n_rot / 2; i++)
+            if (!(m->rope_freqs[i] > 0.0f)) return REALM_EINVAL;
     return REALM_OK;
 }
 
@@ -99,11 +117,16 @@ static int layer_step(const realm_model *m, const realm_layer *L, int32_t l, rea
     add_bias(s->q, L->bq, T, qd);
     add_bias(s->k, L->bk, T, kvd);
     add_bias(s->v, L->bv, T, kvd);
-    TRY(realm_rope(s->q, s->pos, T, m->n_heads, m->head_dim, m->n_rot, m->rope_mode, m->rope_base,
-                   m->rope_scale));
-    TRY(realm_rope(s->k, s->pos, T, m->n_kv_heads, m->head_dim, m->n_rot, m->rope_mode,
-                   m->rope_base, m->rope_scale));
-    const float scale = 1.0f / sqrtf((float)D);
+    if (L->q_norm) TRY(realm_rmsnorm(s->q, s->q, L->q_norm, T * m->n_heads, D, m->rms_eps));
+    if (L->k_norm) TRY(realm_rmsnorm(s->k, s->k, L->k_norm, T * m->n_kv_heads, D, m->rms_eps));
+    const float base = m->layer_rope_base ? m->layer_rope_base[l] : m->rope_base;
+    const float rscale = m->layer_rope_scale ? m->layer_rope_scale[l] : m->rope_scale;
+    TRY(realm_rope_factors(s->q, s->pos, T, m->n_heads, m->head_dim, m->n_rot, m->rope_mode,
+                           base, rscale, m->rope_freqs));
+    TRY(realm_rope_factors(s->k, s->pos, T, m->n_kv_heads, m->head_dim, m->n_rot, m->rope_mode,
+                           base, rscale, m->rope_freqs));
+    const float scale = m->attn_scale > 0.0f ? m->attn_scale : 1.0f / sqrtf((float)D);
+    const int32_t window = m->window ? m->window[l] : 0;
     int64_t row = 0;
     for (int32_t i = 0; i < n_seqs; i++) {
         realm_seq *q = &seqs[i];
@@ -113,17 +136,22 @@ static int layer_step(const realm_model *m, const realm_layer *L, int32_t l, rea
         const uint8_t *vc = kc + (int64_t)q->capacity * kvd * es;
         TRY(realm_attention(s->att + row * qd, s->q + row * qd, kc, vc, m->kv_type, s->pos + row,
                             q->n_tokens, (int64_t)q->pos + q->n_tokens, m->n_heads, m->n_kv_heads,
-                            m->head_dim, scale));
+                            m->head_dim, scale, window, m->attn_softcap));
         row += q->n_tokens;
     }
     TRY(realm_matmul(s->tmp, L->wo, L->type_o, s->att, E, qd, T));
+    if (L->post_attn_norm) TRY(realm_rmsnorm(s->tmp, s->tmp, L->post_attn_norm, T, E, m->rms_eps));
     TRY(realm_add(s->x, s->x, s->tmp, T * E));
     /* feed-forward block */
     TRY(realm_rmsnorm(s->h, s->x, L->ffn_norm, T, E, m->rms_eps));
     TRY(realm_matmul(s->gate, L->w_gate, L->type_gate, s->h, m->n_ff, E, T));
     TRY(realm_matmul(s->up, L->w_up, L->type_up, s->h, m->n_ff, E, T));
-    TRY(realm_swiglu(s->gate, s->gate, s->up, T * m->n_ff));
+    if (m->act == REALM_ACT_GELU)
+        TRY(realm_geglu(s->gate, s->gate, s->up, T * m->n_ff));
+    else
+        TRY(realm_swiglu(s->gate, s->gate, s->up, T * m->n_ff));
     TRY(realm_matmul(s->tmp, L->w_down, L->type_down, s->gate, E, m->n_ff, T));
+    if (L->post_ffn_norm) TRY(realm_rmsnorm(s->tmp, s->tmp, L->post_ffn_norm, T, E, m->rms_eps));
     TRY(realm_add(s->x, s->x, s->tmp, T * E));
 #undef TRY
     return REALM_OK;
@@ -160,6 +188,8 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
         }
 
     rc = realm_get_rows(s.x, m->tok_embd, m->type_embd, m->n_vocab, E, s.ids, T);
+    if (rc == REALM_OK && m->embd_scale > 0.0f && m->embd_scale != 1.0f)
+        for (int64_t i = 0; i < T * E; i++) s.x[i] *= m->embd_scale;
     for (int32_t l = 0; l < m->n_layers && rc == REALM_OK; l++) {
         realm_layer paged;
         const realm_layer *L = m->layers ? &m->layers[l] : NULL;
@@ -213,6 +243,8 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
             if (!out) rc = REALM_ENOMEM;
         }
         if (rc == REALM_OK) rc = realm_matmul(out, m->output, m->type_output, rows, m->n_vocab, E, R);
+        if (rc == REALM_OK && m->final_softcap > 0.0f)
+            rc = realm_softcap(out, R * m->n_vocab, m->final_softcap);
         if (rc == REALM_OK) {
             r = 0;
             for (int32_t i = 0; i < n_seqs; i++) {

@@ -190,6 +190,11 @@ extern const realm_isa_ops realm_ops_avx512;
 
 const realm_isa_ops *realm_ops(void);  /* the active table */
 
+/* realm_rope with each pair's angle divided by factors[i] (n_rot / 2 of them), or NULL */
+int realm_rope_factors(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
+                       int32_t head_dim, int32_t n_rot, int32_t mode, float freq_base,
+                       float freq_scale, const float *factors);
+
 /* ---- thread pool ---- */
 typedef void (*realm_task_fn)(void *ctx, int ith, int nth);
 /* Runs fn(ctx, ith, nth) for ith in [0, nth) on the pool (the caller is thread 0).

@@ -47,6 +47,10 @@
 #define REALM_ROPE_NORMAL 0    /* rotate adjacent pairs (x[2i], x[2i+1]): llama */
 #define REALM_ROPE_NEOX 2      /* rotate half-split pairs (x[i], x[i + n_rot/2]): NeoX, qwen2 */
 
+/* ---- feed-forward activations ---- */
+#define REALM_ACT_SILU 0       /* silu(gate) * up: llama, qwen, phi3 */
+#define REALM_ACT_GELU 1       /* gelu(gate) * up, GELU's tanh form: gemma */
+
 /* ---- runtime configuration ---- */
 const char *realm_status_message(int status);
 int realm_isa_detected(void);              /* best level this CPU supports */
@@ -82,6 +86,10 @@ int realm_rope(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
                float freq_scale);
 int realm_softmax(float *x, int64_t n_rows, int64_t n);                /* in place, per row */
 int realm_swiglu(float *out, const float *gate, const float *up, int64_t n);  /* silu(g)*u */
+/* out = gelu(gate) * up, gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+int realm_geglu(float *out, const float *gate, const float *up, int64_t n);
+/* In place: x = cap * tanh(x / cap) (gemma2's logit soft-capping); cap > 0 */
+int realm_softcap(float *x, int64_t n, float cap);
 int realm_add(float *out, const float *a, const float *b, int64_t n);
 /* out[i] = dequantize(table[ids[i]]): table (n_rows, row_len) of type; out (n_ids, row_len). */
 int realm_get_rows(float *out, const void *table, int type, int64_t n_rows, int64_t row_len,
@@ -90,14 +98,22 @@ int realm_get_rows(float *out, const void *table, int type, int64_t n_rows, int6
 /* ---- attention ----
  * q: (n_q, n_heads, head_dim) f32; k, v: (n_kv, n_kv_heads, head_dim) of kv_type (F32, F16);
  * out: (n_q, n_heads, head_dim) f32. Query i attends to cache positions j <= q_pos[i]
- * (causal) and j < n_kv; head h reads kv head h / (n_heads / n_kv_heads) (grouped-query).
- * head_dim <= 256. scores are q.k * scale; the softmax subtracts the row maximum.
+ * (causal) and j < n_kv, and with window > 0 only to j > q_pos[i] - window (a sliding
+ * window of `window` positions, its own included); head h reads kv head
+ * h / (n_heads / n_kv_heads) (grouped-query). head_dim <= 256. scores are q.k * scale, then
+ * softcap * tanh(score / softcap) when softcap > 0 (gemma2); the softmax subtracts the row
+ * maximum.
  */
 int realm_attention(float *out, const float *q, const void *k, const void *v, int kv_type,
                     const int32_t *q_pos, int64_t n_q, int64_t n_kv, int32_t n_heads,
-                    int32_t n_kv_heads, int32_t head_dim, float scale);
+                    int32_t n_kv_heads, int32_t head_dim, float scale, int32_t window,
+                    float softcap);
 
 /* ---- one forward step of a llama-family model over a batch of sequences ----
+ * The architectures differ in optional parts, each NULL or 0 where unused: QK-norm (qwen3,
+ * gemma3), post-attention / post-FFN norms (gemma2/3), GELU (gemma), embedding scaling,
+ * sliding-window layers with their own RoPE base (gemma2/3, mistral), logit soft-capping
+ * (gemma2), per-pair RoPE frequency factors (llama 3's rope_freqs).
  * Shapes use row-major (rows, cols) with cols the contiguous axis; weight matrices are
  * (n_out, n_in) rows of their type, as in GGUF. The whole step (every layer, every sequence)
  * runs in one call; matmuls take all the batch's tokens at once, so weights are read once. */
@@ -108,6 +124,11 @@ typedef struct {
     const void *wv;                   /* (n_kv_heads * head_dim, n_embd) */
     const void *wo;                   /* (n_embd, n_heads * head_dim) */
     const float *bq, *bk, *bv;        /* projection biases, or NULL (qwen2 has them) */
+    const float *q_norm, *k_norm;     /* (head_dim): RMSNorm of each q / k head before RoPE,
+                                       * or NULL (qwen3, gemma3 have them) */
+    const float *post_attn_norm;      /* (n_embd): RMSNorm of the attention output before the
+                                       * residual add, or NULL (gemma2/3) */
+    const float *post_ffn_norm;       /* (n_embd): the same for the FFN output, or NULL */
     const float *ffn_norm;            /* (n_embd) */
     const void *w_gate;               /* (n_ff, n_embd) */
     const void *w_up;                 /* (n_ff, n_embd) */
@@ -132,6 +153,16 @@ typedef struct {
     realm_layer_fn acquire, release;  /* optional layer paging hooks */
     void *pager;                      /* their context */
     int32_t kv_type;                  /* REALM_TYPE_F16 or REALM_TYPE_F32 */
+    int32_t act;                      /* REALM_ACT_SILU or REALM_ACT_GELU */
+    float embd_scale;                 /* embeddings are multiplied by it (gemma: sqrt(n_embd));
+                                       * 0 means 1 */
+    float attn_scale;                 /* attention score scale; 0 means 1/sqrt(head_dim) */
+    float attn_softcap, final_softcap;  /* cap * tanh(x / cap) on scores / logits; 0: none */
+    const int32_t *window;            /* (n_layers): layer l's sliding window in positions
+                                       * (0: all positions), or NULL for none */
+    const float *layer_rope_base;     /* (n_layers): layer l's RoPE base, or NULL: rope_base */
+    const float *layer_rope_scale;    /* (n_layers): layer l's RoPE scale, or NULL */
+    const float *rope_freqs;          /* (n_rot / 2): pair i's angle is divided by it, or NULL */
 } realm_model;
 
 typedef struct {

@@ -30,6 +30,13 @@ int realm_rmsnorm(float *out, const float *x, const float *weight, int64_t n_row
 
 int realm_rope(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
                int32_t head_dim, int32_t n_rot, int32_t mode, float freq_base, float freq_scale) {
+    return realm_rope_factors(x, pos, n_tokens, n_heads, head_dim, n_rot, mode, freq_base,
+                              freq_scale, NULL);
+}
+
+int realm_rope_factors(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
+                       int32_t head_dim, int32_t n_rot, int32_t mode, float freq_base,
+                       float freq_scale, const float *factors) {
     if (!x || !pos || n_tokens <= 0 || n_heads <= 0 || head_dim <= 0 || n_rot <= 0 ||
         n_rot > head_dim || n_rot % 2 != 0 || !(freq_base > 0.0f) || !(freq_scale > 0.0f) ||
         (mode != REALM_ROPE_NORMAL && mode != REALM_ROPE_NEOX))
@@ -43,7 +50,8 @@ int realm_rope(float *x, const int32_t *pos, int64_t n_tokens, int32_t n_heads,
     for (int64_t t = 0; t < n_tokens; t++) {
         const double p = (double)pos[t] * (double)freq_scale;
         for (int32_t i = 0; i < half; i++) {
-            const double theta = p * pow((double)freq_base, -2.0 * i / (double)n_rot);
+            double theta = p * pow((double)freq_base, -2.0 * i / (double)n_rot);
+            if (factors) theta /= (double)factors[i];  /* llama 3's rope_freqs */
             cos_sin[2 * i] = (float)cos(theta);
             cos_sin[2 * i + 1] = (float)sin(theta);
         }
@@ -91,6 +99,23 @@ int realm_swiglu(float *out, const float *gate, const float *up, int64_t n) {
     return REALM_OK;
 }
 
+int realm_geglu(float *out, const float *gate, const float *up, int64_t n) {
+    if (!out || !gate || !up || n <= 0) return REALM_EINVAL;
+    const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
+    }
+    return REALM_OK;
+}
+
+int realm_softcap(float *x, int64_t n, float cap) {
+    if (!x || n <= 0 || !(cap > 0.0f) || !isfinite(cap)) return REALM_EINVAL;
+    const float inv = 1.0f / cap;
+    for (int64_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] * inv);
+    return REALM_OK;
+}
+
 int realm_add(float *out, const float *a, const float *b, int64_t n) {
     if (!out || !a || !b || n <= 0) return REALM_EINVAL;
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
@@ -119,7 +144,8 @@ typedef struct {
     const int32_t *q_pos;
     int64_t n_q, n_kv;
     int32_t n_heads, n_kv_heads, head_dim;
-    float scale;
+    float scale, softcap;
+    int32_t window;
     int failed;  /* set if a thread could not allocate its score buffer */
     const realm_isa_ops *ops;
 } attn_ctx;
@@ -150,22 +176,31 @@ static void attn_task(void *p, int ith, int nth) {
         float *o = c->out + (i * c->n_heads + h0) * d;
         int64_t n = (int64_t)c->q_pos[i] + 1;  /* causal: positions 0..q_pos */
         if (n > c->n_kv) n = c->n_kv;
-        if (c->kv_type == REALM_TYPE_F16 && c->ops->attn_probs_f16) {
+        /* a sliding window sees only the last `window` positions: start the rows there */
+        const int64_t j0 = c->window > 0 && n > c->window ? (int64_t)c->q_pos[i] + 1 - c->window : 0;
+        const uint8_t *kbase = c->k + j0 * kv_row, *vbase = c->v + j0 * kv_row;
+        n -= j0;
+        if (n <= 0) {  /* the window holds no cached row (the query's own is not stored) */
+            memset(o, 0, sizeof(float) * (size_t)d * (size_t)group);
+            continue;
+        }
+        if (c->kv_type == REALM_TYPE_F16 && c->ops->attn_probs_f16 && c->softcap == 0.0f) {
             /* the SIMD level's fused path: probabilities for the group, then values */
-            c->ops->attn_probs_f16(scores, n, (const uint16_t *)(c->k + kvh_off), kv_row / 2, n,
+            c->ops->attn_probs_f16(scores, n, (const uint16_t *)(kbase + kvh_off), kv_row / 2, n,
                                    qv, group, d, c->scale);
-            c->ops->attn_values_f16(o, (const uint16_t *)(c->v + kvh_off), kv_row / 2, n, scores,
+            c->ops->attn_values_f16(o, (const uint16_t *)(vbase + kvh_off), kv_row / 2, n, scores,
                                     n, group, d);
             continue;
         }
         for (int32_t h = 0; h < group; h++) m[h] = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
-            const uint8_t *kj = c->k + j * kv_row + kvh_off;
+            const uint8_t *kj = kbase + j * kv_row + kvh_off;
             for (int32_t h = 0; h < group; h++) {
                 float sc = c->kv_type == REALM_TYPE_F16
                                ? c->ops->vdot_f16(d, (const uint16_t *)kj, qv + h * d)
                                : c->ops->vdot_f32(d, (const float *)kj, qv + h * d);
                 sc *= c->scale;
+                if (c->softcap > 0.0f) sc = c->softcap * tanhf(sc / c->softcap);
                 scores[h * n + j] = sc;
                 m[h] = sc > m[h] ? sc : m[h];
             }
@@ -181,7 +216,7 @@ static void attn_task(void *p, int ith, int nth) {
         }
         memset(o, 0, sizeof(float) * (size_t)d * (size_t)group);
         for (int64_t j = 0; j < n; j++) {
-            const uint8_t *vj = c->v + j * kv_row + kvh_off;
+            const uint8_t *vj = vbase + j * kv_row + kvh_off;
             for (int32_t h = 0; h < group; h++) {
                 const float w = scores[h * n + j] * inv[h];
                 if (c->kv_type == REALM_TYPE_F16)
@@ -196,8 +231,10 @@ static void attn_task(void *p, int ith, int nth) {
 
 int realm_attention(float *out, const float *q, const void *k, const void *v, int kv_type,
                     const int32_t *q_pos, int64_t n_q, int64_t n_kv, int32_t n_heads,
-                    int32_t n_kv_heads, int32_t head_dim, float scale) {
+                    int32_t n_kv_heads, int32_t head_dim, float scale, int32_t window,
+                    float softcap) {
     if (!out || !q || !k || !v || !q_pos || n_q <= 0 || n_kv <= 0 || n_heads <= 0 ||
+        window < 0 || !(softcap >= 0.0f) || !isfinite(softcap) ||
         n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 || head_dim > 256 ||
         !(scale > 0.0f) || (kv_type != REALM_TYPE_F32 && kv_type != REALM_TYPE_F16) ||
         n_heads / n_kv_heads > 256)
@@ -206,7 +243,8 @@ int realm_attention(float *out, const float *q, const void *k, const void *v, in
         if (q_pos[i] < 0) return REALM_EINVAL;
     attn_ctx c = {.out = out, .q = q, .k = k, .v = v, .kv_type = kv_type, .q_pos = q_pos,
                   .n_q = n_q, .n_kv = n_kv, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
-                  .head_dim = head_dim, .scale = scale, .ops = realm_ops()};
+                  .head_dim = head_dim, .scale = scale, .softcap = softcap, .window = window,
+                  .ops = realm_ops()};
     int rc = realm_parallel(attn_task, &c, n_q * n_kv_heads >= 2 ? 0 : 1);
     if (rc != REALM_OK) return rc;
     return c.failed ? REALM_ENOMEM : REALM_OK;

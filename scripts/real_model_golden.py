@@ -8,7 +8,10 @@ suite's cases (``realm.testing.real_model_cases``):
 
 * ``tok_<i>``: the ids of TOKENIZE_STRINGS[i] (no BOS/EOS, special tokens not parsed) and
   ``tokspecial_<i>`` with add_special and parse_special both on;
-* ``greedy_<i>``: GREEDY_TOKENS argmax continuations of GREEDY_PROMPTS[i] (prompt with BOS);
+* ``greedy_<i>``: GREEDY_TOKENS argmax continuations of GREEDY_PROMPTS[i] (prompt with BOS),
+  and ``greedy_ref_<i>``: the argmax of the float64 forward pass (tests/model/model_reference.py)
+  at each of those steps, fed llama.cpp's continuation (absent where the reference does not
+  implement the architecture): where llama.cpp and Realm disagree, it says who is right;
 * ``logits_ids``: the 64-token logits prompt; ``logits_cols``: the vocabulary ids kept (the
   top 32 of every position and 448 fixed random ids); ``logits``: llama.cpp's logits at
   those columns for every position (float32); ``llama_cpp_version``.
@@ -30,6 +33,19 @@ from realm.testing.real_models import REAL_MODELS, real_model_path
 OUT = Path(__file__).resolve().parent.parent / "tests" / "model" / "data"
 N_RANDOM_COLS = 448
 N_TOP = 32
+
+
+def _reference_logits(path: Path, ids: list[int]) -> np.ndarray | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "model"))
+    try:
+        from model_reference import reference_logits
+
+        return reference_logits(path, ids)
+    except Exception as e:  # an architecture the reference does not implement
+        print(f"{path.name}: no float64 reference ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    finally:
+        sys.path.pop(0)
 
 
 def record(name: str) -> Path:
@@ -55,6 +71,9 @@ def record(name: str) -> Path:
             got.append(nxt)
             llm.eval([nxt])
         out[f"greedy_{i}"] = np.array(got, np.int32)
+        ref = _reference_logits(path, ids + got)
+        if ref is not None:
+            out[f"greedy_ref_{i}"] = ref[len(ids) - 1 : -1].argmax(-1).astype(np.int32)
     ids = llm.tokenize(cases.LOGITS_TEXT.encode(), add_bos=True, special=False)
     if len(ids) < cases.LOGITS_TOKENS:
         raise SystemExit(f"{name}: the logits text gives only {len(ids)} tokens")

@@ -26,6 +26,11 @@ REALM_ERRORS = (
     "TenantUnavailable",
     "Overloaded",
 )
+#: GGML's type ids
+GGML_TYPE_IDS = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
+}  # fmt: skip
 REALM_FUNCTIONS = ("load_model", "load_tokenizer", "open_runtime", "default_model_path")
 KERNEL_CLASSES = ("Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer")
 MODEL_NAMES = (
@@ -47,6 +52,8 @@ KERNEL_FUNCTIONS = (
     "rope",
     "softmax",
     "swiglu",
+    "geglu",
+    "softcap",
     "add",
     "get_rows",
     "attention",
@@ -85,9 +92,10 @@ def test_kernel_functions(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "members"),
     [
-        ("WeightType", {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "BF16": 30}),  # GGML's ids
+        ("WeightType", GGML_TYPE_IDS),
         ("Isa", {"SCALAR": 0, "AVX2": 1, "AVX512": 2}),
         ("RopeMode", {"NORMAL": 0, "NEOX": 2}),
+        ("Activation", {"SILU": 0, "GELU": 1}),
     ],
 )
 def test_kernel_enums(name: str, members: dict[str, int]) -> None:
@@ -102,7 +110,10 @@ def test_max_head_dim() -> None:
 
 def test_no_private_names_leak() -> None:
     public = {n for n in dir(kernels) if not n.startswith("_")}
-    expected = {*KERNEL_FUNCTIONS, *KERNEL_CLASSES, "WeightType", "Isa", "RopeMode", "MAX_HEAD_DIM"}
+    expected = {
+        *KERNEL_FUNCTIONS, *KERNEL_CLASSES, "WeightType", "Isa", "RopeMode", "Activation",
+        "MAX_HEAD_DIM",
+    }  # fmt: skip
     assert public == expected
 
 

@@ -14,6 +14,7 @@ from ._ops import add as add
 from ._ops import attention as attention
 from ._ops import dequantize as dequantize
 from ._ops import detected_isa as detected_isa
+from ._ops import geglu as geglu
 from ._ops import get_rows as get_rows
 from ._ops import matmul as matmul
 from ._ops import quantize as quantize
@@ -22,10 +23,12 @@ from ._ops import rmsnorm as rmsnorm
 from ._ops import rope as rope
 from ._ops import set_isa as set_isa
 from ._ops import set_threads as set_threads
+from ._ops import softcap as softcap
 from ._ops import softmax as softmax
 from ._ops import swiglu as swiglu
 from ._ops import threads as threads
 from ._ops import use_isa as use_isa
+from ._types import Activation as Activation
 from ._types import Isa as Isa
 from ._types import RopeMode as RopeMode
 from ._types import WeightType as WeightType

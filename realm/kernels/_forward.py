@@ -18,7 +18,7 @@ import numpy as np
 from .._errors import KernelError
 from ._native import ffi, lib
 from ._ops import _array, _check, _int_arg, _row_elems, _weight_type
-from ._types import RopeMode, WeightType
+from ._types import Activation, RopeMode, WeightType
 
 _K = "forward"
 
@@ -60,6 +60,10 @@ class LayerWeights:
     bq: np.ndarray | None = None
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # (head_dim,): per-head RMSNorm before RoPE (qwen3, gemma3)
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # (n_embd,): norms of the block outputs (gemma2/3)
+    post_ffn_norm: np.ndarray | None = None
 
 
 @attrs.frozen
@@ -79,6 +83,18 @@ class TransformerSpec:
     rope_scale: float = 1.0
     rms_eps: float = 1e-5
     kv_dtype: type = np.float16
+    act: Activation = Activation.SILU
+    embd_scale: float = 1.0  # embeddings are multiplied by it (gemma: sqrt(n_embd))
+    attn_scale: float | None = None  # attention score scale; None: 1/sqrt(head_dim)
+    attn_softcap: float = 0.0  # cap * tanh(score / cap); 0: none (gemma2)
+    final_softcap: float = 0.0  # the same on the logits
+    #: per layer: sliding window in positions (0: every position); None: no layer windowed
+    window: tuple[int, ...] | None = None
+    #: per layer: RoPE base and scale; None: rope_base / rope_scale for every layer
+    layer_rope_base: tuple[float, ...] | None = None
+    layer_rope_scale: tuple[float, ...] | None = None
+    #: (n_rot / 2,) divisors of each pair's angle (llama 3's rope_freqs); None: none
+    rope_freqs: np.ndarray | None = attrs.field(default=None, eq=False)
 
     @property
     def kv_dim(self) -> int:
@@ -189,11 +205,50 @@ class NativeTransformer:
         m.output, m.type_output = self._ptr(output.data), int(output.wtype)
         m.layers = self._c_layers if self._c_layers is not None else ffi.NULL
         m.kv_type = int(WeightType.F16 if np.dtype(s.kv_dtype) == np.float16 else WeightType.F32)
+        self._fill_variant(m)
         if acquire is not None:
             self._cb_acquire = ffi.callback("int(void *, int32_t, realm_layer *)", self._on_acquire)
             self._cb_release = ffi.callback("int(void *, int32_t, realm_layer *)", self._on_release)
             m.acquire, m.release = self._cb_acquire, self._cb_release
         self._model = m
+
+    def _fill_variant(self, m: Any) -> None:
+        """The architecture's optional parts (activation, scales, windows, RoPE per layer)."""
+        s = self.spec
+        try:
+            m.act = int(Activation(s.act))
+        except ValueError:
+            raise KernelError(f"act {s.act!r} is not an Activation", kernel=_K) from None
+        for name in ("embd_scale", "attn_softcap", "final_softcap"):
+            v = getattr(s, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v >= 0):
+                raise KernelError(f"{name} must be a finite number >= 0, got {v!r}", kernel=_K)
+        m.embd_scale, m.attn_softcap = s.embd_scale, s.attn_softcap
+        m.final_softcap = s.final_softcap
+        if s.attn_scale is not None and not (np.isfinite(s.attn_scale) and s.attn_scale > 0):
+            raise KernelError(f"attn_scale must be > 0, got {s.attn_scale!r}", kernel=_K)
+        m.attn_scale = 0.0 if s.attn_scale is None else s.attn_scale
+
+        def per_layer(name: str, values: Any, dtype: Any, ctype: str) -> Any:
+            if values is None:
+                return ffi.NULL
+            a = np.ascontiguousarray(values, dtype=dtype)
+            if a.shape != (s.n_layers,) or not np.all(np.isfinite(a)):
+                raise KernelError(f"{name} must have {s.n_layers} finite entries", kernel=_K)
+            if (a < 0).any() or (ctype == "float *" and (a <= 0).any()):
+                raise KernelError(f"{name} has an out-of-range entry", kernel=_K)
+            return ffi.cast(ctype, self._ptr(a))
+
+        m.window = per_layer("window", s.window, np.int32, "int32_t *")
+        m.layer_rope_base = per_layer("layer_rope_base", s.layer_rope_base, np.float32, "float *")
+        m.layer_rope_scale = per_layer("layer_rope_scale", s.layer_rope_scale, np.float32,
+                                       "float *")  # fmt: skip
+        m.rope_freqs = ffi.NULL
+        if s.rope_freqs is not None:
+            f = self._vector("rope_freqs", s.rope_freqs, s.n_rot // 2)
+            if not (np.all(np.isfinite(f)) and (f > 0).all()):
+                raise KernelError("rope_freqs must be finite and > 0", kernel=_K)
+            m.rope_freqs = ffi.cast("float *", self._ptr(f))
 
     # --- checks and native views ---------------------------------------------------------
 
@@ -234,7 +289,12 @@ class NativeTransformer:
             ("w_down", lw.w_down, (s.n_embd, s.n_ff)),
         ):
             self._check_matrix(f"layers[{i}].{name}", m, *shape)
-        for name, b, n in (("bq", lw.bq, qd), ("bk", lw.bk, kvd), ("bv", lw.bv, kvd)):
+        for name, b, n in (
+            ("bq", lw.bq, qd), ("bk", lw.bk, kvd), ("bv", lw.bv, kvd),
+            ("q_norm", lw.q_norm, s.head_dim), ("k_norm", lw.k_norm, s.head_dim),
+            ("post_attn_norm", lw.post_attn_norm, s.n_embd),
+            ("post_ffn_norm", lw.post_ffn_norm, s.n_embd),
+        ):  # fmt: skip
             if b is not None:
                 self._vector(f"layers[{i}].{name}", b, n)
 
@@ -259,6 +319,8 @@ class NativeTransformer:
         c.w_up, c.type_up = ptr(lw.w_up.data), int(lw.w_up.wtype)
         c.w_down, c.type_down = ptr(lw.w_down.data), int(lw.w_down.wtype)
         c.bq, c.bk, c.bv = fptr(lw.bq), fptr(lw.bk), fptr(lw.bv)
+        c.q_norm, c.k_norm = fptr(lw.q_norm), fptr(lw.k_norm)
+        c.post_attn_norm, c.post_ffn_norm = fptr(lw.post_attn_norm), fptr(lw.post_ffn_norm)
 
     # --- paging hooks (called from C, in the thread running the step) ------------------------
 

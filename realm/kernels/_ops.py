@@ -377,6 +377,32 @@ def swiglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -
     return out
 
 
+def geglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """``gelu(gate) * up`` element-wise (GELU's tanh form) on float32 arrays of one shape."""
+    k = "geglu"
+    gate = _array(k, "gate", gate, np.float32)
+    up = _array(k, "up", up, np.float32)
+    _same_shape(k, gate, up, "gate and up")
+    out = _out(k, out, gate.shape, (gate, up))
+    _check(
+        k,
+        lib.realm_geglu(
+            _ptr("float *", out), _ptr("float *", gate), _ptr("float *", up), gate.size
+        ),
+    )
+    return out
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """``cap * tanh(x / cap)`` on float32 ``x``, in place (logit soft-capping). Returns ``x``."""
+    k = "softcap"
+    x = _array(k, "x", x, np.float32, writable=True)
+    cap = _float_arg(k, "cap", cap, allow_zero=False)
+    if x.size:
+        _check(k, lib.realm_softcap(_ptr("float *", x), x.size, cap))
+    return x
+
+
 def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``a + b`` element-wise on float32 arrays of one shape (out may be ``a``: in place)."""
     k = "add"
@@ -430,6 +456,8 @@ def attention(
     positions: np.ndarray,
     *,
     scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Causal grouped-query attention of a batch of queries over a KV cache.
@@ -440,6 +468,9 @@ def attention(
             ``n_kv_heads`` divides ``n_heads``; ``head_dim <= 256``.
         positions: int32 ``(n_q,)``; query i attends to cache rows ``0..positions[i]``.
         scale: score scale, default ``1/sqrt(head_dim)``.
+        window: with ``window > 0``, query i attends only to rows
+            ``positions[i] - window + 1 .. positions[i]`` (a sliding window).
+        softcap: with ``softcap > 0``, scores become ``softcap * tanh(score / softcap)``.
     Returns:
         float32 ``(n_q, n_heads, head_dim)``.
     """
@@ -468,6 +499,8 @@ def attention(
         if scale is None
         else _float_arg(kn, "scale", scale, allow_zero=False)
     )
+    window = _int_arg(kn, "window", window, 0, 2**31 - 1)
+    softcap = _float_arg(kn, "softcap", softcap, allow_zero=True)
     out = _out(kn, out, q.shape, (q, k, v, positions))
     kv_type = WeightType.F16 if k.dtype == np.float16 else WeightType.F32
     _check(
@@ -485,6 +518,8 @@ def attention(
             n_kv_heads,
             head_dim,
             scale,
+            window,
+            softcap,
         ),
     )
     return out

@@ -96,6 +96,13 @@ class Isa(enum.IntEnum):
     AVX512 = 2  # AVX-512 F/BW/VL + VNNI
 
 
+class Activation(enum.IntEnum):
+    """The feed-forward block's gate activation."""
+
+    SILU = 0  # silu(gate) * up: llama, qwen, phi3
+    GELU = 1  # gelu(gate) * up (tanh form): gemma
+
+
 class RopeMode(enum.IntEnum):
     """How RoPE pairs dimensions (GGML's numbering)."""
 

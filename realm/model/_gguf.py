@@ -11,17 +11,54 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import gguf
 import numpy as np
 
 from .._errors import ModelError
-from ..kernels import Matrix, RopeMode, WeightType
+from ..kernels import Activation, Matrix, RopeMode, WeightType
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
-_ROPE_MODE = {"llama": RopeMode.NORMAL, "qwen2": RopeMode.NEOX}
+
+@attrs.frozen
+class ArchTraits:
+    """What an architecture adds to the llama graph, as llama.cpp's graph for it does."""
+
+    rope: RopeMode
+    biases: bool = False  # attn_{q,k,v}.bias (qwen2)
+    qk_norm: bool = False  # attn_{q,k}_norm: per-head RMSNorm before RoPE (qwen3, gemma3)
+    post_norms: bool = False  # post_attention_norm, post_ffw_norm (gemma2, gemma3)
+    act: Activation = Activation.SILU
+    embd_scale: bool = False  # embeddings times sqrt(n_embd) (gemma)
+    fused: bool = False  # attn_qkv and a 2 * n_ff ffn_up holding gate then up (phi3)
+    #: every swa_pattern-th layer attends to everything, the others to the file's sliding
+    #: window (gemma2: 2, gemma3: 6); 1: every layer windowed; 0: the window is ignored
+    swa_pattern: int = 1
+    #: RoPE base of the windowed layers (gemma3's local layers: 10000, scale 1); None: the file's
+    swa_rope_base: float | None = None
+    #: layer counts of the sizes whose attention scale is 1/sqrt(n_embd / n_heads), not
+    #: 1/sqrt(head_dim) (llama.cpp: gemma2 27B, gemma3 27B)
+    scale_by_embd_layers: tuple[int, ...] = ()
+    softcaps: bool = False  # attn_logit_softcapping, final_logit_softcapping (gemma2)
+
+
+ARCHS: Final = {
+    "llama": ArchTraits(rope=RopeMode.NORMAL),
+    "qwen2": ArchTraits(rope=RopeMode.NEOX, biases=True, swa_pattern=0),
+    "qwen3": ArchTraits(rope=RopeMode.NEOX, qk_norm=True, swa_pattern=0),
+    # llama.cpp turns phi3's sliding window off (its files do not say which layers use it)
+    "phi3": ArchTraits(rope=RopeMode.NEOX, fused=True, swa_pattern=0),
+    "gemma2": ArchTraits(
+        rope=RopeMode.NEOX, post_norms=True, act=Activation.GELU, embd_scale=True,
+        swa_pattern=2, scale_by_embd_layers=(46,), softcaps=True,
+    ),
+    "gemma3": ArchTraits(
+        rope=RopeMode.NEOX, qk_norm=True, post_norms=True, act=Activation.GELU,
+        embd_scale=True, swa_pattern=6, swa_rope_base=10000.0, scale_by_embd_layers=(62,),
+    ),
+}  # fmt: skip
+SUPPORTED_ARCHS = tuple(ARCHS)
 _MATRIX_TYPES = {gguf.GGMLQuantizationType(int(w)): w for w in WeightType}
 _FINGERPRINT_BYTES = 1 << 20  # head and tail of the file hashed into the fingerprint
 
@@ -50,9 +87,29 @@ class ModelInfo:
     rms_eps: float
     path: str
     fingerprint: str  # cheap identity: metadata, tensor table, size, head and tail bytes
+    sliding_window: int = 0  # positions a windowed layer attends to (0: none)
+    activation: str = "silu"
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+@attrs.frozen
+class GraphOptions:
+    """The architecture's parts of the compute graph (``TransformerSpec``'s optional fields)."""
+
+    act: Activation = Activation.SILU
+    embd_scale: float = 1.0
+    attn_scale: float | None = None
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    window: tuple[int, ...] | None = None
+    layer_rope_base: tuple[float, ...] | None = None
+    layer_rope_scale: tuple[float, ...] | None = None
+    rope_freqs: np.ndarray | None = attrs.field(default=None, eq=False)
+
+    def as_spec_kwargs(self) -> dict[str, Any]:
+        return attrs.asdict(self, recurse=False)
 
 
 @attrs.frozen
@@ -63,10 +120,13 @@ class ModelFile:
     reader: gguf.GGUFReader
     info: ModelInfo
     tensors: dict[str, Any]  # name -> gguf ReaderTensor
+    graph: GraphOptions = GraphOptions()
 
-    def matrix(self, name: str) -> Matrix:
+    def matrix(self, name: str, rows: tuple[int, int] | None = None) -> Matrix:
+        """A weight matrix, or rows ``[a, b)`` of it (a fused tensor's part: a view)."""
         t = self.tensors[name]
-        return Matrix.of(t.data, _MATRIX_TYPES[t.tensor_type])
+        data = t.data if rows is None else t.data[rows[0] : rows[1]]
+        return Matrix.of(data, _MATRIX_TYPES[t.tensor_type])
 
     def vector(self, name: str) -> np.ndarray:
         """A 1-D tensor as float32 (norm weights and biases are small: converted once)."""
@@ -135,25 +195,87 @@ def _check_matrix_types(path: Path, matrices: list[Any]) -> None:
 
 
 def layer_tensor_names(i: int, arch: str) -> dict[str, str]:
-    """GGUF names of block ``i``'s tensors, keyed by role."""
-    names = {
-        "attn_norm": f"blk.{i}.attn_norm.weight",
-        "wq": f"blk.{i}.attn_q.weight",
-        "wk": f"blk.{i}.attn_k.weight",
-        "wv": f"blk.{i}.attn_v.weight",
-        "wo": f"blk.{i}.attn_output.weight",
-        "ffn_norm": f"blk.{i}.ffn_norm.weight",
-        "w_gate": f"blk.{i}.ffn_gate.weight",
-        "w_up": f"blk.{i}.ffn_up.weight",
-        "w_down": f"blk.{i}.ffn_down.weight",
+    """GGUF names of block ``i``'s tensors, keyed by role.
+
+    A fused architecture (phi3) has ``wqkv`` (q, k, v rows stacked) instead of ``wq``, ``wk``,
+    ``wv``, and ``w_up`` holds the gate's rows, then the up projection's, with no ``w_gate``.
+    """
+    traits = ARCHS[arch]
+    b = f"blk.{i}"
+    names = {"attn_norm": f"{b}.attn_norm.weight"}
+    if traits.fused:
+        names["wqkv"] = f"{b}.attn_qkv.weight"
+    else:
+        names |= {"wq": f"{b}.attn_q.weight", "wk": f"{b}.attn_k.weight",
+                  "wv": f"{b}.attn_v.weight"}  # fmt: skip
+    names |= {
+        "wo": f"{b}.attn_output.weight",
+        "ffn_norm": f"{b}.ffn_norm.weight",
+        "w_up": f"{b}.ffn_up.weight",
+        "w_down": f"{b}.ffn_down.weight",
     }
-    if arch == "qwen2":
+    if not traits.fused:
+        names["w_gate"] = f"{b}.ffn_gate.weight"
+    if traits.biases:
+        names |= {"bq": f"{b}.attn_q.bias", "bk": f"{b}.attn_k.bias", "bv": f"{b}.attn_v.bias"}
+    if traits.qk_norm:
+        names |= {"q_norm": f"{b}.attn_q_norm.weight", "k_norm": f"{b}.attn_k_norm.weight"}
+    if traits.post_norms:
         names |= {
-            "bq": f"blk.{i}.attn_q.bias",
-            "bk": f"blk.{i}.attn_k.bias",
-            "bv": f"blk.{i}.attn_v.bias",
+            "post_attn_norm": f"{b}.post_attention_norm.weight",
+            "post_ffn_norm": f"{b}.post_ffw_norm.weight",
         }
     return names
+
+
+def _positive_float(value: Any, key: str, path: Path) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if isinstance(value, bool) or not (np.isfinite(f) and f > 0):
+        raise ModelError(f"{path}: metadata key {key!r} must be a positive number, got {value!r}")
+    return f
+
+
+def _graph_options(
+    p: Path, arch: str, key: Any, *, n_layers: int, n_embd: int, n_heads: int,
+    head_dim: int, rope_base: float, rope_scale: float, rope_freqs: np.ndarray | None,
+) -> tuple[GraphOptions, int]:  # fmt: skip
+    """The architecture's graph options and its sliding window (0: none) from the metadata."""
+    t = ARCHS[arch]
+    window = 0
+    if t.swa_pattern:
+        w = key("attention.sliding_window", 0)
+        if w:
+            window = _positive_int(w, f"{arch}.attention.sliding_window", p)
+    windows = layer_base = layer_scale = None
+    if window:
+        # llama.cpp's set_swa_pattern: layer l is windowed unless l % n == n - 1
+        swa = [t.swa_pattern == 1 or i % t.swa_pattern < t.swa_pattern - 1 for i in range(n_layers)]
+        windows = tuple(window if w else 0 for w in swa)
+        if t.swa_rope_base is not None:
+            layer_base = tuple(t.swa_rope_base if w else rope_base for w in swa)
+            layer_scale = tuple(1.0 if w else rope_scale for w in swa)
+    attn_scale = None
+    scale_key = key("attention.scale", 0)
+    if scale_key:
+        attn_scale = _positive_float(scale_key, f"{arch}.attention.scale", p)
+    elif n_layers in t.scale_by_embd_layers:
+        attn_scale = float((n_embd / n_heads) ** -0.5)
+    attn_cap = final_cap = 0.0
+    if t.softcaps:
+        a, f = key("attn_logit_softcapping", 0), key("final_logit_softcapping", 0)
+        attn_cap = _positive_float(a, f"{arch}.attn_logit_softcapping", p) if a else 0.0
+        final_cap = _positive_float(f, f"{arch}.final_logit_softcapping", p) if f else 0.0
+    opts = GraphOptions(
+        act=t.act,
+        embd_scale=float(np.float32(np.sqrt(n_embd))) if t.embd_scale else 1.0,
+        attn_scale=attn_scale, attn_softcap=attn_cap, final_softcap=final_cap,
+        window=windows, layer_rope_base=layer_base, layer_rope_scale=layer_scale,
+        rope_freqs=rope_freqs,
+    )  # fmt: skip
+    return opts, window
 
 
 def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
@@ -171,6 +293,7 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         raise ModelError(
             f"{p}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
+    traits = ARCHS[arch]
 
     def key(k: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{k}", default, path=p)
@@ -201,6 +324,9 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         raise ModelError(f"{p}: head size {head_dim} / rope dims {n_rot} not supported")
 
     tensors = {t.name: t for t in reader.tensors}
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if name in tensors:
+            raise ModelError(f"{p}: LongRoPE ({name!r}) is not supported")
     vocab = int(tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in tensors else 0
     qd, kvd = n_heads * head_dim, n_kv * head_dim
     expected: dict[str, tuple[int, ...]] = {
@@ -209,11 +335,17 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     }
     if "output.weight" in tensors:
         expected["output.weight"] = (n_embd, vocab)
+    if "rope_freqs.weight" in tensors:  # llama 3's per-pair frequency divisors
+        expected["rope_freqs.weight"] = (n_rot // 2,)
+    fused = traits.fused
     shapes = {
         "attn_norm": (n_embd,), "ffn_norm": (n_embd,),
         "wq": (n_embd, qd), "wk": (n_embd, kvd), "wv": (n_embd, kvd), "wo": (qd, n_embd),
-        "w_gate": (n_embd, n_ff), "w_up": (n_embd, n_ff), "w_down": (n_ff, n_embd),
-        "bq": (qd,), "bk": (kvd,), "bv": (kvd,),
+        "wqkv": (n_embd, qd + 2 * kvd),
+        "w_gate": (n_embd, n_ff), "w_up": (n_embd, 2 * n_ff if fused else n_ff),
+        "w_down": (n_ff, n_embd),
+        "bq": (qd,), "bk": (kvd,), "bv": (kvd,), "q_norm": (head_dim,), "k_norm": (head_dim,),
+        "post_attn_norm": (n_embd,), "post_ffn_norm": (n_embd,),
     }  # fmt: skip
     for i in range(n_layers):
         for role, name in layer_tensor_names(i, arch).items():
@@ -236,6 +368,19 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
             raise ModelError(f"{p}: tensor {name!r} has type {t.tensor_type.name}, want a float")
         if int(t.data.nbytes) != int(t.n_bytes):
             raise ModelError(f"{p}: tensor {name!r} is truncated")
+
+    rope_freqs = None
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        rope_freqs = np.ascontiguousarray(
+            gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32
+        ).reshape(-1)
+        if not (np.all(np.isfinite(rope_freqs)) and (rope_freqs > 0).all()):
+            raise ModelError(f"{p}: tensor 'rope_freqs.weight' must be finite and positive")
+    graph, window = _graph_options(
+        p, arch, key, n_layers=n_layers, n_embd=n_embd, n_heads=n_heads, head_dim=head_dim,
+        rope_base=rope_base, rope_scale=rope_scale, rope_freqs=rope_freqs,
+    )  # fmt: skip
 
     by_type: dict[str, int] = {}
     n_params = n_bytes = 0
@@ -260,14 +405,16 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
         n_bytes=n_bytes,
         rope_base=rope_base,
         rope_scale=rope_scale,
-        rope_mode=_ROPE_MODE[arch].name.lower(),
+        rope_mode=traits.rope.name.lower(),
         n_rot=n_rot,
         rms_eps=rms_eps,
         path=str(p.resolve()),
         fingerprint=_fingerprint(p, reader),
+        sliding_window=window,
+        activation=traits.act.name.lower(),
     )
-    return ModelFile(path=p, reader=reader, info=info, tensors=tensors)
+    return ModelFile(path=p, reader=reader, info=info, tensors=tensors, graph=graph)
 
 
 def rope_mode(info: ModelInfo) -> RopeMode:
-    return _ROPE_MODE[info.arch]
+    return ARCHS[info.arch].rope

@@ -45,7 +45,7 @@ class Model:
             n_layers=i.n_layers, n_embd=i.n_embd, n_heads=i.n_heads, n_kv_heads=i.n_kv_heads,
             head_dim=i.head_dim, n_ff=i.n_ff, n_vocab=i.vocab_size, n_rot=i.n_rot,
             rope_mode=rope_mode(i), rope_base=i.rope_base, rope_scale=i.rope_scale,
-            rms_eps=i.rms_eps, kv_dtype=kv_dtype,
+            rms_eps=i.rms_eps, kv_dtype=kv_dtype, **mf.graph.as_spec_kwargs(),
         )  # fmt: skip
         tok_embd = mf.matrix("token_embd.weight")
         output = mf.matrix("output.weight") if mf.has("output.weight") else tok_embd
@@ -77,15 +77,26 @@ class Model:
         """Block ``n``'s weights as views into the memory-mapped file."""
         mf = self._file
         names = layer_tensor_names(n, self.info.arch)
+        if "wqkv" in names:  # fused (phi3): row ranges of one tensor, as views
+            qd, kvd = self.spec.n_heads * self.spec.head_dim, self.spec.kv_dim
+            wq = mf.matrix(names["wqkv"], (0, qd))
+            wk = mf.matrix(names["wqkv"], (qd, qd + kvd))
+            wv = mf.matrix(names["wqkv"], (qd + kvd, qd + 2 * kvd))
+            ff = self.spec.n_ff
+            w_gate, w_up = mf.matrix(names["w_up"], (0, ff)), mf.matrix(names["w_up"], (ff, 2 * ff))
+        else:
+            wq, wk, wv = mf.matrix(names["wq"]), mf.matrix(names["wk"]), mf.matrix(names["wv"])
+            w_gate, w_up = mf.matrix(names["w_gate"]), mf.matrix(names["w_up"])
+
+        def opt(role: str) -> np.ndarray | None:
+            return mf.vector(names[role]) if role in names else None
+
         return LayerWeights(
-            attn_norm=mf.vector(names["attn_norm"]),
-            wq=mf.matrix(names["wq"]), wk=mf.matrix(names["wk"]), wv=mf.matrix(names["wv"]),
+            attn_norm=mf.vector(names["attn_norm"]), wq=wq, wk=wk, wv=wv,
             wo=mf.matrix(names["wo"]), ffn_norm=mf.vector(names["ffn_norm"]),
-            w_gate=mf.matrix(names["w_gate"]), w_up=mf.matrix(names["w_up"]),
-            w_down=mf.matrix(names["w_down"]),
-            bq=mf.vector(names["bq"]) if "bq" in names else None,
-            bk=mf.vector(names["bk"]) if "bk" in names else None,
-            bv=mf.vector(names["bv"]) if "bv" in names else None,
+            w_gate=w_gate, w_up=w_up, w_down=mf.matrix(names["w_down"]),
+            bq=opt("bq"), bk=opt("bk"), bv=opt("bv"), q_norm=opt("q_norm"), k_norm=opt("k_norm"),
+            post_attn_norm=opt("post_attn_norm"), post_ffn_norm=opt("post_ffn_norm"),
         )  # fmt: skip
 
     @property

@@ -491,18 +491,35 @@ def _c_calls() -> list[tuple[str, Callable[[], int]]]:
         ("get_rows-negative-id", lambda: lib.realm_get_rows(y, w, 0, 2, 8, neg, 1)),
         (
             "attention-head_dim",
-            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 257, 1.0),
+            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 257, 1.0, 0, 0.0),
         ),
-        ("attention-groups", lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 4, 3, 4, 1.0)),
+        (
+            "attention-groups",
+            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 4, 3, 4, 1.0, 0, 0.0),
+        ),
         (
             "attention-negative-pos",
-            lambda: lib.realm_attention(y, x, w, w, 0, neg, 1, 1, 1, 1, 8, 1.0),
+            lambda: lib.realm_attention(y, x, w, w, 0, neg, 1, 1, 1, 1, 8, 1.0, 0, 0.0),
         ),
-        ("attention-kv-type", lambda: lib.realm_attention(y, x, w, w, 8, pos, 1, 1, 1, 1, 8, 1.0)),
+        (
+            "attention-kv-type",
+            lambda: lib.realm_attention(y, x, w, w, 8, pos, 1, 1, 1, 1, 8, 1.0, 0, 0.0),
+        ),
         (
             "attention-nan-scale",
-            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 8, math.nan),
+            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 8, math.nan, 0, 0.0),
         ),
+        (
+            "attention-negative-window",
+            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 8, 1.0, -1, 0.0),
+        ),
+        (
+            "attention-nan-softcap",
+            lambda: lib.realm_attention(y, x, w, w, 0, pos, 1, 1, 1, 1, 8, 1.0, 0, math.nan),
+        ),
+        ("geglu-empty", lambda: lib.realm_geglu(y, x, x, 0)),
+        ("softcap-zero", lambda: lib.realm_softcap(y, 1, 0.0)),
+        ("softcap-inf", lambda: lib.realm_softcap(y, 1, math.inf)),
         ("read_bandwidth-small", lambda: lib.realm_read_bandwidth(ffi.new("double *"), w, 8, 1)),
         ("isa-unknown", lambda: lib.realm_isa_set(3)),
         ("isa-negative", lambda: lib.realm_isa_set(-1)),
