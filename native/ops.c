@@ -101,10 +101,12 @@ int realm_swiglu(float *out, const float *gate, const float *up, int64_t n) {
 
 int realm_geglu(float *out, const float *gate, const float *up, int64_t n) {
     if (!out || !gate || !up || n <= 0) return REALM_EINVAL;
-    const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
+    /* 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)): the same value without 1 + tanh's cancellation
+     * for negative gates */
+    const float c2 = 2.0f * 0.7978845608028654f;  /* 2 sqrt(2 / pi) */
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];
-        out[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
+        out[i] = g / (1.0f + expf(-c2 * (g + 0.044715f * g * g * g))) * up[i];
     }
     return REALM_OK;
 }

@@ -52,15 +52,17 @@ def _copy_matrix(m: Matrix) -> Matrix:
 
 
 def _copy_layer(lw: LayerWeights) -> LayerWeights:
-    def vec(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.array(a, dtype=np.float32, copy=True)
+    """A resident copy of every weight and vector of the layer (fields the arch lacks stay None)."""
 
-    return LayerWeights(
-        attn_norm=vec(lw.attn_norm), wq=_copy_matrix(lw.wq), wk=_copy_matrix(lw.wk),
-        wv=_copy_matrix(lw.wv), wo=_copy_matrix(lw.wo), ffn_norm=vec(lw.ffn_norm),
-        w_gate=_copy_matrix(lw.w_gate), w_up=_copy_matrix(lw.w_up),
-        w_down=_copy_matrix(lw.w_down), bq=vec(lw.bq), bk=vec(lw.bk), bv=vec(lw.bv),
-    )  # type: ignore[arg-type]  # fmt: skip
+    def copy(a: object) -> object:
+        if isinstance(a, Matrix):
+            return _copy_matrix(a)
+        if isinstance(a, np.ndarray):
+            return np.array(a, dtype=np.float32, copy=True)
+        return a
+
+    fields = attrs.fields(LayerWeights)
+    return attrs.evolve(lw, **{f.name: copy(getattr(lw, f.name)) for f in fields})
 
 
 def _layer_matrices(lw: LayerWeights) -> list[np.ndarray]:

@@ -23,8 +23,13 @@ from ._vocab import Vocab, natural_spm_vocab_size, spm_vocab
 
 __all__ = ["ARCHS", "TOKENIZERS", "WEIGHT_TYPES", "write_test_model", "write_vocab_only"]
 
-#: architectures ``write_test_model`` writes (qwen2 = llama + Q/K/V biases + NeoX RoPE)
-ARCHS: Final = ("llama", "qwen2")
+#: architectures ``write_test_model`` writes, with llama.cpp's tensor names and keys for each
+#: (qwen2: llama + Q/K/V biases + NeoX RoPE; qwen3: QK-norm; phi3: fused QKV and gate/up;
+#: gemma2: post norms, GELU, soft-capping, every other layer windowed; gemma3: post norms,
+#: QK-norm, GELU, five layers in six windowed)
+ARCHS: Final = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GEMMA_DEFAULT_WINDOW: Final = 8  # positions: small, so that tests cross it
+GEMMA2_SOFTCAPS: Final = (50.0, 30.0)  # attention scores, final logits (Gemma 2's own values)
 #: tokenizers it writes ("none": no tokenizer keys at all)
 TOKENIZERS: Final = ("spm", "none")
 #: weight type of the 2-D matrices → (GGML tensor type, GGUF general.file_type)
@@ -58,13 +63,24 @@ def write_test_model(
     rms_eps: float = 1e-5,
     tied_embeddings: bool = False,
     tokenizer: str = "spm",
+    head_dim: int | None = None,
+    sliding_window: int | None = None,
+    rope_freqs: bool = False,
 ) -> Path:
     """Write a small random-weight GGUF model to ``path`` (overwritten) and return its path.
 
     Args:
-        arch: "llama" or "qwen2" (adds ``attn_{q,k,v}.bias``; llama.cpp runs it with NeoX RoPE).
-        n_embd, n_heads, n_kv_heads: head_dim = n_embd / n_heads must be a whole even number;
-            n_heads must be a multiple of n_kv_heads (grouped-query attention).
+        arch: one of ``ARCHS``: "llama", "qwen2" (adds ``attn_{q,k,v}.bias``), "qwen3"
+            (``attn_{q,k}_norm``), "phi3" (``attn_qkv``, a double-height ``ffn_up``), "gemma2"
+            or "gemma3" (post norms, GELU; gemma3 has QK-norm; tied embeddings as published).
+        n_embd, n_heads, n_kv_heads: n_heads must be a multiple of n_kv_heads (grouped-query
+            attention).
+        head_dim: per-head size, written as ``attention.key_length`` (qwen3 and gemma use heads
+            wider than n_embd / n_heads); None for n_embd / n_heads, which must then be whole.
+            Even.
+        sliding_window: the window of the windowed layers (gemma2/3: default
+            ``GEMMA_DEFAULT_WINDOW``; other architectures: None writes no window).
+        rope_freqs: llama only: write a ``rope_freqs`` tensor (llama 3's per-pair divisors).
         vocab_size: None for the tokenizer's own size (that of the "spm" vocabulary, also
             for tokenizer="none"); with "spm", a larger size pads with unused tokens and a
             smaller one keeps fewer learned pieces.
@@ -100,11 +116,22 @@ def write_test_model(
             raise ValueError(f"{name} must be finite and positive, got {number!r}")
     if not isinstance(tied_embeddings, bool):
         raise ValueError(f"tied_embeddings must be a bool, got {tied_embeddings!r}")
-    if n_embd % n_heads:
-        raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_heads ({n_heads})")
-    head_dim = n_embd // n_heads
+    explicit_head_dim = head_dim is not None
+    if head_dim is None:
+        if n_embd % n_heads:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_heads ({n_heads})")
+        head_dim = n_embd // n_heads
+    else:
+        _check_positive_int("head_dim", head_dim)
     if head_dim % 2:
-        raise ValueError(f"n_embd / n_heads must be even for RoPE, got head_dim {head_dim}")
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    gemma = arch in ("gemma2", "gemma3")
+    if sliding_window is None and gemma:
+        sliding_window = GEMMA_DEFAULT_WINDOW
+    if sliding_window is not None:
+        _check_positive_int("sliding_window", sliding_window)
+    if not isinstance(rope_freqs, bool) or (rope_freqs and arch != "llama"):
+        raise ValueError(f"rope_freqs must be a bool, and True only for llama; got {rope_freqs!r}")
     if n_kv_heads > n_heads or n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
     ggml_type, file_type = WEIGHT_TYPES[wtype]
@@ -136,6 +163,14 @@ def write_test_model(
     writer.add_layer_norm_rms_eps(float(rms_eps))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(vocab_size)
+    if explicit_head_dim:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(GEMMA2_SOFTCAPS[0])
+        writer.add_final_logit_softcapping(GEMMA2_SOFTCAPS[1])
     if vocab is not None:
         vocab.write(writer)
 
@@ -150,25 +185,41 @@ def write_test_model(
     def vector(name: str, values: np.ndarray) -> None:
         writer.add_tensor(name, values.astype(np.float32))
 
-    def norm(name: str) -> None:
-        vector(name, 1.0 + NORM_JITTER * rng.standard_normal(n_embd))
+    def norm(name: str, n: int = n_embd) -> None:
+        vector(name, 1.0 + NORM_JITTER * rng.standard_normal(n))
 
-    matrix("token_embd.weight", vocab_size, n_embd, 1.0)
+    # gemma multiplies the embeddings by sqrt(n_embd): store them that much smaller
+    matrix("token_embd.weight", vocab_size, n_embd, n_embd**-0.5 if gemma else 1.0)
+    if rope_freqs:  # llama 3's shape: 1 for the fast pairs, growing to 8 for the slow ones
+        vector("rope_freqs.weight", np.geomspace(1.0, 8.0, head_dim // 2))
     for i in range(n_layers):
         blk = f"blk.{i}"
         norm(f"{blk}.attn_norm.weight")
-        matrix(f"{blk}.attn_q.weight", n_q, n_embd, n_embd**-0.5)
-        matrix(f"{blk}.attn_k.weight", n_kv, n_embd, n_embd**-0.5)
-        matrix(f"{blk}.attn_v.weight", n_kv, n_embd, n_embd**-0.5)
+        if arch == "phi3":
+            matrix(f"{blk}.attn_qkv.weight", n_q + 2 * n_kv, n_embd, n_embd**-0.5)
+        else:
+            matrix(f"{blk}.attn_q.weight", n_q, n_embd, n_embd**-0.5)
+            matrix(f"{blk}.attn_k.weight", n_kv, n_embd, n_embd**-0.5)
+            matrix(f"{blk}.attn_v.weight", n_kv, n_embd, n_embd**-0.5)
         if arch == "qwen2":
             vector(f"{blk}.attn_q.bias", BIAS_STD * rng.standard_normal(n_q))
             vector(f"{blk}.attn_k.bias", BIAS_STD * rng.standard_normal(n_kv))
             vector(f"{blk}.attn_v.bias", BIAS_STD * rng.standard_normal(n_kv))
+        if arch in ("qwen3", "gemma3"):
+            norm(f"{blk}.attn_q_norm.weight", head_dim)
+            norm(f"{blk}.attn_k_norm.weight", head_dim)
         matrix(f"{blk}.attn_output.weight", n_embd, n_q, n_q**-0.5)
+        if gemma:
+            norm(f"{blk}.post_attention_norm.weight")
         norm(f"{blk}.ffn_norm.weight")
-        matrix(f"{blk}.ffn_gate.weight", n_ff, n_embd, n_embd**-0.5)
-        matrix(f"{blk}.ffn_up.weight", n_ff, n_embd, n_embd**-0.5)
+        if arch == "phi3":
+            matrix(f"{blk}.ffn_up.weight", 2 * n_ff, n_embd, n_embd**-0.5)
+        else:
+            matrix(f"{blk}.ffn_gate.weight", n_ff, n_embd, n_embd**-0.5)
+            matrix(f"{blk}.ffn_up.weight", n_ff, n_embd, n_embd**-0.5)
         matrix(f"{blk}.ffn_down.weight", n_embd, n_ff, n_ff**-0.5)
+        if gemma:
+            norm(f"{blk}.post_ffw_norm.weight")
     norm("output_norm.weight")
     if not tied_embeddings:
         matrix("output.weight", vocab_size, n_embd, n_embd**-0.5)

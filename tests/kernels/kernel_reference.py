@@ -206,6 +206,14 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return silu(gate) * up.astype(np.float64)
 
 
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``gelu(gate) * up`` with GELU's tanh form, as ggml_gelu computes it."""
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        u = np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3)
+        return g / (1.0 + np.exp(-2.0 * u)) * up  # 0.5 (1 + tanh u) without cancellation
+
+
 # --- attention -----------------------------------------------------------------------------
 
 
@@ -215,11 +223,14 @@ def attention(
     v: np.ndarray,
     positions: np.ndarray,
     scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Causal grouped-query attention over a KV cache, in float64, with an error bound.
 
-    Query i attends to cache rows ``0..min(positions[i], n_kv - 1)``; query head h reads KV
-    head ``h // (n_heads // n_kv_heads)``.
+    Query i attends to cache rows ``0..min(positions[i], n_kv - 1)`` (with ``window > 0``, only
+    those above ``positions[i] - window``); query head h reads KV head
+    ``h // (n_heads // n_kv_heads)``; with ``softcap > 0`` scores are ``c * tanh(s / c)``.
 
     The bound covers a float32 kernel: each score is a dot product off by at most
     ``dot_rtol(head_dim) * scale * sum |q * k|`` (plus rounding of ``s - max``), which moves
@@ -237,13 +248,19 @@ def attention(
     bound = np.zeros((n_q, n_heads, head_dim))
     for i in range(n_q):
         n = min(int(positions[i]) + 1, n_kv)
+        j0 = max(0, int(positions[i]) + 1 - window) if window > 0 else 0
+        if j0 >= n:
+            continue  # nothing in the window: zeros
         for h in range(n_heads):
             kvh = h // group
-            scores = k64[:n, kvh] @ q64[i, h] * scale
+            kk, vv = k64[j0:n, kvh], v64[j0:n, kvh]
+            scores = kk @ q64[i, h] * scale
+            if softcap > 0:  # tanh's slope is <= 1: the score error does not grow
+                scores = softcap * np.tanh(scores / softcap)
             p = np.exp(scores - scores.max())
-            out[i, h] = (p / p.sum()) @ v64[:n, kvh]
-            score_err = dot_rtol(head_dim) * scale * (np.abs(k64[:n, kvh]) @ np.abs(q64[i, h]))
+            out[i, h] = (p / p.sum()) @ vv
+            score_err = dot_rtol(head_dim) * scale * (np.abs(kk) @ np.abs(q64[i, h]))
             score_err = score_err.max() + 4 * F32_UNIT_ROUNDOFF * np.abs(scores).max()
-            weight_rel_err = np.expm1(2 * score_err) + dot_rtol(n)
-            bound[i, h] = weight_rel_err * np.abs(v64[:n, kvh]).max(axis=0)
+            weight_rel_err = np.expm1(2 * score_err) + dot_rtol(n - j0)
+            bound[i, h] = weight_rel_err * np.abs(vv).max(axis=0)
     return out, bound

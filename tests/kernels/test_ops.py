@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import kernel_reference as reference
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_reference import F32_UNIT_ROUNDOFF
 
-from realm import kernels
+from realm import KernelError, kernels
 from realm.kernels import Isa, RopeMode, WeightType
 
 #: the types quantize writes (the read-only file types are tested in test_quant_types.py)
@@ -282,6 +284,46 @@ def test_swiglu_extreme_gates_and_out(isa: Isa) -> None:
 
 
 @pytest.mark.parametrize("n", ROW_LENGTHS)
+def test_geglu(n: int, isa: Isa) -> None:
+    rng = seeded(n, 62)
+    gate = normal(rng, 2, n, scale=5.0)
+    up = normal(rng, 2, n)
+    got = kernels.geglu(gate, up)
+    assert got.shape == gate.shape
+    check_geglu(got, gate, up)
+
+
+def check_geglu(got: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+    """exp(-2u) magnifies the float32 rounding of its argument u by |2u|, so the tolerance
+    grows with it (a few units of roundoff per unit of 2|u|, where the result is not ~0)."""
+    g = gate.astype(np.float64)
+    u = np.abs(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3))
+    rtol = SWIGLU_RTOL + 4 * F32_UNIT_ROUNDOFF * np.minimum(2 * u, 1e3)
+    want = reference.geglu(gate, up)
+    assert (np.abs(got - want) <= rtol * np.abs(want) + SWIGLU_ATOL).all()
+
+
+def test_geglu_extreme_gates(isa: Isa) -> None:
+    gate = np.array([-1e38, -1e4, -20.0, -1e-30, 0.0, 1e-30, 3.0, 20.0, 1e4, 1e38], np.float32)
+    up = np.linspace(-2.0, 3.0, gate.size, dtype=np.float32)
+    got = kernels.geglu(gate, up)
+    assert np.isfinite(got).all()
+    check_geglu(got, gate, up)
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0])
+def test_softcap(cap: float) -> None:
+    x = np.array([-1e30, -100.0, -1.0, 0.0, 0.25, 29.0, 1e4], np.float32)
+    want = cap * np.tanh(x.astype(np.float64) / cap)
+    got = kernels.softcap(x.copy(), cap)
+    np.testing.assert_allclose(got, want, rtol=4 * F32_UNIT_ROUNDOFF, atol=1e-7)
+    assert (np.abs(got) <= cap).all()
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(KernelError, match="cap"):
+            kernels.softcap(x.copy(), bad)
+
+
+@pytest.mark.parametrize("n", ROW_LENGTHS)
 def test_add(n: int, isa: Isa) -> None:
     rng = seeded(n, 67)
     a, b = normal(rng, 3, n), normal(rng, 3, n, scale=100.0)
@@ -419,6 +461,60 @@ def test_attention_scale_and_out(scale: float, isa: Isa) -> None:
     out = np.full_like(q, np.nan)
     assert kernels.attention(q, k, v, positions, scale=scale, out=out) is out
     np.testing.assert_array_equal(out, kernels.attention(q, k, v, positions, scale=scale))
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 64])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_attention_sliding_window(kv_dtype: type, window: int, isa: Isa) -> None:
+    """A query at p sees rows p - window + 1 .. p only (both the fused and the plain path)."""
+    rng = seeded(103, window, np.dtype(kv_dtype).itemsize)
+    n_kv = 30
+    q, k, v = make_attention(rng, 6, n_kv, 8, 2, 64, kv_dtype)
+    positions = np.array([0, 2, 7, 15, 29, 40], np.int32)
+    got = kernels.attention(q, k, v, positions, window=window)
+    expected, bound = reference.attention(q, k, v, positions, window=window)
+    reference.assert_within(got, expected, bound + ATTN_ATOL)
+    # rows outside the window do not matter: change them and nothing moves
+    k2, v2 = k.copy(), v.copy()
+    k2[: max(0, 15 - window + 1)] = 7
+    v2[: max(0, 15 - window + 1)] = -7
+    again = kernels.attention(q[3:4], k2, v2, positions[3:4], window=window)
+    np.testing.assert_array_equal(again, got[3:4])
+    if window == 1:  # one row: the value row itself
+        np.testing.assert_array_equal(got[2], v[7].astype(np.float32).repeat(4, axis=0))
+    if window >= n_kv:  # a window wider than the cache is plain causal attention
+        np.testing.assert_array_equal(got, kernels.attention(q, k, v, positions))
+
+
+def test_attention_window_beyond_the_cache_is_empty(isa: Isa) -> None:
+    rng = seeded(107)
+    q, k, v = make_attention(rng, 1, 4, 2, 1, 16, np.float32)
+    got = kernels.attention(q, k, v, np.array([20], np.int32), window=3)
+    np.testing.assert_array_equal(got, np.zeros_like(q))
+
+
+@pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_attention_softcap(kv_dtype: type, softcap: float, isa: Isa) -> None:
+    rng = seeded(109, int(softcap * 10), np.dtype(kv_dtype).itemsize)
+    q, k, v = make_attention(rng, 4, 20, 4, 2, 32, kv_dtype)
+    q *= 4  # large scores, so the cap bites
+    positions = np.array([0, 5, 12, 19], np.int32)
+    got = kernels.attention(q, k, v, positions, softcap=softcap, window=6)
+    expected, bound = reference.attention(q, k, v, positions, softcap=softcap, window=6)
+    reference.assert_within(got, expected, bound + ATTN_ATOL)
+    if softcap < 1:  # a tight cap flattens the weights: far from the uncapped result
+        plain = kernels.attention(q, k, v, positions, window=6)
+        assert np.abs(plain - got).max() > 0.05
+
+
+@pytest.mark.parametrize("bad", [{"window": -1}, {"window": 1.5}, {"softcap": -1.0},
+                                 {"softcap": math.inf}, {"window": True}])  # fmt: skip
+def test_attention_window_and_softcap_bad_values(bad: dict) -> None:
+    rng = seeded(113)
+    q, k, v = make_attention(rng, 1, 4, 2, 1, 16, np.float32)
+    with pytest.raises(KernelError, match=next(iter(bad))):
+        kernels.attention(q, k, v, np.array([3], np.int32), **bad)
 
 
 def test_attention_thread_count_gives_identical_results(isa: Isa, restore_threads: None) -> None:
