@@ -36,7 +36,7 @@ order: ``(n_out, n_in)`` for F32/F16, ``(n_out, bytes_per_row)`` uint8 for BF16/
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -269,6 +269,15 @@ class RefModel:
         reader = GGUFReader(path)
         self.hparams = read_hparams(reader)
         self.weights = read_weights(reader)
+        #: names of the weights stored in a quantized (non-float) type
+        self.quantized = {
+            t.name
+            for t in reader.tensors
+            if t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2
+        }
+        #: None, or a function applied to the input of every product with a quantized weight:
+        #: a test sets it to model the 8-bit activations that quantized matmuls use
+        self.activation_rounding: Callable[[np.ndarray], np.ndarray] | None = None
 
     def new_cache(self) -> KVCache:
         hp = self.hparams
@@ -289,6 +298,8 @@ class RefModel:
         positions = np.arange(n_past, n_past + n_tokens)
 
         def linear(x: np.ndarray, name: str) -> np.ndarray:
+            if self.activation_rounding is not None and f"{name}.weight" in self.quantized:
+                x = self.activation_rounding(x)
             y = x @ w[f"{name}.weight"].T
             bias = w.get(f"{name}.bias")
             return y if bias is None else y + bias
@@ -340,7 +351,10 @@ class RefModel:
             ffn = linear(act(gate) * up, f"{blk}.ffn_down")
             x = x + maybe_norm(ffn, f"{blk}.post_ffw_norm.weight")
         x = rms_norm(x, w["output_norm.weight"], hp.rms_eps)
-        logits = x @ w.get("output.weight", w["token_embd.weight"]).T
+        out = "output.weight" if "output.weight" in w else "token_embd.weight"
+        if self.activation_rounding is not None and out in self.quantized:
+            x = self.activation_rounding(x)
+        logits = x @ w[out].T
         if hp.final_softcap > 0:
             logits = hp.final_softcap * np.tanh(logits / hp.final_softcap)
         return logits
