@@ -20,6 +20,7 @@ SOURCES = [
     "pool.c",
     "scalar.c",
     "avx2.c",
+    "attn_avx2.c",
     "avx512.c",
     "gemm_avx2.c",
     "gemm_avx512.c",

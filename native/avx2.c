@@ -10,6 +10,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+REALM_AVX2
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -17,6 +18,7 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+REALM_AVX2
 static float vdot_f32(int64_t n, const float *w, const float *x) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -33,15 +35,18 @@ static float vdot_f32(int64_t n, const float *w, const float *x) {
     return s;
 }
 
+REALM_AVX2
 static inline __m256 load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+REALM_AVX2
 static inline __m256 load_bf16x8(const uint16_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
+REALM_AVX2
 static float vdot_f16(int64_t n, const uint16_t *w, const float *x) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -56,6 +61,7 @@ static float vdot_f16(int64_t n, const uint16_t *w, const float *x) {
 }
 
 /* 32 unsigned x 32 signed bytes -> 8 int32 partial sums (no overflow for |u| <= 128, |s| <= 127) */
+REALM_AVX2
 static inline __m256 dot_u8s8_ps(__m256i u, __m256i s) {
     const __m256i p16 = _mm256_maddubs_epi16(u, s);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
@@ -79,16 +85,19 @@ static inline __m256 dot_u8s8_ps(__m256i u, __m256i s) {
         }                                                                                        \
     }
 
+REALM_AVX2
 static inline float id_f32(float v) { return v; }
 AVX2_FLOAT_DOT(dot_f32, float, _mm256_loadu_ps, id_f32)
 AVX2_FLOAT_DOT(dot_f16, uint16_t, load_f16x8, realm_f16_to_f32)
 AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
 
+REALM_AVX2
 static inline __m256i load_signed_x(const uint8_t *q) {
     /* stored as q + 128: flipping the top bit gives the signed value */
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80));
 }
 
+REALM_AVX2
 static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
                      int64_t nbat) {
     const int64_t nb = x->nb;
@@ -106,6 +115,7 @@ static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x 
     }
 }
 
+REALM_AVX2
 static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b0,
                      int64_t nbat) {
     const int64_t nb = x->nb;
@@ -127,6 +137,7 @@ static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x 
     }
 }
 
+REALM_AVX2
 static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const int64_t nb = x->nb;
@@ -160,6 +171,7 @@ static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     }
 }
 
+REALM_AVX2
 static void axpy_f32(int64_t n, float a, const float *x, float *y) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
@@ -168,6 +180,7 @@ static void axpy_f32(int64_t n, float a, const float *x, float *y) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+REALM_AVX2
 static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
@@ -176,6 +189,7 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     for (; i < n; i++) y[i] += a * realm_f16_to_f32(x[i]);
 }
 
+REALM_AVX2
 void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b) {
     quantize_q8x(x, src, b);
 }
@@ -196,6 +210,8 @@ const realm_isa_ops realm_ops_avx2 = {
     .vdot_f16 = vdot_f16,
     .axpy_f32 = axpy_f32,
     .axpy_f16 = axpy_f16,
+    .attn_probs_f16 = realm_attn_probs_f16_avx2,
+    .attn_values_f16 = realm_attn_values_f16_avx2,
     .gemm_f32 = realm_gemm_f32_avx2,
     .dot_other = realm_dot_other_avx2,
     .quantize_q8x_plain = quantize_q8x,

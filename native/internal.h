@@ -179,6 +179,10 @@ void realm_dot_other_scalar(float *y, int64_t ys, const void *w, int wtype, cons
 void realm_dot_other_avx2(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                           int64_t b0, int64_t nbat);
 void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b);
+void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
+                               const float *q, int32_t group, int32_t d, float scale);
+void realm_attn_values_f16_avx2(float *o, const uint16_t *v, int64_t vs, int64_t n,
+                                const float *w, int64_t ws, int32_t group, int32_t d);
 #endif
 
 extern const realm_isa_ops realm_ops_scalar;
