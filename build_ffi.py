@@ -25,6 +25,7 @@ SOURCES = [
     "gemm_avx2.c",
     "gemm_avx512.c",
     "gemm_q8_avx512.c",
+    "gemm_q8_avx2.c",
     "quants.c",
     "quants_avx2.c",
     "matmul.c",

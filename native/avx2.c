@@ -1,13 +1,12 @@
 /* Realm native kernels: AVX2 + FMA + F16C primitives (x86 only).
  *
- * Compiled for the baseline target; the pragma enables the ISA for this file's functions
- * only, and kernels.c selects this table at run time when the CPU supports it, so one
- * build runs on any x86-64 CPU.
+ * Compiled for the baseline target; REALM_AVX2 (a function target attribute) enables the ISA
+ * for this file's functions only, and kernels.c selects this table at run time when the CPU
+ * supports it, so one build runs on any x86-64 CPU.
  */
 #include "internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
 REALM_AVX2
@@ -69,6 +68,7 @@ static inline __m256 dot_u8s8_ps(__m256i u, __m256i s) {
 
 /* one weight row against every batch row (panel layout): 8-wide, one weight load per 8 */
 #define AVX2_FLOAT_DOT(NAME, WT, LOAD, TO_F32)                                                   \
+    REALM_AVX2                                                                                   \
     static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch, \
                      int64_t b0, int64_t nbat) {                                                 \
         for (int64_t b = b0; b < b0 + nbat; b++) {                                               \
@@ -213,6 +213,7 @@ const realm_isa_ops realm_ops_avx2 = {
     .attn_probs_f16 = realm_attn_probs_f16_avx2,
     .attn_values_f16 = realm_attn_values_f16_avx2,
     .gemm_f32 = realm_gemm_f32_avx2,
+    .gemm_q8 = realm_gemm_q8_avx2,
     .dot_other = realm_dot_other_avx2,
     .quantize_q8x_plain = quantize_q8x,
 };

@@ -179,6 +179,8 @@ void realm_dot_other_scalar(float *y, int64_t ys, const void *w, int wtype, cons
 void realm_dot_other_avx2(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                           int64_t b0, int64_t nbat);
 void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b);
+int realm_gemm_q8_avx2(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                       int64_t n_cols, int64_t batch);
 void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
                                const float *q, int32_t group, int32_t d, float scale);
 void realm_attn_values_f16_avx2(float *o, const uint16_t *v, int64_t vs, int64_t n,
@@ -190,6 +192,15 @@ extern const realm_isa_ops realm_ops_scalar;
 extern const realm_isa_ops realm_ops_avx2;
 extern const realm_isa_ops realm_ops_avx512;
 #define REALM_X86 1
+/* The ISA-specific files are compiled for the baseline target like the rest; each of their
+ * functions (static inline helpers included: clang will not inline an intrinsic, or a helper,
+ * into a function built without its features) carries one of these target attributes, which
+ * gcc and clang both honour, so one build runs on any x86-64 CPU and kernels.c picks the table
+ * at run time. */
+#define REALM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define REALM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define REALM_AVX512_VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #endif
 
 const realm_isa_ops *realm_ops(void);  /* the active table */
