@@ -13,7 +13,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX2_FN REALM_AVX2
 #define VAL_HEADS 6  /* heads per pass over the values: 6 x 2 accumulators + 2 rows + 1 weight */
 
 AVX2_FN static inline float hsum8(__m256 v) {

@@ -6,30 +6,36 @@
 #include "internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #include <immintrin.h>
 
+REALM_AVX512_VNNI
 static inline __mmask16 tail16(int64_t r) { return (__mmask16)((1u << r) - 1u); }
 
+REALM_AVX512_VNNI
 static inline __m512 load_f32x16(const float *p) { return _mm512_loadu_ps(p); }
+REALM_AVX512_VNNI
 static inline __m512 load_f32x16_tail(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+REALM_AVX512_VNNI
 static inline __m512 load_f16x16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
+REALM_AVX512_VNNI
 static inline __m512 load_f16x16_tail(const uint16_t *p, __mmask16 m) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
+REALM_AVX512_VNNI
 static inline __m512 load_bf16x16(const uint16_t *p) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
+REALM_AVX512_VNNI
 static inline __m512 load_bf16x16_tail(const uint16_t *p, __mmask16 m) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
 #define GROUP 8 /* batch rows per pass over a weight row: accumulators stay in registers */
-#define INLINE static inline __attribute__((always_inline))
+#define INLINE REALM_AVX512_VNNI static inline __attribute__((always_inline))
 
 /* One weight row against G batch rows (x in the panel layout): each weight vector is loaded
  * (and converted) once and multiplied into G accumulators; two accumulator sets hide the FMA
@@ -63,6 +69,7 @@ static inline __m512 load_bf16x16_tail(const uint16_t *p, __mmask16 m) {
         for (int k = 0; k < G; k++)                                                              \
             y[(b0 + k) * ys] = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));                \
     }                                                                                            \
+    REALM_AVX512_VNNI                                                                            \
     static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch, \
                      int64_t b0, int64_t nbat) {                                                 \
         int64_t b = b0;                                                                          \
@@ -84,6 +91,7 @@ FLOAT_DOT(dot_f32, float, load_f32x16, load_f32x16_tail)
 FLOAT_DOT(dot_f16, uint16_t, load_f16x16, load_f16x16_tail)
 FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
 
+REALM_AVX512_VNNI
 static float vdot_f32(int64_t n, const float *a, const float *b) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
@@ -98,6 +106,7 @@ static float vdot_f32(int64_t n, const float *a, const float *b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+REALM_AVX512_VNNI
 static float vdot_f16(int64_t n, const uint16_t *a, const float *b) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
@@ -240,6 +249,7 @@ INLINE __m512 q8_quad_scales(const block_q8_0 *v) {
         }                                                                                        \
         for (int k = 0; k < G; k++) y[(b0 + k) * ys] = _mm512_reduce_add_ps(acc[k]);             \
     }                                                                                            \
+    REALM_AVX512_VNNI                                                                            \
     static void NAME(float *y, int64_t ys, const BT *w, const realm_q8x *x, int64_t b0,          \
                      int64_t nbat) {                                                             \
         int64_t b = b0;                                                                          \
@@ -260,6 +270,7 @@ INLINE __m512 q8_quad_scales(const block_q8_0 *v) {
 INT8_DOT(dot_q8_0, block_q8_0, q8_block, q8_quad, q8_quad_scales)
 INT8_DOT(dot_q4_0, block_q4_0, q4_block, q4_quad, q4_quad_scales)
 
+REALM_AVX512_VNNI
 static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     const int64_t nb = x->nb;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
@@ -290,6 +301,7 @@ static void quantize_q8x(const realm_q8x *x, const float *src, int64_t b) {
     }
 }
 
+REALM_AVX512_VNNI
 static void axpy_f32(int64_t n, float a, const float *x, float *y) {
     const __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
@@ -302,6 +314,7 @@ static void axpy_f32(int64_t n, float a, const float *x, float *y) {
     }
 }
 
+REALM_AVX512_VNNI
 static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
     const __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
@@ -318,8 +331,10 @@ static void axpy_f16(int64_t n, float a, const uint16_t *x, float *y) {
 
 #define ATT_HEADS 8  /* query heads per pass over the values: 8 x 2 accumulators in registers */
 
+REALM_AVX512_VNNI
 static void attn_softmax_rows(float *scores, int64_t ss, int64_t n, int32_t group);
 
+REALM_AVX512_VNNI
 static void attn_probs_f16(float *scores, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
                             const float *q, int32_t group, int32_t d, float scale) {
     const int32_t nc = (d + 15) / 16;  /* 16-wide chunks of a row; d <= 256, so nc <= 16 */
@@ -345,6 +360,7 @@ static void attn_probs_f16(float *scores, int64_t ss, const uint16_t *k, int64_t
 
 /* e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, a
  * degree-6 Taylor polynomial for e^r (relative error < 2e-7), then scalef by 2^n */
+REALM_AVX512_VNNI
 static inline __m512 exp_neg512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -362,6 +378,7 @@ static inline __m512 exp_neg512(__m512 x) {
 }
 
 /* scores -> softmax probabilities, in place, for each of `group` rows of n */
+REALM_AVX512_VNNI
 static void attn_softmax_rows(float *scores, int64_t ss, int64_t n, int32_t group) {
     for (int32_t h = 0; h < group; h++) {
         float *s = scores + h * ss;
@@ -391,6 +408,7 @@ static void attn_softmax_rows(float *scores, int64_t ss, int64_t n, int32_t grou
     }
 }
 
+REALM_AVX512_VNNI
 static void attn_values_f16(float *o, const uint16_t *v, int64_t vs, int64_t n, const float *w,
                             int64_t ws, int32_t group, int32_t d) {
     /* passes of up to 8 heads x 32 columns: the accumulators stay in registers and each pass

@@ -14,13 +14,6 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 #define MR 6    /* rows of a per register tile */
 #define NR 16   /* rows of b (columns of y) per register tile: two ymm */
 #define KC 256  /* depth of a packed panel */
@@ -28,6 +21,7 @@
 #define NC 256  /* rows of b per packed panel (multiple of NR): 256 KiB packed */
 
 /* 8 rows of 8 floats -> 8 columns, in registers */
+REALM_AVX2
 static inline void transpose8(__m256 r[8]) {
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
     const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -48,6 +42,7 @@ static inline void transpose8(__m256 r[8]) {
 }
 
 /* 8 elements p.. of a row of b, widened to F32 */
+REALM_AVX2
 static inline __m256 load_row8(const void *src, int btype, int64_t p) {
     if (btype == REALM_TYPE_F32) return _mm256_loadu_ps((const float *)src + p);
     const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + p));
@@ -55,6 +50,7 @@ static inline __m256 load_row8(const void *src, int btype, int64_t p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16 */
 }
 
+REALM_AVX2
 static inline float load_one(const void *src, int btype, int64_t p) {
     if (btype == REALM_TYPE_F32) return ((const float *)src)[p];
     const uint16_t h = ((const uint16_t *)src)[p];
@@ -64,6 +60,7 @@ static inline float load_one(const void *src, int btype, int64_t p) {
 /* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (ceil(nc/NR), kc, NR),
  * zero-padded. 8 rows x 8 columns at a time are loaded row-wise (each source row contiguous)
  * and transposed in registers; a tail of fewer than 8 columns is copied element by element. */
+REALM_AVX2
 static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0, int64_t nc,
                    int64_t p0, int64_t kc) {
     const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
@@ -92,6 +89,7 @@ static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0
 
 /* Pack a[i0 + i, p0 + p] for i < mc, p < kc into slivers of MR: (ceil(mc/MR), kc, MR),
  * zero-padded. */
+REALM_AVX2
 static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
                    int64_t kc) {
     for (int64_t is = 0; is < mc; is += MR) {
@@ -109,6 +107,7 @@ static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t 
 }
 
 /* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
+REALM_AVX2
 static void tile_6x16(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                       int accumulate, int64_t mr, int64_t nr) {
     __m256 c0[MR], c1[MR];
@@ -148,6 +147,7 @@ static void tile_6x16(int64_t kc, const float *ap, const float *bp, float *c, in
     }
 }
 
+REALM_AVX2
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                         int nth) {
@@ -186,10 +186,4 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
     free(bp);
     return REALM_OK;
 }
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #endif

@@ -12,7 +12,6 @@
 #include "internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #include <immintrin.h>
 
 #define MR 14   /* rows of a per register tile */
@@ -25,6 +24,7 @@
  * Each source row is read contiguously: rows of b lie ldb floats apart (often a power of two),
  * and reading 32 of them in step would put every load in the same L1 set. */
 /* 16 rows of 16 floats -> 16 columns of 16 floats, in registers (3 shuffle stages). */
+REALM_AVX512
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16], u[16];
     for (int k = 0; k < 8; k++) {
@@ -50,6 +50,7 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
+REALM_AVX512
 static inline __m512 load_row16(const void *src, int btype, int64_t p, __mmask16 m) {
     if (btype == REALM_TYPE_F32) return _mm512_maskz_loadu_ps(m, (const float *)src + p);
     const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)src + p);
@@ -60,6 +61,7 @@ static inline __m512 load_row16(const void *src, int btype, int64_t p, __mmask16
 /* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded,
  * widening F16/BF16 to F32. 16 rows x 16 columns at a time are loaded row-wise (each source row
  * contiguous) and transposed in registers, so the packed sliver is written 64 bytes at a time. */
+REALM_AVX512
 static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0, int64_t nc,
                    int64_t p0, int64_t kc) {
     const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
@@ -85,6 +87,7 @@ static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0
 }
 
 /* Pack a[i0 + i, p0 + p] for i < mc, p < kc into slivers of MR: (mc/MR, kc, MR), zero-padded. */
+REALM_AVX512
 static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
                    int64_t kc) {
     for (int64_t is = 0; is < mc; is += MR) {
@@ -102,6 +105,7 @@ static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t 
     }
 }
 
+REALM_AVX512
 static inline __mmask16 mask_n(int64_t nr, int half) {
     int64_t r = nr - 16 * half;
     if (r <= 0) return 0;
@@ -110,6 +114,7 @@ static inline __mmask16 mask_n(int64_t nr, int half) {
 }
 
 /* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
+REALM_AVX512
 static void tile_mr_x32(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                        int accumulate, int64_t mr, int64_t nr) {
     __m512 c0[MR], c1[MR];
@@ -139,6 +144,7 @@ static void tile_mr_x32(int64_t kc, const float *ap, const float *bp, float *c, 
     }
 }
 
+REALM_AVX512
 int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                           int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                           int nth) {

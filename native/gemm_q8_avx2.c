@@ -37,8 +37,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#define INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#define AVX2_FN REALM_AVX2
+#define INLINE static inline __attribute__((always_inline)) REALM_AVX2
 
 #define PR 8             /* weight rows per panel: one ymm of int32 lanes */
 #define KC 64            /* blocks per packed panel: at most 64 x 544 B = 34 KiB */

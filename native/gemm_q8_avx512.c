@@ -36,10 +36,9 @@
 #include "internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #include <immintrin.h>
 
-#define INLINE static inline __attribute__((always_inline))
+#define INLINE REALM_AVX512_VNNI static inline __attribute__((always_inline))
 
 #define PR 16            /* weight rows per panel: one zmm of int32 lanes */
 #define KC 64            /* blocks per packed panel: 64 x 576 B = 36 KiB, mostly in L1 */
@@ -56,6 +55,7 @@ typedef struct {
 } q8b;
 _Static_assert(sizeof(q8b) == XREC, "q8b is 40 bytes");
 
+REALM_AVX512_VNNI
 static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t off) {
     for (int64_t i = 0; i < nb; i++) {
         const float *v = src + i * QK;
@@ -105,6 +105,7 @@ INLINE __m512 scales16(const uint8_t *q, int64_t rb, __m512i idx, int gather) {
 }
 
 /* Pack kc blocks of 16 rows (row r's first block at src + r * rb) into dst (kc x WBLK bytes). */
+REALM_AVX512_VNNI
 static void pack_panel(uint8_t *dst, const uint8_t *src, int64_t rb, int wtype, int64_t kc) {
     const int gather = 15 * rb <= INT32_MAX - 4;
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -150,6 +151,7 @@ typedef struct {
     int64_t rb, lines_per_row, rows_left, line;
 } prefetcher;
 
+REALM_AVX512_VNNI
 static void pf_start(prefetcher *f, const uint8_t *p, int rows, int64_t rb, int64_t bytes) {
     f->row = p;
     f->rb = rb;
@@ -158,6 +160,7 @@ static void pf_start(prefetcher *f, const uint8_t *p, int rows, int64_t rb, int6
     f->line = 0;
 }
 
+REALM_AVX512_VNNI
 static void pf_step(prefetcher *f, int64_t count) {
     for (; count > 0 && f->rows_left > 0; count--) {
         _mm_prefetch((const char *)(f->row + f->line * 64), _MM_HINT_T1);
@@ -169,6 +172,7 @@ static void pf_step(prefetcher *f, int64_t count) {
     }
 }
 
+REALM_AVX512_VNNI
 static inline int64_t pf_lines(const prefetcher *f) { return f->rows_left * f->lines_per_row; }
 
 /* ---- the register tile: 16 weight rows x n activation rows over kc blocks ---- */
@@ -213,6 +217,7 @@ INLINE void tile(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8
 
 /* Every batch row against a packed panel, NA at a time, prefetching for the next packing
  * between tiles. */
+REALM_AVX512_VNNI
 static void tiles(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8_t *wp,
                   const uint8_t *x, int64_t xs, int64_t kc, int64_t batch, prefetcher *pf) {
     const int64_t per = pf_lines(pf) / ((batch + NA - 1) / NA) + 1;
@@ -248,6 +253,7 @@ typedef struct {
     atomic_int_fast64_t next;  /* next unclaimed panel */
 } gq_ctx;
 
+REALM_AVX512_VNNI
 static void quant_task(void *p, int ith, int nth) {
     gq_ctx *c = p;
     int64_t b0, b1;
@@ -256,6 +262,7 @@ static void quant_task(void *p, int ith, int nth) {
     for (int64_t b = b0; b < b1; b++) quantize_row(c->xq + b * c->nb, c->x + b * c->nb * QK, c->nb, off);
 }
 
+REALM_AVX512_VNNI
 static void panel_task(void *p, int ith, int nth) {
     gq_ctx *c = p;
     (void)ith;
@@ -302,6 +309,7 @@ static void panel_task(void *p, int ith, int nth) {
     free(wp);
 }
 
+REALM_AVX512_VNNI
 int realm_gemm_q8_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                          int64_t n_cols, int64_t batch) {
     if (wtype != REALM_TYPE_Q8_0 && wtype != REALM_TYPE_Q4_0) return REALM_EINVAL;

@@ -19,6 +19,23 @@ const char *realm_status_message(int status) {
 
 // --- ISA dispatch -----------------------------------------------------------------------
 
+#ifdef REALM_X86
+#ifdef __clang__
+#include <cpuid.h>
+#endif
+
+static inline int cpu_has_f16c(void) {
+#ifdef __clang__
+    /* older clang (14, Debian 12's) rejects "f16c" in __builtin_cpu_supports: CPUID leaf 1,
+     * ECX bit 29 (the AVX2 check beside it covers the OS's saving of ymm state) */
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+#else
+    return __builtin_cpu_supports("f16c");
+#endif
+}
+#endif
+
 static int detect_isa(void) {
 #ifdef REALM_X86
     __builtin_cpu_init();
@@ -26,8 +43,7 @@ static int detect_isa(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return REALM_ISA_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
         return REALM_ISA_AVX2;
 #endif
     return REALM_ISA_SCALAR;

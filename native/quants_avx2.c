@@ -3,19 +3,7 @@
 #include "internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 #define DOT_SUFFIX avx2
+#define DOT_TARGET REALM_AVX2  /* on every function of the .inc */
 #include "quants_dot.inc"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #endif
