@@ -55,6 +55,7 @@ import numpy as np
 from realm import kernels
 from realm.kernels import WeightType
 from realm.model import Model, Session, load_model
+from realm.model._gguf_reader import open_gguf
 from realm.testing._vocab import spm_vocab
 from realm.testing.models import QUANTIZATION_VERSION, WEIGHT_TYPES
 
@@ -298,7 +299,7 @@ def weight_bytes_per_token(path: Path) -> tuple[int, int]:
 
     Every tensor is read once per step except the token embeddings, of which one row is.
     """
-    reader = gguf.GGUFReader(path, "r")
+    reader = open_gguf(path)
     total = per_token = 0
     for t in reader.tensors:
         n = int(t.n_bytes)
