@@ -5,7 +5,9 @@
  * Policy decisions, in one place:
  *  - Sampling follows llama.cpp: penalties over the last 64 tokens of the sequence (prompt
  *    included), then top-k, top-p, min-p at temperature 1, then temperature, then a draw.
- *    presence/frequency penalties use OpenAI's formula over the same window.
+ *    presence/frequency penalties use OpenAI's formula over the same window. Every penalty is
+ *    off by default (repeat_penalty 1, as llama.cpp's default), so temperature 0 is the model's
+ *    argmax at every step.
  *  - `seed` seeds the guest's PRNG directly (same seed + params + model = same text on any
  *    host); without one the PRNG is seeded from the host's `random` import.
  *  - completion_tokens counts every sampled token, including the end-of-generation or stop
@@ -72,10 +74,11 @@
                         "disables."},                                                          \
         {.name = "repeat_penalty",                                                             \
          .type = RG_P_NUMBER,                                                                  \
-         .def = "1.1",                                                                         \
+         .def = "1.0",                                                                         \
          .exclusive_minimum = "0",                                                             \
          .description = "llama.cpp repetition penalty over the last 64 tokens: positive "      \
-                        "logits are divided by it, negative ones multiplied; 1 disables."},    \
+                        "logits are divided by it, negative ones multiplied; 1 (the default, " \
+                        "as in llama.cpp) disables."},                                         \
         {.name = "presence_penalty",                                                           \
          .type = RG_P_NUMBER,                                                                  \
          .def = "0",                                                                           \

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._errors import RealmError
+from ._errors import CallCancelled, InvalidParams, RealmError
 from ._util import single_error
+
+if TYPE_CHECKING:
+    from .model import Model, Tokenizer
+    from .sandbox import GuestInstance
 
 
 def _model_path(arg: str | None) -> str:
@@ -39,16 +47,41 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_piece(tok: Tokenizer, token_id: int) -> str:
+    """A token's piece for display: its text, with byte tokens and every byte that is not
+    UTF-8 text on its own (part of a character) written ``<0xNN>``, never U+FFFD."""
+    from .model._tokenizer import TokenType
+
+    piece = tok.token_to_piece(token_id, render_special=True)
+    if tok.token_type(token_id) == TokenType.BYTE:  # SentencePiece byte fallback: <0x0A> ...
+        return "".join(f"<0x{b:02X}>" for b in piece)
+    out: list[str] = []
+    i = 0
+    while i < len(piece):
+        for n in range(1, 5):  # the shortest prefix that is a whole character
+            try:
+                out.append(piece[i : i + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i += n
+            break
+        else:
+            out.append(f"<0x{piece[i]:02X}>")
+            i += 1
+    return "".join(out)
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from .model import load_tokenizer
 
     tok = load_tokenizer(_model_path(args.model))
     ids = tok.encode(args.text, args.add_special)
+    pieces = [_show_piece(tok, i) for i in ids]
     if args.json:
-        print(json.dumps({"tokens": ids, "count": len(ids)}))
+        print(json.dumps({"tokens": ids, "pieces": pieces, "count": len(ids)}, ensure_ascii=False))
     else:
-        for i in ids:
-            print(i, repr(tok.token_to_piece(i).decode("utf-8", "replace")))
+        for i, piece in zip(ids, pieces, strict=True):
+            print(i, repr(piece))
         print(f"{len(ids)} tokens", file=sys.stderr)
     return 0
 
@@ -62,39 +95,182 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+# the sampling flags of generate and chat: (flag, the guest's param, argparse type, help); the
+# defaults in the help are the default guest's (a test checks them against its metadata)
+SAMPLING_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--temperature", "temperature", _number, "0: greedy, the argmax at every step (default 0.8)"),
+    ("--top-k", "top_k", int, "sample among the k most likely tokens; 0 disables (default 40)"),
+    ("--top-p", "top_p", _number, "nucleus sampling, in (0, 1]; 1 disables (default 0.95)"),
+    ("--min-p", "min_p", _number, "in [0, 1]; 0 disables (default 0.05)"),
+    (
+        "--repeat-penalty",
+        "repeat_penalty",
+        _number,
+        "over the last 64 tokens, > 0; 1 disables (default 1, as llama.cpp)",
+    ),
+    ("--seed", "seed", int, "same seed, same text (default: a fresh seed per call)"),
+)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Add the sampling flags; the default guest's own defaults apply to those not given."""
+    for flag, param, kind, help_ in SAMPLING_FLAGS:
+        p.add_argument(flag, dest=param, type=kind, default=None, help=help_)
+
+
+def _sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The guest params for the sampling flags given (the others stay the guest's defaults)."""
+    return {
+        param: getattr(args, param)
+        for _, param, _, _ in SAMPLING_FLAGS
+        if getattr(args, param) is not None
+    }
+
+
+@contextlib.contextmanager
+def _default_guest(model: Model) -> Iterator[GuestInstance]:
+    """The default guest in the sandbox over ``model``, with no server: a tenant's call path."""
+    from .sandbox import GuestInstance, SandboxEngine, TenantState, default_guest_path
+
+    with SandboxEngine() as engine:
+        tenant = TenantState("cli", {"default": model})
+        try:
+            yield GuestInstance(engine, engine.compile(default_guest_path()), tenant)
+        finally:
+            tenant.close()
+
+
+def _stream_call(guest: GuestInstance, function: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Call ``function``, streaming its text to stdout. Ctrl-C cancels the call (the guest ends
+    it, and the result says ``cancelled``) instead of interrupting a host import."""
+    from .sandbox import CallContext
+
+    def show(text: str) -> bool:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+
+    ctx = CallContext(on_emit=show)
+    if threading.current_thread() is not threading.main_thread():
+        return guest.call(function, params, ctx)
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: ctx.cancel.set())
+    try:
+        return guest.call(function, params, ctx)
+    except CallCancelled:
+        if not ctx.cancel.is_set():  # the deadline, not Ctrl-C
+            raise
+        return {"finish_reason": "cancelled"}
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Embedded generation: the default guest in the sandbox, on this process's model."""
     from .model import load_model
-    from .sandbox import CallContext, GuestInstance, SandboxEngine, TenantState, default_guest_path
 
     path = _model_path(args.model)
     print(f"loading {path} ...", file=sys.stderr)
     model = load_model(path)
-    params: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.n}
-    if args.temperature is not None:
-        params["temperature"] = args.temperature
-    if args.seed is not None:
-        params["seed"] = args.seed
-    with SandboxEngine() as engine:
-        tenant = TenantState("cli", {"default": model})
-        guest = GuestInstance(engine, engine.compile(default_guest_path()), tenant)
-
-        def show(text: str) -> bool:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            return True
-
+    params: dict[str, Any] = {"prompt": args.prompt, "max_tokens": args.n}
+    params |= _sampling_params(args)
+    with _default_guest(model) as guest:
         try:
-            result = guest.call("generate", params, CallContext(on_emit=show))
-        finally:
-            tenant.close()
+            result = _stream_call(guest, "generate", params)
+        except InvalidParams as e:  # the guest's schema or the guest itself refused a value
+            print(f"realm generate: {e}", file=sys.stderr)
+            return 1
     usage = result.get("usage", {})
     print(
         f"\n[{result.get('finish_reason')}; {usage.get('prompt_tokens')} prompt + "
         f"{usage.get('completion_tokens')} completion tokens]",
         file=sys.stderr,
     )
-    return 0
+    return 130 if result.get("finish_reason") == "cancelled" else 0
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next user line (without its line ending), or None at the end of the input."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """Chat on the terminal: the default guest's ``chat`` with the model's own chat template;
+    the guest keeps the conversation (history and KV cache) across turns."""
+    from .model import load_model
+
+    path = _model_path(args.model)
+    interactive = sys.stdin.isatty()
+    print(f"loading {path} ...", file=sys.stderr)
+    model = load_model(path)
+    if model.tokenizer.chat_template is None:
+        print(
+            f"realm chat: {path} has no chat template (tokenizer.chat_template); "
+            "use realm generate",
+            file=sys.stderr,
+        )
+        return 1
+    sampling: dict[str, Any] = {"max_tokens": args.n, **_sampling_params(args)}
+    status = 0
+    with _default_guest(model) as guest:
+        try:  # a fresh conversation; the host checks the flags' values against the schema
+            guest.call("chat", {"reset": True, **sampling})
+        except InvalidParams as e:
+            print(f"realm chat: {e}", file=sys.stderr)
+            return 1
+        if interactive:
+            print("Ctrl-C stops a reply; /exit or Ctrl-D ends the chat.", file=sys.stderr)
+        held = 0  # messages the guest's history holds
+        while (line := _read_turn(interactive)) is not None:
+            if line.strip() == "/exit":
+                break
+            if not line.strip():
+                continue
+            params = dict(sampling)
+            if held == 0 and args.system is not None:
+                params["messages"] = [
+                    {"role": "system", "content": args.system},
+                    {"role": "user", "content": line},
+                ]
+            else:
+                params["message"] = line
+            try:
+                result = _stream_call(guest, "chat", params)
+            except InvalidParams as e:  # this turn (e.g. a message longer than the context)
+                print(f"realm chat: {e}", file=sys.stderr)
+                status = 1
+                continue
+            print(flush=True)
+            held = int(result.get("messages", held))
+            finish = result.get("finish_reason")
+            if finish == "cancelled":
+                print("[cancelled: the reply is not kept]", file=sys.stderr)
+            elif finish == "length":
+                print(f"[the reply reached -n {args.n} tokens]", file=sys.stderr)
+            if result.get("dropped_messages"):
+                print(
+                    f"[{result['dropped_messages']} oldest messages no longer fit the "
+                    "context: left out]",
+                    file=sys.stderr,
+                )
+    return status
 
 
 def _server_config(args: argparse.Namespace) -> Any:
@@ -255,9 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="GGUF model file (default: the built-in model)")
     g.add_argument("-n", type=int, default=64, help="max tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat on the terminal with the model's chat template (embedded, no server)",
+        description="Chat with a model that has a chat template: each line read from stdin is "
+        "a user message, the reply streams to stdout; the conversation is kept across turns. "
+        "Ends at EOF or /exit; Ctrl-C stops a reply. Works with piped input.",
+    )
+    ch.add_argument("--model", default=None, help="GGUF model file (default: the built-in model)")
+    ch.add_argument("--system", default=None, help="a system message that starts the chat")
+    ch.add_argument("-n", type=int, default=256, help="max tokens per reply (default 256)")
+    _add_sampling_flags(ch)
+    ch.set_defaults(func=_cmd_chat)
 
     t = sub.add_parser("tokenize", help="show the token ids of a text")
     t.add_argument("text")

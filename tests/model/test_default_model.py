@@ -173,14 +173,15 @@ def test_greedy_generation_matches_the_trainer(
 
 async def test_generation_through_the_default_guest_can_stop() -> None:
     """The trainer ends every document with ``</s>``, so the model learned to end a text:
-    greedy generation through the default guest (its default repeat penalty on) stops before
-    ``max_tokens`` on some prompts. (The 1,200-step model trained without ``</s>`` ran every
-    call to ``max_tokens``.)"""
+    greedy generation through the default guest with repeat penalty 1.1 (plain greedy loops)
+    stops before ``max_tokens`` on some prompts. (The 1,200-step model trained without
+    ``</s>`` ran every call to ``max_tokens``.)"""
     results = []
     with trio.fail_after(GUEST_LIMIT):
         async with realm.open_runtime(models={"d": realm.default_model_path()}) as rt:
             for prompt in PROMPTS:
-                params = {"prompt": prompt, "max_tokens": GUEST_MAX_TOKENS, "temperature": 0}
+                params = {"prompt": prompt, "max_tokens": GUEST_MAX_TOKENS, "temperature": 0,
+                          "repeat_penalty": 1.1}  # fmt: skip
                 results.append(await rt.call("t", "generate", params))
     stopped = [r for r in results if r["finish_reason"] == "stop"]
     assert stopped, results

@@ -456,7 +456,7 @@ def test_metadata_has_valid_schemas(host: FakeHost) -> None:
     assert props["top_k"]["default"] == 40
     assert props["top_p"]["exclusiveMinimum"] == 0 and props["top_p"]["maximum"] == 1
     assert props["min_p"]["default"] == 0.05
-    assert props["repeat_penalty"]["default"] == 1.1
+    assert props["repeat_penalty"]["default"] == 1.0  # llama.cpp's default: off
     assert props["stop"]["type"] == "array" and props["stop"]["items"]["type"] == "string"
     assert props["stop_token_ids"]["items"]["type"] == "integer"
     assert "seed" in props and "model" in props
