@@ -221,7 +221,7 @@ def write_test_model(
         if gemma:
             norm(f"{blk}.post_ffw_norm.weight")
     norm("output_norm.weight")
-    if not tied_embeddings:
+    if not (tied_embeddings or gemma):  # gemma files tie them (llama.cpp's gemma2 requires it)
         matrix("output.weight", vocab_size, n_embd, n_embd**-0.5)
 
     _write(writer)
