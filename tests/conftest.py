@@ -27,16 +27,28 @@ AVAILABLE_ISAS = [level for level in kernels.Isa if level <= kernels.detected_is
 SIMD_ISAS = [level for level in AVAILABLE_ISAS if level != kernels.Isa.SCALAR]
 
 
-@pytest.fixture(params=AVAILABLE_ISAS, ids=lambda level: level.name)
+def _skip_unless_available(level: kernels.Isa) -> None:
+    """A level this CPU cannot run is reported as skipped, with the reason, never left out."""
+    if level > kernels.detected_isa():
+        pytest.skip(f"this CPU cannot run {level.name} (best level: {kernels.detected_isa().name})")
+
+
+@pytest.fixture(params=list(kernels.Isa), ids=lambda level: level.name)
 def isa(request: pytest.FixtureRequest) -> Iterator[kernels.Isa]:
-    """Run the test once at each available ISA level (restored afterwards)."""
+    """Run the test once at each ISA level (restored afterwards); skipped where unavailable."""
+    _skip_unless_available(request.param)
     with kernels.use_isa(request.param):
         yield request.param
 
 
-@pytest.fixture(params=SIMD_ISAS, ids=lambda level: level.name)
+@pytest.fixture(
+    params=[level for level in kernels.Isa if level != kernels.Isa.SCALAR],
+    ids=lambda level: level.name,
+)
 def simd_isa(request: pytest.FixtureRequest) -> kernels.Isa:
-    """Each available SIMD level (not activated: the test switches between it and SCALAR)."""
+    """Each SIMD level (not activated: the test switches between it and SCALAR); skipped where
+    this CPU cannot run it."""
+    _skip_unless_available(request.param)
     return request.param
 
 
