@@ -33,6 +33,10 @@ typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+/* IQ4_NL / IQ4_XS: 4-bit indices into a fixed non-linear table of 16 int8 levels; IQ4_XS adds
+ * 6-bit sub-block scales (value = d * (ls - 32) * table[q]) */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
+typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
 _Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 must match GGML");
 _Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 must match GGML");
 _Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 must match GGML");
@@ -41,6 +45,8 @@ _Static_assert(sizeof(block_q3_K) == 110, "block_q3_K must match GGML");
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must match GGML");
 _Static_assert(sizeof(block_q5_K) == 176, "block_q5_K must match GGML");
 _Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must match GGML");
+_Static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl must match GGML");
+_Static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs must match GGML");
 
 /* Activations quantized on the fly for integer dot products (never stored in files): one
  * buffer per matmul call. Values are stored offset by 128 so they are unsigned, as VNNI's
@@ -167,7 +173,7 @@ typedef struct {
     void (*quantize_q8x_plain)(const realm_q8x *x, const float *src, int64_t b);
 } realm_isa_ops;
 
-/* quants.c: the types beyond Q8_0 / Q4_0 */
+/* quants.c: the types beyond Q8_0 / Q4_0 (Q4_1 .. Q6_K, IQ4_NL, IQ4_XS) */
 int realm_is_other_quant(int type);
 int64_t realm_other_block_elems(int type);  /* 32 or 256; < 0 if not such a type */
 int64_t realm_other_block_bytes(int type);

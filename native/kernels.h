@@ -36,6 +36,8 @@
 #define REALM_TYPE_Q4_K 12
 #define REALM_TYPE_Q5_K 13
 #define REALM_TYPE_Q6_K 14
+#define REALM_TYPE_IQ4_NL 20
+#define REALM_TYPE_IQ4_XS 23
 #define REALM_TYPE_BF16 30
 
 /* ---- instruction-set levels ---- */

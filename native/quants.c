@@ -1,7 +1,7 @@
 /* Realm native kernels: the GGML block types beyond Q8_0 / Q4_0.
  *
- * Q4_1, Q5_0, Q5_1 (32-element blocks) and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
- * (256-element super-blocks), as published files use them (a Q4_K_M file mixes Q4_K, Q5_0,
+ * Q4_1, Q5_0, Q5_1, IQ4_NL (32-element blocks) and the K-quants Q2_K, Q3_K, Q4_K, Q5_K,
+ * Q6_K and IQ4_XS (256-element super-blocks), as published files use them (a Q4_K_M file mixes Q4_K, Q5_0,
  * Q6_K and Q8_0). Dequantization is bit for bit ggml's (checked against the gguf package);
  * matmul multiplies them against 8-bit activations through the unpackers of quants_dot.inc,
  * built here for the portable level and in quants_avx2.c for the SIMD levels. Files are read,
@@ -13,6 +13,7 @@ int realm_is_other_quant(int type) {
     switch (type) {
     case REALM_TYPE_Q4_1: case REALM_TYPE_Q5_0: case REALM_TYPE_Q5_1: case REALM_TYPE_Q2_K:
     case REALM_TYPE_Q3_K: case REALM_TYPE_Q4_K: case REALM_TYPE_Q5_K: case REALM_TYPE_Q6_K:
+    case REALM_TYPE_IQ4_NL: case REALM_TYPE_IQ4_XS:
         return 1;
     default: return 0;
     }
@@ -20,9 +21,10 @@ int realm_is_other_quant(int type) {
 
 int64_t realm_other_block_elems(int type) {
     switch (type) {
-    case REALM_TYPE_Q4_1: case REALM_TYPE_Q5_0: case REALM_TYPE_Q5_1: return QK;
+    case REALM_TYPE_Q4_1: case REALM_TYPE_Q5_0: case REALM_TYPE_Q5_1: case REALM_TYPE_IQ4_NL:
+        return QK;
     case REALM_TYPE_Q2_K: case REALM_TYPE_Q3_K: case REALM_TYPE_Q4_K: case REALM_TYPE_Q5_K:
-    case REALM_TYPE_Q6_K: return QK_K;
+    case REALM_TYPE_Q6_K: case REALM_TYPE_IQ4_XS: return QK_K;
     default: return REALM_EINVAL;
     }
 }
@@ -37,6 +39,8 @@ int64_t realm_other_block_bytes(int type) {
     case REALM_TYPE_Q4_K: return (int64_t)sizeof(block_q4_K);
     case REALM_TYPE_Q5_K: return (int64_t)sizeof(block_q5_K);
     case REALM_TYPE_Q6_K: return (int64_t)sizeof(block_q6_K);
+    case REALM_TYPE_IQ4_NL: return (int64_t)sizeof(block_iq4_nl);
+    case REALM_TYPE_IQ4_XS: return (int64_t)sizeof(block_iq4_xs);
     default: return REALM_EINVAL;
     }
 }
@@ -63,6 +67,8 @@ void realm_dequantize_other(float *out, const void *src, int type, int64_t n) {
         case REALM_TYPE_Q4_K: unpack_q4_K(row, i, q, a, b); break;
         case REALM_TYPE_Q5_K: unpack_q5_K(row, i, q, a, b); break;
         case REALM_TYPE_Q6_K: unpack_q6_K(row, i, q, a, b); break;
+        case REALM_TYPE_IQ4_NL: unpack_iq4_nl(row, i, q, a, b); break;
+        case REALM_TYPE_IQ4_XS: unpack_iq4_xs(row, i, q, a, b); break;
         default: return;
         }
         float *o = out + i * QK;

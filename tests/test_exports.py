@@ -29,7 +29,8 @@ REALM_ERRORS = (
 #: GGML's type ids
 GGML_TYPE_IDS = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23,
+    "BF16": 30,
 }  # fmt: skip
 REALM_FUNCTIONS = ("load_model", "load_tokenizer", "open_runtime", "default_model_path")
 KERNEL_CLASSES = ("Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer")

@@ -22,6 +22,8 @@ class WeightType(enum.IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ4_NL = 20
+    IQ4_XS = 23
     BF16 = 30
 
     @property
@@ -82,6 +84,8 @@ _BLOCK = {
     WeightType.Q4_K: (256, 144),
     WeightType.Q5_K: (256, 176),
     WeightType.Q6_K: (256, 210),
+    WeightType.IQ4_NL: (32, 18),
+    WeightType.IQ4_XS: (256, 136),
 }
 
 #: numpy dtypes that name a weight type by themselves

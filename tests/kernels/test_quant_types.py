@@ -34,6 +34,8 @@ HALF_FIELDS = {
     WeightType.Q4_K: (0, 2),
     WeightType.Q5_K: (0, 2),
     WeightType.Q6_K: (208,),
+    WeightType.IQ4_NL: (0,),
+    WeightType.IQ4_XS: (0,),
 }
 GEMM_MIN_BATCH = 16  # native/matmul.c
 
