@@ -12,9 +12,14 @@ suite's cases (``realm.testing.real_model_cases``):
   and ``greedy_ref_<i>``: the argmax of the float64 forward pass (tests/model/model_reference.py)
   at each of those steps, fed llama.cpp's continuation (absent where the reference does not
   implement the architecture): where llama.cpp and Realm disagree, it says who is right;
+  ``greedy_reftop_<i>`` / ``greedy_reftoplogits_<i>``: the float64 pass's best N_REF_TOP ids and
+  their logits at each step, so a test can tell a near-tie in exact arithmetic from an error;
 * ``logits_ids``: the 64-token logits prompt; ``logits_cols``: the vocabulary ids kept (the
   top 32 of every position and 448 fixed random ids); ``logits``: llama.cpp's logits at
-  those columns for every position (float32); ``llama_cpp_version``.
+  those columns for every position (float32); ``llama_cpp_version``;
+* ``ref_logits`` and ``ref_argmax``: the float64 forward pass's logits at the same columns
+  (float32) and its argmax over the whole vocabulary, for every position (where the reference
+  implements the architecture): the exact answer both implementations are measured against.
 
 Tests compare Realm against these without needing llama.cpp at test time; regenerate them when
 the cases or the llama.cpp version change.
@@ -33,6 +38,7 @@ from realm.testing.real_models import REAL_MODELS, real_model_path
 OUT = Path(__file__).resolve().parent.parent / "tests" / "model" / "data"
 N_RANDOM_COLS = 448
 N_TOP = 32
+N_REF_TOP = 5  # float64 candidates recorded per greedy step
 
 
 def _reference_logits(path: Path, ids: list[int]) -> np.ndarray | None:
@@ -73,7 +79,11 @@ def record(name: str) -> Path:
         out[f"greedy_{i}"] = np.array(got, np.int32)
         ref = _reference_logits(path, ids + got)
         if ref is not None:
-            out[f"greedy_ref_{i}"] = ref[len(ids) - 1 : -1].argmax(-1).astype(np.int32)
+            steps = ref[len(ids) - 1 : -1]
+            out[f"greedy_ref_{i}"] = steps.argmax(-1).astype(np.int32)
+            top = np.argsort(-steps, axis=-1)[:, :N_REF_TOP]
+            out[f"greedy_reftop_{i}"] = top.astype(np.int32)
+            out[f"greedy_reftoplogits_{i}"] = np.take_along_axis(steps, top, -1).astype(np.float32)
     ids = llm.tokenize(cases.LOGITS_TEXT.encode(), add_bos=True, special=False)
     if len(ids) < cases.LOGITS_TOKENS:
         raise SystemExit(f"{name}: the logits text gives only {len(ids)} tokens")
@@ -87,6 +97,10 @@ def record(name: str) -> Path:
     out["logits_ids"] = np.array(ids, np.int32)
     out["logits_cols"] = cols.astype(np.int32)
     out["logits"] = full[:, cols]
+    ref = _reference_logits(path, ids)
+    if ref is not None:
+        out["ref_logits"] = ref[:, cols].astype(np.float32)
+        out["ref_argmax"] = ref.argmax(-1).astype(np.int32)
     out["n_vocab"] = np.array(full.shape[1], np.int64)
     out["llama_cpp_version"] = np.array(llama_cpp.__version__)
     llm.close()

@@ -79,7 +79,9 @@ def test_architectures_match_llama_cpp(tmp_path: Path, name: str, wtype: str) ->
 
 
 #: llama.cpp's own quantizer on an F16 test model: the file types people download
-QUANT_FTYPES = ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1"]
+QUANT_FTYPES = [
+    "Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("ftype", QUANT_FTYPES)

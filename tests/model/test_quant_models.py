@@ -37,6 +37,8 @@ HALF_FIELDS = {
     WeightType.Q4_K: (0, 2),
     WeightType.Q5_K: (0, 2),
     WeightType.Q6_K: (208,),
+    WeightType.IQ4_NL: (0,),
+    WeightType.IQ4_XS: (0,),
 }
 #: a Q4_K_M-like mix: which type each matrix gets (token_embd stays Q8_0, as in such files)
 MIXES = {
@@ -46,6 +48,8 @@ MIXES = {
                "ffn_gate": "Q3_K", "ffn_up": "Q3_K", "ffn_down": "Q5_K", "output": "Q6_K"},
     "Q2_K": {"attn_q": "Q2_K", "attn_k": "Q2_K", "attn_v": "Q3_K", "attn_output": "Q3_K",
              "ffn_gate": "Q2_K", "ffn_up": "Q2_K", "ffn_down": "Q3_K", "output": "Q6_K"},
+    "IQ4": {"attn_q": "IQ4_XS", "attn_k": "IQ4_XS", "attn_v": "IQ4_NL", "attn_output": "IQ4_XS",
+            "ffn_gate": "IQ4_XS", "ffn_up": "IQ4_NL", "ffn_down": "IQ4_XS", "output": "IQ4_NL"},
     "legacy": {"attn_q": "Q4_1", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_1",
                "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "Q4_1", "output": "Q5_0"},
 }  # fmt: skip
@@ -115,7 +119,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 #: the draw of each mix: one whose logits are not chaotic (test_the_models_are_well_conditioned
 #: says so; some draws of the Q4_K_M mix move by 5% under 0.5% weight noise, and then 8-bit
 #: activations alone would fail the comparison)
-SEEDS = {"Q4_K_M": 3, "Q3_K_M": 0, "Q2_K": 0, "legacy": 0}
+SEEDS = {"Q4_K_M": 3, "Q3_K_M": 0, "Q2_K": 0, "IQ4": 0, "legacy": 0}
 WEIGHT_NOISE = 0.005  # relative weight perturbation of the conditioning check
 MAX_SENSITIVITY = 0.02  # its largest allowed effect on the logits (relative to max |logit|)
 
