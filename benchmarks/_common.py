@@ -58,9 +58,33 @@ def _positive_int(text: str) -> int:
     return n
 
 
+class _IsaAction(argparse.Action):
+    """``--isa LEVEL``: run the suite's Realm side at that level (set when parsed, so every
+    suite honours it; the machine line records the level in use)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 value: Any, option_string: str | None = None) -> None:  # fmt: skip
+        name = str(value).upper()
+        if name not in kernels.Isa.__members__:
+            parser.error(f"--isa must be one of {', '.join(kernels.Isa.__members__)}; got {value!r}")
+        level = kernels.Isa[name]
+        if level > kernels.detected_isa():
+            parser.error(f"--isa {name}: this CPU's best level is {kernels.detected_isa().name}")
+        kernels.set_isa(level)
+        setattr(namespace, self.dest, level)
+
+
 def argument_parser(suite: str, description: str) -> argparse.ArgumentParser:
-    """The options every suite takes: ``--json``, ``--threads``, ``--quick``, ``--only``."""
+    """The options every suite takes: ``--json``, ``--threads``, ``--quick``, ``--only``,
+    ``--isa``."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{suite}", description=description)
+    p.add_argument(
+        "--isa",
+        action=_IsaAction,
+        default=None,
+        metavar="LEVEL",
+        help="Realm's kernel level: SCALAR, AVX2 or AVX512 (default: the best this CPU has)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line, no table")
     p.add_argument(
         "--threads",
