@@ -45,12 +45,24 @@ def to_byte_level(text: str) -> str:
     return text.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)
 
 
+#: byte-level character -> the Latin-1 character of its byte; the Latin-1 characters outside
+#: the alphabet map to U+FFFF, which cannot encode as Latin-1 (so they take the slow path)
+_BYTE_LEVEL_TO_LATIN1: Final = {
+    **{b: "\uffff" for b in range(256)},
+    **{ord(c): chr(b) for c, b in CHAR_TO_BYTE.items()},
+}
+
+
 def from_byte_level(token_text: str) -> bytes:
     """The bytes a byte-level token stands for (llama.cpp's ``llama_decode_text``).
 
     A character outside the byte-level alphabet is rendered as llama.cpp renders it,
     ``[UNK_BYTE_0x<hex of its UTF-8>`` followed by the token text and ``]``.
     """
+    try:  # every character in the alphabet: one translate and one encode
+        return token_text.translate(_BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        pass
     out = bytearray()
     for char in token_text:
         byte = CHAR_TO_BYTE.get(char)
