@@ -10,6 +10,7 @@ from ._model import Session as Session
 from ._model import load_model as load_model
 from ._pager import LayerPager as LayerPager
 from ._pager import PagerStatistics as PagerStatistics
+from ._pager import PagingBudget as PagingBudget
 from ._registry import ModelRegistry as ModelRegistry
 from ._tokenizer import Tokenizer as Tokenizer
 from ._tokenizer import TokenType as TokenType

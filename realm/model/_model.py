@@ -20,7 +20,7 @@ from ..kernels import LayerWeights, NativeTransformer, SeqStep, TransformerSpec
 from ._gguf import ModelFile, ModelInfo, layer_tensor_names, open_model_file, rope_mode
 
 if TYPE_CHECKING:
-    from ._pager import LayerPager
+    from ._pager import LayerPager, PagingBudget
     from ._tokenizer import Tokenizer
 
 KV_GROWTH: Final = 256  # positions: caches start this small and double up to capacity
@@ -36,7 +36,7 @@ class Model:
         *,
         kv_dtype: type = np.float16,
         max_kv_bytes: int | None = None,
-        max_resident_bytes: int | None = None,
+        max_resident_bytes: int | PagingBudget | None = None,
     ) -> None:
         self._file = mf
         self.info: ModelInfo = mf.info
@@ -214,8 +214,11 @@ class Model:
         return out / norm if norm > 0 else out
 
     def close(self) -> None:
-        """Drop this model's references to the mapping (sessions must be closed first)."""
+        """Drop this model's references to the mapping (sessions must be closed first); a
+        paged model gives its resident blocks back and leaves its budget."""
         self._native = None  # type: ignore[assignment]
+        if self.pager is not None:
+            self.pager.close()
 
     def __repr__(self) -> str:
         i = self.info
@@ -345,15 +348,17 @@ class Session:
 def load_model(
     path: str | os.PathLike[str],
     *,
-    max_resident_bytes: int | None = None,
+    max_resident_bytes: int | PagingBudget | None = None,
     max_kv_bytes: int | None = None,
     kv_dtype: Any = np.float16,
 ) -> Model:
     """Open a GGUF model (memory-mapped) for inference.
 
     Args:
-        max_resident_bytes: page layers under this byte budget (``LayerPager``); None keeps
-            every layer mapped and lets the OS page.
+        max_resident_bytes: page the transformer blocks under this byte budget
+            (``LayerPager``, docs/models.md "Layer paging"); a ``PagingBudget`` shares one
+            budget between several models. None keeps every block mapped and lets the OS
+            page.
         max_kv_bytes: cap on the KV cache memory of all sessions of this model.
         kv_dtype: float16 (default) or float32 KV caches.
     """

@@ -9,15 +9,28 @@ from typing import Any
 from .._errors import ModelError
 from ._gguf import open_model_file
 from ._model import Model
+from ._pager import PagerStatistics, PagingBudget
 
 
 class ModelRegistry:
-    """Models loaded by name. Two names for the same file content share one ``Model``."""
+    """Models loaded by name. Two names for the same file content share one ``Model``.
 
-    def __init__(self) -> None:
+    With ``max_resident_bytes`` (an int, or a ``PagingBudget`` to share with models loaded
+    elsewhere) every model it loads is paged under that one budget: together their resident
+    blocks stay within it (docs/models.md, "Layer paging").
+    """
+
+    def __init__(self, *, max_resident_bytes: int | PagingBudget | None = None) -> None:
         self._lock = threading.Lock()
         self._by_name: dict[str, Model] = {}
         self._by_key: dict[tuple[Any, ...], Model] = {}
+        self.budget: PagingBudget | None = (
+            None
+            if max_resident_bytes is None
+            else max_resident_bytes
+            if isinstance(max_resident_bytes, PagingBudget)
+            else PagingBudget(max_resident_bytes)
+        )
 
     def load(self, name: str, path: str | os.PathLike[str], **options: Any) -> Model:
         """Load ``path`` under ``name`` (options as ``load_model``); returns the model.
@@ -27,11 +40,18 @@ class ModelRegistry:
         """
         if not isinstance(name, str) or not name or len(name) > 128:
             raise ModelError(f"model name must be a non-empty string of <= 128 chars, got {name!r}")
+        if self.budget is not None:
+            if options.get("max_resident_bytes") is not None:
+                raise ModelError(
+                    f"model {name!r}: this registry pages every model under its shared budget; "
+                    "max_resident_bytes cannot be given per model"
+                )
+            options = {**options, "max_resident_bytes": self.budget}
         with self._lock:
             if name in self._by_name:
                 raise ModelError(f"a model named {name!r} is loaded already")
         mf = open_model_file(path)
-        key = (mf.info.fingerprint, tuple(sorted(options.items())))
+        key = (mf.info.fingerprint, tuple(sorted(options.items(), key=lambda kv: kv[0])))
         with self._lock:
             if name in self._by_name:
                 raise ModelError(f"a model named {name!r} is loaded already")
@@ -67,6 +87,13 @@ class ModelRegistry:
         """``ModelInfo`` of each name, as dicts (what ``system_models`` serves)."""
         with self._lock:
             return {n: m.info.as_dict() for n, m in sorted(self._by_name.items())}
+
+    def pager_statistics(self) -> dict[str, PagerStatistics]:
+        """Each paged model's ``PagerStatistics`` by name (names of one model repeat its
+        figures); unpaged models are left out."""
+        with self._lock:
+            paged = {n: m.pager for n, m in sorted(self._by_name.items()) if m.pager is not None}
+        return {n: p.statistics() for n, p in paged.items()}
 
     def __contains__(self, name: object) -> bool:
         with self._lock:

@@ -116,8 +116,8 @@ def test_unsupported_tensor_types_are_listed_with_their_counts(good: Path, tmp_p
     """One error names every unsupported type and how many tensors have it (raw blocks: the
     loader refuses the type before it reads a value)."""
     new_types = {
-        "blk.0.ffn_gate.weight": gguf.GGMLQuantizationType.IQ4_NL,
-        "blk.1.ffn_gate.weight": gguf.GGMLQuantizationType.IQ4_NL,
+        "blk.0.ffn_gate.weight": gguf.GGMLQuantizationType.Q8_1,
+        "blk.1.ffn_gate.weight": gguf.GGMLQuantizationType.Q8_1,
         "blk.0.attn_q.weight": gguf.GGMLQuantizationType.MXFP4,
     }
 
@@ -132,7 +132,7 @@ def test_unsupported_tensor_types_are_listed_with_their_counts(good: Path, tmp_p
     p = _rewrite(good, tmp_path / "m.gguf", tensor=retype)
     with pytest.raises(realm.ModelError) as e:
         realm.load_model(p)
-    assert "weight types IQ4_NL (2 tensors), MXFP4 (1 tensor) not supported" in str(e.value)
+    assert "weight types MXFP4 (1 tensor), Q8_1 (2 tensors) not supported" in str(e.value)
     assert "Q4_K" in str(e.value)  # the supported ones are listed
 
 
