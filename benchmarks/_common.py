@@ -66,7 +66,8 @@ class _IsaAction(argparse.Action):
                  value: Any, option_string: str | None = None) -> None:  # fmt: skip
         name = str(value).upper()
         if name not in kernels.Isa.__members__:
-            parser.error(f"--isa must be one of {', '.join(kernels.Isa.__members__)}; got {value!r}")
+            levels = ", ".join(kernels.Isa.__members__)
+            parser.error(f"--isa must be one of {levels}; got {value!r}")
         level = kernels.Isa[name]
         if level > kernels.detected_isa():
             parser.error(f"--isa {name}: this CPU's best level is {kernels.detected_isa().name}")

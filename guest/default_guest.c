@@ -766,6 +766,7 @@ static int do_chat(rg_call *c) {
     if (cv->session < 0) {
         int s = open_session(g.model, g.model_len, 0, cv);
         if (s < 0) return import_failed(c, "session_open", s);
+        realm_session_keep(s); /* the conversation's cache outlives this call, however it ends */
         cv->session = s;
         cv->tokens.len = 0;
         cv->detok_dirty = 0;

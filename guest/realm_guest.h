@@ -126,7 +126,10 @@ RG_IMPORT("chat_template")
 int32_t realm_chat_template(const char *model_ptr, int32_t model_len, const char *messages_ptr,
                             int32_t messages_len, int32_t add_generation_prompt, char *out_ptr,
                             int32_t out_cap);
-/* Open a sequence (KV cache) of up to capacity positions (0: the model's context). */
+/* Open a sequence (KV cache) of up to capacity positions (0: the model's context). It outlives
+ * a call that returns; one that traps, is cancelled or passes its deadline loses it unless
+ * realm_session_keep kept it. At the tenant's session limit the host waits for a session
+ * another call will give back, or returns REALM_ELIMIT. */
 RG_IMPORT("session_open")
 int32_t realm_session_open(const char *model_ptr, int32_t model_len, int32_t capacity);
 /* Close a session and free its KV cache. */
@@ -135,6 +138,10 @@ RG_IMPORT("session_close") int32_t realm_session_close(int32_t session);
 RG_IMPORT("session_rewind") int32_t realm_session_rewind(int32_t session, int32_t pos);
 /* The number of positions a session holds. */
 RG_IMPORT("session_pos") int32_t realm_session_pos(int32_t session);
+/* Keep a session beyond the call that opened it, however that call ends (a conversation's
+ * cache). Otherwise the host closes the sessions a call opened when the call traps, is
+ * cancelled or passes its deadline. */
+RG_IMPORT("session_keep") int32_t realm_session_keep(int32_t session);
 /* Append tokens and run the model (mode REALM_FORWARD_*). Returns the number of floats written. */
 RG_IMPORT("forward")
 int32_t realm_forward(int32_t session, const int32_t *tokens_ptr, int32_t n_tokens,
@@ -142,7 +149,9 @@ int32_t realm_forward(int32_t session, const int32_t *tokens_ptr, int32_t n_toke
 /* Streaming detokenizer: push a token (or REALM_DETOK_*), take complete UTF-8. Bytes written. */
 RG_IMPORT("detokenize")
 int32_t realm_detokenize(int32_t session, int32_t token, char *out_ptr, int32_t out_cap);
-/* Stream a UTF-8 chunk to the caller (one token event). REALM_ECANCELLED means stop. */
+/* Stream a UTF-8 chunk to the caller (one token event). REALM_ECANCELLED means stop;
+ * REALM_ELIMIT: the chunk or the call's output is over the tenant's limit. It waits while the
+ * caller has not taken what was sent (backpressure). */
 RG_IMPORT("emit") int32_t realm_emit(const void *ptr, int32_t len);
 /* Set the call's result: a JSON object (the last call wins). */
 RG_IMPORT("result") int32_t realm_result(const void *ptr, int32_t len);

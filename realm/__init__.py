@@ -11,6 +11,7 @@ from ._errors import TokenizerError as TokenizerError
 
 __version__ = "0.1.0"
 from ._errors import CallCancelled as CallCancelled
+from ._errors import DeadlineExceeded as DeadlineExceeded
 from ._errors import GuestABIError as GuestABIError
 from ._errors import GuestError as GuestError
 from ._errors import GuestLimitReached as GuestLimitReached
@@ -19,6 +20,7 @@ from ._errors import GuestTrap as GuestTrap
 from ._errors import InvalidParams as InvalidParams
 from ._errors import KVMemoryExhausted as KVMemoryExhausted
 from ._errors import Overloaded as Overloaded
+from ._errors import ProtocolError as ProtocolError
 from ._errors import TenantUnavailable as TenantUnavailable
 from ._errors import UnknownFunction as UnknownFunction
 from .actors import open_runtime as open_runtime

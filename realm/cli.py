@@ -297,6 +297,17 @@ def _server_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _port(text: str) -> int:
+    """argparse type of ``--port`` / ``--metrics-port``: checked as the config's keys are."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..65535, not {text!r}")
+    return value
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -348,15 +359,23 @@ def _cmd_call(args: argparse.Namespace) -> int:
                     return ev.data
                 if not args.json:
                     sys.stdout.write(str(ev.data.get("token", "")))
-                    sys.stdout.flush()
+                    sys.stdout.flush()  # a reader that went away: BrokenPipeError, the call ends
         raise RealmError("the call ended without a result")
 
-    result = trio.run(run)
-    if "text" in result and not args.json:  # the text has streamed: the rest goes to stderr
-        print()
-        print(json.dumps({k: v for k, v in result.items() if k != "text"}), file=sys.stderr)
-    else:
-        print(json.dumps(result, indent=2))
+    try:
+        with single_error():
+            result = trio.run(run)
+        if "text" in result and not args.json:  # the text has streamed: the rest to stderr
+            print(flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k != "text"}), file=sys.stderr)
+        else:
+            print(json.dumps(result, indent=2), flush=True)
+    except BrokenPipeError:
+        # stdout's reader stopped reading (`realm call ... | head`): end quietly, and keep
+        # Python from failing again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 
@@ -391,7 +410,7 @@ def _cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SUITES = ("kernels", "models", "sandbox", "batching", "server")
+BENCH_SUITES = ("kernels", "models", "sandbox", "batching", "server", "paging")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -422,9 +441,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(
         prog="realm", description="Realm: a multi-tenant LLM inference runtime for Trio."
     )
+    p.add_argument("--version", action="version", version=f"realm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (embedded, no server)")
@@ -471,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="GGUF model file (default: the built-in model)")
     s.add_argument("--config", default=None, help="TOML config: models, tenants, limits")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=None, help="port (default 8080; 0: any free)")
-    s.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    s.add_argument("--port", type=_port, default=None, help="port (default 8080; 0: any free)")
+    s.add_argument("--metrics-port", type=_port, default=None, help="Prometheus /metrics port")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_cmd_serve)
 

@@ -1,4 +1,5 @@
-"""The server-side ``realm`` subcommands: ``serve``, ``call``, ``models``, ``key``, ``bench``.
+"""The server-side ``realm`` subcommands: ``serve``, ``call``, ``models``, ``key``, ``bench``;
+``realm --version``.
 
 ``realm call`` runs in a worker thread (it has its own Trio loop) against a server in the test's
 loop; ``realm serve`` runs as a real process. Every test runs under an absolute time limit.
@@ -25,7 +26,7 @@ import trio
 
 from realm.cli import main
 from realm.client import Client
-from realm.server import ServerConfig, TenantSpec, hash_key, open_server
+from realm.server import ServerConfig, ServerLimits, TenantSpec, hash_key, open_server
 from realm.testing import write_test_model
 
 LIMIT = 20  # seconds, every test
@@ -112,7 +113,7 @@ async def test_call_with_an_api_key(
             monkeypatch.delenv("REALM_API_KEY")
             assert await run_cli("call", server.url, "system_metadata") == 2
             err = capsys.readouterr().err
-    assert "ConnectionLost" in err and "1008 UNAUTHORIZED: missing or unknown API key" in err
+    assert "KeyRefused" in err and "1008 UNAUTHORIZED: missing or unknown API key" in err
 
 
 async def test_call_errors_exit_2_with_a_message(
@@ -316,3 +317,72 @@ def test_bench_refuses_an_unknown_suite_before_running_any(
     assert main(["bench", "kernels", "no_such_suite"]) == 2
     assert no_benchmarks == []
     assert "no suite 'no_such_suite'" in capsys.readouterr().err
+
+
+# --- version, ports, pipes ---------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import realm
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"realm {realm.__version__}\n"
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("value", ["70000", "-1", "eighty", "8080.5", ""])
+def test_serve_checks_its_ports_like_the_config(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", flag, value])  # refused before anything loads
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be an integer in 0..65535, not {value!r}" in err
+
+
+@pytest.fixture(scope="module")
+def long_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A context long enough for a stream that lasts seconds."""
+    return write_test_model(tmp_path_factory.mktemp("cli_long") / "long.gguf", context_length=4096)
+
+
+async def test_call_into_a_pipe_that_closes_ends_quietly(long_model_path: Path) -> None:
+    """``realm call ... | head -c 20``: the reader goes away mid-stream; the call is cancelled
+    and realm exits 0 with nothing on stderr (no BrokenPipeError, no traceback)."""
+    params = json.dumps({"prompt": "Once upon", "max_tokens": 4000, "temperature": 0})
+
+    def run(url: str) -> tuple[int, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("REALM_API_KEY", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "realm.cli", "call", url, "generate", params],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        got = b""
+        while len(got) < 20:  # like `head -c 20`: read a little, then stop reading
+            chunk = proc.stdout.read1(20 - len(got))  # type: ignore[attr-defined]
+            assert chunk, "the stream ended early"
+            got += chunk
+        proc.stdout.close()
+        try:
+            err = proc.stderr.read().decode()
+            return proc.wait(timeout=LIMIT), err
+        finally:
+            proc.stderr.close()
+            if proc.poll() is None:
+                proc.kill()
+
+    with trio.fail_after(LIMIT):
+        limits = ServerLimits(max_tokens=4000)
+        async with open_server(config(long_model_path, limits=limits)) as server:
+            status, err = await trio.to_thread.run_sync(run, server.url)
+            registry = server.metrics.registry
+            labels = {"tenant": "local", "function": "generate", "outcome": "cancelled"}
+            while not registry.get_sample_value("realm_calls_total", labels):
+                await trio.sleep(0.02)  # the call was cancelled, not run to its end
+    assert status == 0
+    assert err == "", err

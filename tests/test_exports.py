@@ -25,6 +25,7 @@ REALM_ERRORS = (
     "GuestLimitReached",
     "TenantUnavailable",
     "Overloaded",
+    "ProtocolError",
 )
 #: GGML's type ids
 GGML_TYPE_IDS = {
@@ -39,6 +40,7 @@ MODEL_NAMES = (
     "ModelInfo",
     "Session",
     "LayerPager",
+    "PagingBudget",
     "PagerStatistics",
     "ModelRegistry",
     "load_model",
@@ -184,6 +186,7 @@ ERROR_CODES = {
     "TenantUnavailable": "TENANT_UNAVAILABLE",
     "Overloaded": "OVERLOADED",
     "KVMemoryExhausted": "OVERLOADED",
+    "ProtocolError": "INVALID_REQUEST",  # each instance carries its own code
 }
 
 
@@ -200,6 +203,7 @@ CLIENT_NAMES = (
     *("connect", "AsyncClient", "Client", "CallStream", "Event", "RemoteError"),
     *("ConnectionLost", "RateLimited", "Unauthorized", "CallTimeout", "ServerError"),
     "InvalidRequest",
+    "KeyRefused",
 )
 
 
@@ -223,3 +227,5 @@ def test_remote_errors_are_realm_errors() -> None:
     assert issubclass(rc.RemoteOverloaded, realm.Overloaded)
     assert issubclass(rc.RemoteInvalidParams, realm.InvalidParams)
     assert rc.RateLimited.code == "RATE_LIMITED"
+    assert issubclass(rc.KeyRefused, rc.Unauthorized)
+    assert issubclass(rc.KeyRefused, rc.ConnectionLost)

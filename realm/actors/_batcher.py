@@ -3,8 +3,10 @@
 Guests run in worker threads; their ``forward`` host import calls ``Batcher.forward`` (through
 ``trio.from_thread.run``), which queues the step and waits. One Trio task per runtime gathers
 what is queued and runs it as ONE ``Model.step`` per model in a worker thread (the native call
-releases the GIL). Guests submit independently, so a batcher that ran whatever happened to be
-queued would run half-empty batches; this one knows which sessions stepped last time (they are
+releases the GIL), through the native pool's gate (``realm.sandbox.COMPUTE``): a step waits at
+most for the guest kernel chunk running now, never behind a guest's whole product. Guests
+submit independently, so a batcher that ran whatever happened to be queued would run
+half-empty batches; this one knows which sessions stepped last time (they are
 mid-generation) and waits for them, up to ``gather_seconds``, before it runs a step.
 
 When a round holds more work than one step's token budget (long prefills, many tenants), the
@@ -29,11 +31,20 @@ import trio
 
 from .._errors import CallCancelled
 from ..model import Model, Session
+from ..sandbox import COMPUTE
 
 GATHER_SECONDS: Final = 0.002  # how long a step waits for sessions that are mid-generation
 PREFILL_CHUNK: Final = 256  # a longer step is split so other tenants' decode steps interleave
 MAX_BATCH_TOKENS: Final = 2048  # a step's token budget; long prefills are chunked to fit
 QUEUE_SIZE: Final = 1024
+# While some sessions decode, a step carries at most as many prefill tokens as cost this many
+# decode-only steps more: a tenant flooding the runtime with prefills (the most tokens the ABI
+# lets one forward call take, in a loop) adds at most that to every other tenant's token gap.
+LATENCY_FACTOR: Final = 1.0
+DECODE_TOKENS: Final = 4  # a request of at most this many tokens is a decode step
+MIN_PREFILL_TOKENS: Final = 8  # a step carries at least this much of a waiting prefill
+DECODING_SECONDS: Final = 0.5  # decode steps this recent mean sessions are decoding
+EMA: Final = 0.2  # weight of the newest step in the step-cost estimates
 
 
 @attrs.define(eq=False)
@@ -44,7 +55,7 @@ class _Request:
     mode: str
     tenant: str = ""
     weight: float = 1.0
-    vstart: float = 0.0  # fair-queuing start tag
+    vstart: float | None = None  # fair-queuing start tag (set once, when first queued)
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -85,6 +96,8 @@ class Batcher:
         self._step_time = 0.0
         self._vclock = 0.0  # virtual time: the start tag of the last request served
         self._vfinish: dict[str, float] = {}  # tenant -> finish tag of its last request
+        self._carry: list[_Request] = []  # prefills left out of the last round (budget)
+        self._costs: dict[int, _StepCost] = {}  # id(model) -> what its steps cost
 
     # --- called from guest worker threads (through trio.from_thread.run) ---------------------
 
@@ -108,13 +121,15 @@ class Batcher:
         for session, tokens, mode in work:
             ids = np.asarray(tokens, np.int32)
             # a long prefill goes in chunks, each its own step shared with everyone's decode
-            # steps, so a 2000-token prompt never stalls other tenants' streams for long
-            chunks = [
-                ids[i : i + self.prefill_chunk] for i in range(0, len(ids), self.prefill_chunk)
-            ]
+            # steps, so a 2000-token prompt never stalls other tenants' streams for long; while
+            # others decode, a chunk is no bigger than what a step may carry (prefill_budget)
             pieces = []
-            for k, chunk in enumerate(chunks):
-                last = k == len(chunks) - 1
+            i = 0
+            while i < len(ids):
+                size = min(self.prefill_chunk, self.prefill_budget(model) or self.prefill_chunk)
+                chunk = ids[i : i + size]
+                i += len(chunk)
+                last = i >= len(ids)
                 r = _Request(
                     model,
                     session,
@@ -144,8 +159,9 @@ class Batcher:
         try:
             async with self._recv:
                 while True:
-                    first = await self._recv.receive()
-                    batch = [first]
+                    batch, self._carry = self._carry, []
+                    if not batch:
+                        batch.append(await self._recv.receive())
                     await self._gather(batch)
                     await self._run_batch(batch)
         finally:  # stopping: nothing may wait for a step that will never run
@@ -157,7 +173,7 @@ class Batcher:
 
     @property
     def _pending(self) -> list[_Request]:
-        pending = list(self._in_flight)
+        pending = list(self._in_flight) + self._carry
         while True:
             try:
                 pending.append(self._recv.receive_nowait())
@@ -186,12 +202,47 @@ class Batcher:
         by_model: dict[int, list[_Request]] = {}
         for r in batch:
             by_model.setdefault(id(r.model), []).append(r)
-        self._recent = {id(r.session) for r in batch}
-        self._tag(batch)
+        self._tag([r for r in batch if r.vstart is None])  # carried requests keep theirs
+        run: list[_Request] = []
         for reqs in by_model.values():
-            for chunk in self._chunks(sorted(reqs, key=lambda r: r.vstart)):
+            ordered = sorted(reqs, key=_start_tag)
+            kept, carried = self._within_budget(ordered)
+            self._carry += carried
+            run += kept
+            for chunk in self._chunks(kept):
                 await self._step(chunk)
-                self._vclock = max(self._vclock, max(r.vstart for r in chunk))
+                self._vclock = max(self._vclock, max(_start_tag(r) for r in chunk))
+        self._recent = {id(r.session) for r in run}
+        self._in_flight = []
+
+    # --- the latency budget: prefill tokens a step may carry while others decode ---------------
+
+    def prefill_budget(self, model: Model) -> int | None:
+        """Prefill tokens one step may carry now (None: no limit): while sessions decode,
+        what costs ``LATENCY_FACTOR`` decode-only steps more, measured on this model's steps."""
+        cost = self._costs.get(id(model))
+        if cost is None or not cost.decoding(trio.current_time()):
+            return None
+        return cost.budget()
+
+    def _within_budget(self, reqs: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """The requests of one model this round runs, in order, and those it leaves to the
+        next: while any of them decodes, the prefill tokens of the round stay within budget
+        (at least the first prefill runs, so every prefill progresses)."""
+        if not any(int(r.tokens.shape[0]) <= DECODE_TOKENS for r in reqs):
+            return reqs, []
+        budget = self.prefill_budget(reqs[0].model)
+        if budget is None:
+            return reqs, []
+        kept, carried, used = [], [], 0
+        for r in reqs:
+            n = int(r.tokens.shape[0])
+            if n <= DECODE_TOKENS or used == 0 or used + n <= budget:
+                kept.append(r)
+                used += 0 if n <= DECODE_TOKENS else n
+            else:
+                carried.append(r)
+        return kept, carried
 
     def _tag(self, batch: list[_Request]) -> None:
         """Start-time fair queuing tags, in arrival order (see the module docs)."""
@@ -225,8 +276,9 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             results = await trio.to_thread.run_sync(
-                model.step, [(r.session, r.tokens, r.mode) for r in reqs], limiter=self._limiter
-            )
+                _gated_step, model, [(r.session, r.tokens, r.mode) for r in reqs],
+                limiter=self._limiter,
+            )  # fmt: skip
         except BaseException as e:  # a bad request must not take the others down: retry alone
             if len(reqs) > 1 and isinstance(e, Exception):
                 for r in reqs:
@@ -240,6 +292,9 @@ class Batcher:
             return
         self._last_step = time.perf_counter() - t0
         self._step_time += self._last_step
+        self._costs.setdefault(id(model), _StepCost()).record(
+            [int(r.tokens.shape[0]) for r in reqs], self._last_step, trio.current_time()
+        )
         self._steps += 1
         self._seqs += len(reqs)
         self._tokens += sum(int(r.tokens.shape[0]) for r in reqs)
@@ -259,3 +314,43 @@ class Batcher:
             step_seconds_mean=self._step_time / steps if steps else math.nan,
             queued=self._send.statistics().current_buffer_used,
         )
+
+
+def _start_tag(r: _Request) -> float:
+    assert r.vstart is not None
+    return r.vstart
+
+
+@attrs.define
+class _StepCost:
+    """What one model's steps cost: a decode-only step, and each prefill token above it."""
+
+    fixed: float | None = None  # seconds of a decode-only step (moving average)
+    per_token: float | None = None  # seconds per prefill token above that
+    decoded_at: float = -1e9  # trio time of the last step with a decode request
+
+    def record(self, tokens: list[int], seconds: float, now: float) -> None:
+        prefill = sum(n for n in tokens if n > DECODE_TOKENS)
+        if any(n <= DECODE_TOKENS for n in tokens):
+            self.decoded_at = now
+        if not prefill:
+            self.fixed = seconds if self.fixed is None else (1 - EMA) * self.fixed + EMA * seconds
+        elif self.fixed is not None and prefill >= 2 * MIN_PREFILL_TOKENS:
+            each = max(0.0, seconds - self.fixed) / prefill
+            self.per_token = (
+                each if self.per_token is None else ((1 - EMA) * self.per_token + EMA * each)
+            )
+
+    def decoding(self, now: float) -> bool:
+        return now - self.decoded_at < DECODING_SECONDS
+
+    def budget(self) -> int | None:
+        if self.fixed is None or not self.per_token or self.per_token <= 1e-7:
+            return None
+        return max(MIN_PREFILL_TOKENS, int(LATENCY_FACTOR * self.fixed / self.per_token))
+
+
+def _gated_step(model: Model, work: list[tuple[Session, np.ndarray, str]]) -> list[Any]:
+    """One batched step, ahead of guests' kernel work on the native pool (``COMPUTE``)."""
+    with COMPUTE.forward_step():
+        return model.step(work)  # type: ignore[arg-type]

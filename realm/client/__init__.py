@@ -21,6 +21,7 @@ from ._client import connect as connect
 from ._errors import CallTimeout as CallTimeout
 from ._errors import ConnectionLost as ConnectionLost
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import KeyRefused as KeyRefused
 from ._errors import RateLimited as RateLimited
 from ._errors import RemoteCancelled as RemoteCancelled
 from ._errors import RemoteError as RemoteError

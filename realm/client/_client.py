@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import ssl
 import threading
 import urllib.parse
@@ -27,8 +26,16 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from .._protocol import (
+    CloseCode,
+    ErrorCode,
+    ServerMessage,
+    call_message,
+    cancel_message,
+    read_server_message,
+)
 from .._util import single_error
-from ._errors import ConnectionLost, RemoteError, error_from_wire
+from ._errors import ConnectionLost, KeyRefused, RemoteError, error_from_wire
 
 CALL_BUFFER: Final = 4096  # messages buffered per call before the reader waits for its caller
 MAX_MESSAGE_BYTES: Final = 16 << 20
@@ -59,19 +66,21 @@ def _split_url(url: str) -> tuple[str, int, str, str, bool]:
 
 
 def _lost(e: ConnectionClosed) -> ConnectionLost:
-    """The error of a call whose connection closed (carrying the close frame)."""
+    """The error of a call whose connection closed (carrying the close frame): KeyRefused (an
+    Unauthorized too) for the server's 1008 UNAUTHORIZED, else ConnectionLost."""
     reason = e.reason
-    return ConnectionLost(
-        f"connection closed ({reason.code} {reason.reason or reason.name})",
-        close_code=reason.code,
-        reason=reason.reason or "",
-    )
+    text = f"connection closed ({reason.code} {reason.reason or reason.name})"
+    if reason.code == CloseCode.POLICY and (reason.reason or "").startswith(
+        f"{ErrorCode.UNAUTHORIZED}:"
+    ):
+        return KeyRefused(text, close_code=reason.code, reason=reason.reason or "")
+    return ConnectionLost(text, close_code=reason.code, reason=reason.reason or "")
 
 
 class _Call:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws  # the connection it was sent on (only that one's closing fails it)
-        self.send, self.recv = trio.open_memory_channel[dict[str, Any]](CALL_BUFFER)
+        self.send, self.recv = trio.open_memory_channel[ServerMessage](CALL_BUFFER)
         self.done = False
         self.lost: ConnectionLost | None = None  # set, and ``send`` closed, when ``ws`` closes
 
@@ -204,13 +213,10 @@ class AsyncClient:
         the calls still waiting on it."""
         try:
             while True:
-                text = await ws.get_message()
-                try:
-                    msg = json.loads(text)
-                    call = self._calls.get(msg["id"]) if isinstance(msg, dict) else None
-                except (ValueError, KeyError, TypeError):
-                    continue
+                msg = read_server_message(await ws.get_message())
+                call = self._calls.get(msg.id) if msg is not None and msg.id is not None else None
                 if call is not None:
+                    assert msg is not None
                     await call.send.send(msg)
         except ConnectionClosed as e:
             return _lost(e)
@@ -227,9 +233,8 @@ class AsyncClient:
         call_id = f"c{next(self._ids)}"
         call = _Call(ws)
         self._calls[call_id] = call
-        message = {"type": "call", "id": call_id, "function": function, "params": params or {}}
         try:
-            await ws.send_message(json.dumps(message, allow_nan=False))
+            await ws.send_message(call_message(call_id, function, params))
         except ConnectionClosed as e:
             self._calls.pop(call_id, None)
             raise _lost(e) from None
@@ -242,16 +247,15 @@ class AsyncClient:
                     msg = await call.recv.receive()
                 except trio.EndOfChannel:
                     raise call.lost or ConnectionLost("connection lost") from None
-                kind = msg.get("type")
-                if kind == "stream":
-                    yield Event("token", msg.get("data") or {})
-                elif kind == "result":
+                if msg.type == "stream":
+                    yield Event("token", msg.data)
+                elif msg.type == "result":
                     call.done = True
-                    yield Event("result", msg.get("data") or {})
+                    yield Event("result", msg.data)
                     return
-                elif kind == "error":
+                else:
                     call.done = True
-                    raise error_from_wire(msg.get("error"), call_id)
+                    raise error_from_wire(msg.error, call_id)
         finally:
             self._calls.pop(call_id, None)
 
@@ -284,7 +288,7 @@ class AsyncClient:
         ws = self._ws
         if ws is not None and ws.closed is None:
             with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(json.dumps({"type": "cancel", "id": call_id}))
+                await ws.send_message(cancel_message(call_id))
 
     async def metadata(self) -> dict[str, Any]:
         """``system_metadata``: the functions this tenant can call, with their JSON schemas."""
@@ -316,7 +320,7 @@ async def connect(
             )
             # fail fast on a wrong URL or a refused handshake; a wrong API key is not seen
             # here (the server accepts, then closes with 1008): the first call raises
-            # ConnectionLost with close_code 1008
+            # KeyRefused (an Unauthorized and a ConnectionLost) with close_code 1008
             await client._connection()
             try:
                 yield client

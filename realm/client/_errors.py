@@ -17,12 +17,13 @@ from .._errors import (
     TenantUnavailable,
     UnknownFunction,
 )
+from .._protocol import ErrorCode
 
 
 class RemoteError(RealmError):
     """The server answered a call with an error (``code`` is the protocol's error code)."""
 
-    code: ClassVar[str] = "INTERNAL"
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, call_id: Any = None) -> None:
         super().__init__(message)
@@ -34,54 +35,67 @@ class RemoteError(RealmError):
 
 
 class InvalidRequest(RemoteError):
-    code = "INVALID_REQUEST"
+    code = ErrorCode.INVALID_REQUEST
 
 
 class RemoteUnknownFunction(RemoteError, UnknownFunction):
-    code = "UNKNOWN_FUNCTION"
+    code = ErrorCode.UNKNOWN_FUNCTION
 
 
 class RemoteInvalidParams(RemoteError, InvalidParams):
-    code = "INVALID_PARAMS"
+    code = ErrorCode.INVALID_PARAMS
 
 
 class Unauthorized(RemoteError):
-    code = "UNAUTHORIZED"
+    """UNAUTHORIZED: a call's ``tenant_id`` is not the connection's tenant, or (as
+    ``KeyRefused``) the server closed the connection because its API key is missing or
+    unknown."""
+
+    code = ErrorCode.UNAUTHORIZED
 
 
 class RateLimited(RemoteError):
-    code = "RATE_LIMITED"
+    """RATE_LIMITED: the tenant is over its call or token rate; ``retry_after`` is the seconds
+    to wait before the next call is admitted (None if the server did not say)."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(
+        self, message: str, *, call_id: Any = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, call_id=call_id)
+        self.retry_after = retry_after
 
 
 class RemoteOverloaded(RemoteError, Overloaded):
-    code = "OVERLOADED"
+    code = ErrorCode.OVERLOADED
 
 
 class RemoteTenantUnavailable(RemoteError, TenantUnavailable):
-    code = "TENANT_UNAVAILABLE"
+    code = ErrorCode.TENANT_UNAVAILABLE
 
 
 class RemoteGuestTrap(RemoteError, GuestError):
-    code = "GUEST_TRAP"
+    code = ErrorCode.GUEST_TRAP
 
 
 class RemoteCancelled(RemoteError, CallCancelled):
-    code = "CANCELLED"
+    code = ErrorCode.CANCELLED
 
 
 class CallTimeout(RemoteError):
-    code = "TIMEOUT"
+    code = ErrorCode.TIMEOUT
 
 
 class ServerError(RemoteError):
-    code = "INTERNAL"
+    code = ErrorCode.INTERNAL
 
 
 class ConnectionLost(RealmError):
     """The connection closed while a call was in flight (the call's outcome is unknown), or it
     could not be opened. ``close_code`` and ``reason`` are the server's close frame, if any."""
 
-    code = "INTERNAL"
+    code = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, close_code: int | None = None, reason: str = "") -> None:
         super().__init__(message)
@@ -89,7 +103,19 @@ class ConnectionLost(RealmError):
         self.reason = reason
 
 
-BY_CODE: dict[str, type[RemoteError]] = {
+#: the client's exception for each error code of protocol v1 (every code has one)
+class KeyRefused(Unauthorized, ConnectionLost):
+    """The server closed the connection (1008 UNAUTHORIZED) because its API key is missing or
+    unknown: both an ``Unauthorized`` and a ``ConnectionLost`` (the connection is gone);
+    ``close_code`` is 1008 and ``reason`` the close frame's reason."""
+
+    def __init__(self, message: str, *, close_code: int | None = None, reason: str = "") -> None:
+        RemoteError.__init__(self, message)
+        self.close_code = close_code
+        self.reason = reason
+
+
+BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest,
@@ -111,5 +137,13 @@ def error_from_wire(error: Any, call_id: Any = None) -> RemoteError:
     """The exception for an ``error`` object of a server message (unknown codes: ServerError)."""
     if not isinstance(error, dict):
         return ServerError(f"malformed error object {error!r}", call_id=call_id)
-    cls = BY_CODE.get(str(error.get("code")), ServerError)
-    return cls(str(error.get("message", "")), call_id=call_id)
+    message = str(error.get("message", ""))
+    try:
+        cls = BY_CODE[ErrorCode(error.get("code"))]
+    except ValueError:
+        return ServerError(message, call_id=call_id)
+    if cls is RateLimited:
+        wait = error.get("retry_after")
+        ok = isinstance(wait, int | float) and not isinstance(wait, bool) and wait >= 0
+        return RateLimited(message, call_id=call_id, retry_after=float(wait) if ok else None)
+    return cls(message, call_id=call_id)

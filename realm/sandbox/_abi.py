@@ -75,13 +75,21 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "Returns bytes needed."),
     _imp("session_open", "model_ptr: i32, model_len: i32, capacity: i32", "i32",
          "Open a sequence (KV cache) of up to capacity positions (0: the model's context). "
-         "Returns a handle >= 0 that only this tenant can name and that is never reused; "
-         "sessions outlive the call."),
+         "Returns a handle >= 0 that only this tenant can name and that is never reused. A "
+         "session outlives a call that returns, but when the call that opened it ends by a "
+         "trap, a cancel or its deadline, the host closes it unless `session_keep` kept it. "
+         "At the tenant's session limit the import waits for a session that another running "
+         "call will give back, or returns ELIMIT when none will (this call holds one, or "
+         "every open session is kept)."),
     _imp("session_close", "session: i32", "i32",
          "Close a session and free its KV cache (works after a cancel too)."),
     _imp("session_rewind", "session: i32, pos: i32", "i32",
          "Forget positions >= pos. Returns the session's position."),
     _imp("session_pos", "session: i32", "i32", "The number of positions a session holds."),
+    _imp("session_keep", "session: i32", "i32",
+         "Keep a session beyond the call that opened it, however that call ends (a "
+         "conversation's cache): the host then closes it only on `session_close` or when the "
+         "tenant stops."),
     _imp("forward", "session: i32, tokens_ptr: i32, n_tokens: i32, logits_ptr: i32, "
          "logits_cap: i32, mode: i32", "i32",
          "Append i32 tokens to the session and run the model: the one coarse call on the hot "
@@ -94,7 +102,10 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "written (not snprintf: up to 3 bytes under out_cap when a character would be split); "
          "text beyond out_cap waits for the next call with token -1."),
     _imp("emit", "ptr: i32, len: i32", "i32",
-         "Stream a UTF-8 chunk to the caller (one token event). ECANCELLED means stop."),
+         "Stream a UTF-8 chunk to the caller (one token event). ECANCELLED means stop. A "
+         "chunk over the tenant's `max_emit_chunk_bytes` or past the call's "
+         "`max_emit_bytes` is ELIMIT; while the caller has not taken the chunks already "
+         "sent, the import waits (backpressure)."),
     _imp("result", "ptr: i32, len: i32", "i32",
          "Set the call's result: a JSON object (the last call wins)."),
     _imp("embed", "model_ptr: i32, model_len: i32, tokens_ptr: i32, n_tokens: i32, out_ptr: i32, "
@@ -104,12 +115,19 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "floats (n_embd); when out_cap is smaller, nothing is computed or written."),
     _imp("matmul_f32", "y_ptr: i32, w_ptr: i32, x_ptr: i32, rows: i32, cols: i32, batch: i32",
          "i32",
-         "y[b, r] = sum_c w[r, c] x[b, c] on f32 guest buffers (small guest-side compute)."),
+         "y[b, r] = sum_c w[r, c] x[b, c] on f32 guest buffers (small guest-side compute). "
+         "rows x cols and batch x cols are each at most 2^26; y must not overlap w or x. "
+         "Runs in chunks between other tenants' forward steps; ECANCELLED when the call is "
+         "cancelled or its deadline passes between chunks (y then holds part of the "
+         "result)."),
     _imp("attention_f32",
          "out_ptr: i32, q_ptr: i32, k_ptr: i32, v_ptr: i32, pos_ptr: i32, n_q: i32, n_kv: i32, "
          "n_heads: i32, n_kv_heads: i32, head_dim: i32", "i32",
          "Causal grouped-query attention on f32 guest buffers (q: n_q x n_heads x head_dim, "
-         "k/v: n_kv x n_kv_heads x head_dim, pos: n_q i32 positions)."),
+         "k/v: n_kv x n_kv_heads x head_dim, pos: n_q i32 positions >= 0). "
+         "head_dim <= 256, n_kv_heads divides n_heads, and one query's work "
+         "(n_heads x head_dim x n_kv) is at most 2^27. Runs in chunks of queries, as "
+         "`matmul_f32`."),
     _imp("pager_hint", "model_ptr: i32, model_len: i32, layer: i32, hint: i32", "i32",
          "Layer paging hints for the host-side weight store: 1 prefetch, 2 pin, 3 unpin. "
          "ENOTSUP when the model is not paged."),
@@ -154,9 +172,22 @@ def render_markdown() -> str:
         "number the full output needs; retry with a larger buffer when it exceeds `cap`.",
         "- Imports never raise into the guest. A guest that ignores an error status and keeps "
         "calling is stopped by the host (its fuel is set to zero).",
-        "- Every call runs under limits: fuel, an epoch deadline, a memory cap. A cancelled "
-        "call makes every import but `result`, `log`, `clock_ms`, `session_close` and "
-        "`session_pos` return ECANCELLED; a guest that does not return is stopped.",
+        "- Every call runs under limits: fuel, an epoch deadline, a memory cap, and a work "
+        "budget: every import whose cost grows with its arguments (`tokenize`, `decode`, "
+        "`chat_template`, `detokenize`, `forward`, `embed`, `matmul_f32`, `attention_f32`) "
+        "charges the call's `max_work_per_call` in proportion to its work, before doing it "
+        "(ELIMIT when it does not fit). Sizes and counts are checked before anything is "
+        "allocated. Long imports run in chunks, or are interrupted, when the call is "
+        "cancelled or its deadline passes (ECANCELLED). A cancelled call makes every import "
+        "but `result`, `log`, `clock_ms`, `session_close`, `session_keep` and `session_pos` "
+        "return ECANCELLED; a guest that does not return is stopped (a passed deadline is "
+        "TIMEOUT, a cancel CANCELLED).",
+        "- Sessions a call opened are closed by the host when the call ends by a trap, a "
+        "cancel or its deadline, unless `session_keep` kept them.",
+        "- What a guest returns is checked like client input: `result` must be a JSON object "
+        "of at most 1 MiB without NaN, Infinity or numbers that overflow a double; its "
+        "`usage` figures must be non-negative integers; a failure while handling it is "
+        "GUEST_TRAP with the reason. `log` text is escaped (one line per call of `log`).",
         "- `random` is seeded from the call's `seed` parameter when it has one.",
         "- When a function fails, the host adds what its imports saw go wrong to the guest's "
         "`error` message (a guest cannot read the host's reasons itself).",

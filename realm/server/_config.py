@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -20,6 +21,10 @@ from typing import Any, Final
 import attrs
 
 from .._errors import RealmError
+from .._protocol import ErrorCode
+from ..actors import TenantSpec as RuntimeTenantSpec
+
+_RUNTIME: Final = RuntimeTenantSpec()  # the runtime's defaults of a tenant's settings
 
 OPEN_TENANT: Final = "local"  # the tenant of a server started without a config
 BUILTIN_MODEL: Final = "builtin"  # a model path naming the built-in model
@@ -28,7 +33,7 @@ BUILTIN_MODEL: Final = "builtin"  # a model path naming the built-in model
 class ConfigError(RealmError):
     """A configuration value is missing or wrong (the message names its key)."""
 
-    code = "INVALID_PARAMS"
+    code = ErrorCode.INVALID_PARAMS
 
 
 @attrs.frozen
@@ -47,6 +52,12 @@ class ServerLimits:
     shutdown_seconds: float = 10.0  # on SIGTERM/SIGINT: calls in flight get this long
     max_tokens: int = 4096  # cap on a call's max_tokens param
     call_timeout_seconds: float = 600.0  # a call still running after this ends with TIMEOUT
+    # failed logins: this many in a row from one address are free; each one past them refuses
+    # that address's handshakes (HTTP 429) for auth_backoff_seconds, doubling, at most the max
+    auth_failures_allowed: int = 5
+    auth_backoff_seconds: float = 1.0
+    auth_backoff_max_seconds: float = 60.0
+    tenant_idle_seconds: float = 300.0  # an idle tenant's guest instances and sessions are freed
 
 
 @attrs.frozen
@@ -55,29 +66,37 @@ class TenantSpec:
     api_key_hashes: tuple[str, ...] = ()
     guest: str | None = None  # a wasm path; None: the default guest
     model: str | None = None
-    max_concurrent_calls: int = 2
-    max_queued_calls: int = 16
+    max_concurrent_calls: int = _RUNTIME.max_concurrent_calls
+    max_queued_calls: int = _RUNTIME.max_queued_calls
     tokens_per_second: float | None = None  # token bucket on generated tokens (None: no limit)
     burst_tokens: float | None = None  # bucket size (default: 2 seconds' worth)
     calls_per_second: float | None = None  # bucket on calls started
     max_kv_bytes: int | None = None
-    weight: float = 1.0  # share of batched steps under contention (fair queuing)
+    weight: float = _RUNTIME.weight  # share of batched steps under contention (fair queuing)
 
-    def runtime_spec(self) -> dict[str, Any]:
-        from ..sandbox import GuestLimits
+    def runtime_spec(self) -> RuntimeTenantSpec:
+        """The runtime's ``TenantSpec`` of this tenant (every call running may hold a session,
+        so the session limit is at least ``max_concurrent_calls``)."""
+        limits = attrs.evolve(
+            _RUNTIME.limits,
+            max_kv_bytes=self.max_kv_bytes,
+            max_sessions=max(_RUNTIME.limits.max_sessions, self.max_concurrent_calls),
+        )
+        return RuntimeTenantSpec(
+            guest=self.guest or None,
+            model=self.model or None,
+            weight=self.weight,
+            max_concurrent_calls=self.max_concurrent_calls,
+            max_queued_calls=self.max_queued_calls,
+            limits=limits,
+        )
 
-        spec: dict[str, Any] = {
-            "max_concurrent_calls": self.max_concurrent_calls,
-            "max_queued_calls": self.max_queued_calls,
-            "weight": self.weight,
-        }
-        if self.guest:
-            spec["guest"] = self.guest
-        if self.model:
-            spec["model"] = self.model
-        if self.max_kv_bytes is not None:
-            spec["limits"] = GuestLimits(max_kv_bytes=self.max_kv_bytes)
-        return spec
+
+def _lowered(values: Any) -> tuple[str, ...] | None:
+    """Origins and host names compare in lower case, without a trailing slash."""
+    if values is None:
+        return None
+    return tuple(str(v).strip().rstrip("/").lower() for v in values)
 
 
 @attrs.frozen
@@ -88,6 +107,10 @@ class ServerConfig:
     port: int = 8080
     metrics_port: int | None = None
     limits: ServerLimits = attrs.field(factory=ServerLimits)
+    # web pages (their Origin) allowed to connect; None: loopback pages only ("*": any page)
+    allowed_origins: tuple[str, ...] | None = attrs.field(default=None, converter=_lowered)
+    # Host headers accepted; None: loopback names when listening on loopback, else any
+    allowed_hosts: tuple[str, ...] | None = attrs.field(default=None, converter=_lowered)
     # the open server's one tenant: a local user whose many connections share it
     open_tenant: TenantSpec = attrs.field(
         factory=lambda: TenantSpec(OPEN_TENANT, max_concurrent_calls=16, max_queued_calls=1024)
@@ -148,6 +171,34 @@ def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None
             raise ConfigError(f"{key}: unknown key (expected one of {', '.join(sorted(allowed))})")
 
 
+def _origins(where: str, v: Any) -> tuple[str, ...]:
+    """``allowed_origins``: ``"*"`` or origins such as ``"https://app.example.com"``."""
+    if not isinstance(v, list) or not all(isinstance(o, str) for o in v):
+        raise ConfigError(f"{where}: must be a list of origins such as 'https://app.example.com'")
+    out = []
+    for i, origin in enumerate(v):
+        o = origin.strip().rstrip("/").lower()
+        if o != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+", o):
+            raise ConfigError(
+                f"{where}[{i}]: {origin!r} is not an origin (scheme://host[:port], or '*')"
+            )
+        out.append(o)
+    return tuple(out)
+
+
+def _hosts(where: str, v: Any) -> tuple[str, ...]:
+    """``allowed_hosts``: ``"*"`` or host names with an optional port (``"realm.example.com"``)."""
+    if not isinstance(v, list) or not all(isinstance(h, str) for h in v):
+        raise ConfigError(f"{where}: must be a list of host names such as 'realm.example.com'")
+    out = []
+    for i, host in enumerate(v):
+        h = host.strip().lower()
+        if h != "*" and not re.fullmatch(r"[a-z0-9.\-]+(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", h):
+            raise ConfigError(f"{where}[{i}]: {host!r} is not a host name (host[:port], or '*')")
+        out.append(h)
+    return tuple(out)
+
+
 def _limits(table: Mapping[str, Any]) -> ServerLimits:
     fields = {f.name: f for f in attrs.fields(ServerLimits)}
     values: dict[str, Any] = {}
@@ -199,10 +250,16 @@ def _tenant(name: str, table: Any, base: Path, models: Mapping[str, str]) -> Ten
         guest=guest,
         model=model,
         max_concurrent_calls=_int(
-            f"{where}.max_concurrent_calls", table.get("max_concurrent_calls", 2), 1, 1024
+            f"{where}.max_concurrent_calls",
+            table.get("max_concurrent_calls", _RUNTIME.max_concurrent_calls),
+            1,
+            1024,
         ),
         max_queued_calls=_int(
-            f"{where}.max_queued_calls", table.get("max_queued_calls", 16), 0, 1 << 20
+            f"{where}.max_queued_calls",
+            table.get("max_queued_calls", _RUNTIME.max_queued_calls),
+            0,
+            1 << 20,
         ),
         max_kv_bytes=(
             _int(f"{where}.max_kv_bytes", table["max_kv_bytes"])
@@ -235,7 +292,8 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
     _check_keys(
         "server",
         server,
-        {"host", "port", "metrics_port"} | {f.name for f in attrs.fields(ServerLimits)},
+        {"host", "port", "metrics_port", "allowed_origins", "allowed_hosts"}
+        | {f.name for f in attrs.fields(ServerLimits)},
     )
     models_t = doc.get("models")
     if not isinstance(models_t, dict) or not models_t:
@@ -269,4 +327,14 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
             None if metrics_port is None else _int("server.metrics_port", metrics_port, 0, 65535)
         ),
         limits=_limits(server),
+        allowed_origins=(
+            _origins("server.allowed_origins", server["allowed_origins"])
+            if "allowed_origins" in server
+            else None
+        ),
+        allowed_hosts=(
+            _hosts("server.allowed_hosts", server["allowed_hosts"])
+            if "allowed_hosts" in server
+            else None
+        ),
     )

@@ -46,5 +46,11 @@ class TokenBucket:
         self.level -= n
 
     def seconds_until_available(self) -> float:
+        """Until ``available`` (the level above 0): what a caller refused by it waits."""
         self._refill()
         return 0.0 if self.level > 0 else (-self.level + 1e-9) / self.rate
+
+    def seconds_until(self, n: float = 1.0) -> float:
+        """Until ``take(n)`` would succeed: what a caller refused by it waits."""
+        self._refill()
+        return max(0.0, (n - self.level) / self.rate)

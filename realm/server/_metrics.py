@@ -1,10 +1,16 @@
 """Server metrics (prometheus-client) and the HTTP endpoint that exposes them.
 
 Counters and histograms are updated by the server as calls happen; the runtime's own figures
-(batch sizes, queues, pager hits) are read from ``Runtime.statistics()`` when scraped, by a
-custom collector. Each server has its own registry, so several servers in one process (tests)
-do not mix their figures. The endpoint is a small Trio HTTP responder owned by the server's
-nursery (prometheus-client's own HTTP server would run a bare thread).
+(batch sizes, queues, pager hits) are read from ``Runtime.statistics()`` when scraped. Each
+server has its own registry, so several servers in one process (tests) do not mix their
+figures.
+
+No label value is ever a string a client chose: tenants are the configured names, codes and
+outcomes come from ``ErrorCode``, and a function is labelled by its name only if the tenant
+can call it (a system function, or one its guest exports), else ``<unknown>``
+(``UNKNOWN_FUNCTION_LABEL``); so no client can grow the page. The page is rendered in a worker
+thread (the runtime's figures are read on the event loop first), one scrape at a time, so a
+scrape never stalls anyone's tokens; it is sent whole or the failure is logged.
 """
 
 from __future__ import annotations
@@ -12,56 +18,81 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._access import AccessPolicy
+from ._http import BadRequest, HttpResponse, read_request, send_response, text_response
+
 if TYPE_CHECKING:
     from ..actors import Runtime
 
 log = logging.getLogger("realm.server")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+UNKNOWN_FUNCTION_LABEL: Final = "<unknown>"  # every function a tenant cannot call
+REQUEST_SECONDS: Final = 5.0  # a scrape's request head must arrive within this
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class _RuntimeCollector(Collector):
+    """The runtime's figures, from a snapshot taken on the event loop before each render (the
+    render runs in a worker thread, which must not read the runtime's Trio-owned state)."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.snapshot: list[Any] = []
 
-    def collect(self) -> Iterator[Any]:
+    def take_snapshot(self) -> None:
         stats = self.runtime.statistics()
         b = stats.batcher
-        yield CounterMetricFamily("realm_batch_steps", "Batched forward steps run", value=b.steps)
-        yield CounterMetricFamily(
-            "realm_batch_sequences", "Sequence-steps run in batched steps", value=b.sequences
-        )
-        yield GaugeMetricFamily(
-            "realm_batch_size_mean", "Mean sequences per batched step",
-            value=0.0 if math.isnan(b.mean_batch_size) else b.mean_batch_size,
-        )  # fmt: skip
-        yield GaugeMetricFamily("realm_batch_queue", "Forward steps waiting", value=b.queued)
+        out: list[Any] = [
+            CounterMetricFamily("realm_batch_steps", "Batched forward steps run", value=b.steps),
+            CounterMetricFamily(
+                "realm_batch_sequences", "Sequence-steps run in batched steps", value=b.sequences
+            ),
+            GaugeMetricFamily(
+                "realm_batch_size_mean",
+                "Mean sequences per batched step",
+                value=0.0 if math.isnan(b.mean_batch_size) else b.mean_batch_size,
+            ),
+            GaugeMetricFamily("realm_batch_queue", "Forward steps waiting", value=b.queued),
+        ]
         sessions = GaugeMetricFamily("realm_tenant_sessions", "Open sessions", labels=["tenant"])
         inflight = GaugeMetricFamily("realm_tenant_calls_in_flight", "Calls", labels=["tenant"])
         for name, t in stats.tenants.items():
             sessions.add_metric([name], t.get("sessions", 0))
             inflight.add_metric([name], t.get("in_flight", 0))
-        yield sessions
-        yield inflight
-        hits = CounterMetricFamily("realm_pager_hits", "Layer pager hits", labels=["model"])
-        misses = CounterMetricFamily("realm_pager_misses", "Layer pager misses", labels=["model"])
-        for name in self.runtime.registry.names():
-            pager = self.runtime.registry.get(name).pager
-            if pager is not None:
-                ps = pager.statistics()
-                hits.add_metric([name], ps.hits)
-                misses.add_metric([name], ps.misses)
-        yield hits
-        yield misses
+        pager: list[Any] = []
+        for family, help_text, field in _PAGER_FIGURES:
+            metric = family(f"realm_pager_{field}", help_text, labels=["model"])
+            for name, ps in getattr(stats, "models", {}).items():
+                metric.add_metric([name], getattr(ps, field))
+            pager.append(metric)
+        self.snapshot = [*out, sessions, inflight, *pager]
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.snapshot
+
+
+#: each paged model's layer pager figures (PagerStatistics fields), labelled by model
+_PAGER_FIGURES: Final = (
+    (CounterMetricFamily, "Layer pager acquires that found the block resident", "hits"),
+    (CounterMetricFamily, "Layer pager acquires that paged the block in", "misses"),
+    (CounterMetricFamily, "Layer pager prefetches started", "prefetches"),
+    (CounterMetricFamily, "Acquires served by a finished prefetch", "prefetch_hits"),
+    (CounterMetricFamily, "Blocks evicted under the budget", "evictions"),
+    (CounterMetricFamily, "Tensor bytes made resident", "bytes_paged"),
+    (GaugeMetricFamily, "This model's resident blocks in bytes", "resident_bytes"),
+    (GaugeMetricFamily, "Resident bytes outside the budget (header, output)", "fixed_bytes"),
+    (GaugeMetricFamily, "The budget the model pages under", "max_resident_bytes"),
+    (GaugeMetricFamily, "Resident bytes of every model under the budget", "budget_resident_bytes"),
+)
 
 
 class ServerMetrics:
@@ -95,11 +126,37 @@ class ServerMetrics:
         self.protocol_errors = Counter(
             "realm_protocol_errors", "Client messages refused", ["code"], registry=r
         )
-        if runtime is not None:
-            r.register(_RuntimeCollector(runtime))
+        self.auth_failures = Counter(
+            "realm_auth_failures",
+            "Failed logins (reason: missing_key, unknown_key)",
+            ["reason"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "realm_handshakes_refused",
+            "Requests refused before a connection opened (reason: shutting_down, capacity, "
+            "forbidden (Host/Origin), throttled (failed logins))",
+            ["reason"],
+            registry=r,
+        )
+        self._runtime = _RuntimeCollector(runtime) if runtime is not None else None
+        if self._runtime is not None:
+            r.register(self._runtime)
+        self._render_lock = trio.Lock()
 
-    def exposition(self) -> bytes:
+    def exposition_now(self) -> bytes:
+        """The page, rendered here and now (tests, and callers outside Trio)."""
+        if self._runtime is not None:
+            self._runtime.take_snapshot()
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """The page: the runtime's figures read on the event loop, the text rendered in a
+        worker thread (one scrape at a time), so the loop never waits for it."""
+        async with self._render_lock:
+            if self._runtime is not None:
+                self._runtime.take_snapshot()
+            return await trio.to_thread.run_sync(generate_latest, self.registry)
 
 
 async def serve_metrics(
@@ -107,37 +164,60 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    policy: AccessPolicy | None = None,
+    send_timeout: float = 10.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` (Prometheus text format) until cancelled; started() gets the port."""
+    """Serve ``GET /metrics`` (Prometheus text format) until cancelled; started() gets the port.
+
+    ``policy`` checks each request's Host and Origin as the WebSocket port does. A response
+    is sent whole within ``send_timeout`` seconds, or the cut is logged as a warning.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def answer(stream: trio.SocketStream, peer: str) -> HttpResponse | None:
+        request = None
+        with trio.move_on_after(REQUEST_SECONDS):
+            try:
+                request = await read_request(stream, peer=peer)
+            except BadRequest as e:
+                return text_response(e.status, f"{e.status}: not an HTTP request ({e.reason})\n")
+        if request is None:  # closed, or silent too long
+            return None
+        refusal = policy.refusal(request) if policy is not None else None
+        if refusal is not None:
+            return text_response(403, f"403: {refusal}\n")
+        if request.method != "GET":
+            return text_response(405, "405: GET only\n", (("Allow", "GET"),))
+        if request.path not in ("/metrics", "/"):
+            return text_response(404, "404: try GET /metrics\n")
+        try:
+            body = await metrics.exposition()
+        except Exception:
+            log.exception("the metrics page could not be rendered")
+            return text_response(500, "500: the metrics page could not be rendered (logged)\n")
+        return HttpResponse(200, body, CONTENT_TYPE)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            with trio.move_on_after(5):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    request += chunk
-                line = request.split(b"\r\n", 1)[0].split()
-                if len(line) < 2 or line[0] != b"GET":
-                    status, body, ctype = b"405 Method Not Allowed", b"GET only\n", "text/plain"
-                elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
-                    status, body, ctype = b"404 Not Found", b"try /metrics\n", "text/plain"
-                else:
-                    status, body, ctype = b"200 OK", metrics.exposition(), CONTENT_TYPE
-                head = (
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype.encode()
-                    + b"\r\nContent-Length: " + str(len(body)).encode()
-                    + b"\r\nConnection: close\r\n\r\n"
-                )  # fmt: skip
-                await stream.send_all(head + body)
+            host, peer_port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{peer_port}"
+        except OSError:
+            host, peer = "", "?"
+        try:
+            response = await answer(stream, str(host))
+            if response is not None:
+                size = len(response.body)
+                if not await send_response(stream, response, timeout=send_timeout):
+                    log.warning(
+                        "metrics response to %s (HTTP %d, %d bytes) was cut short: the client "
+                        "did not read it within %g s",
+                        peer, response.status, size, send_timeout,
+                    )  # fmt: skip
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # one scrape's failure never ends the endpoint
-            log.exception("metrics request failed")
+            log.exception("metrics request from %s failed", peer)
         finally:
             await trio.aclose_forcefully(stream)
 

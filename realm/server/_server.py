@@ -1,59 +1,75 @@
-"""The WebSocket server: protocol v1 over trio-websocket, in front of the actor runtime.
+"""The WebSocket server: protocol v1 in front of the actor runtime.
 
-One ``Server`` owns a listener, a runtime and the connections. Each connection is one task
-with its own error boundary (a failure there closes that connection, logged, never the
-server); inside it a reader, a writer and a keepalive task, and one task per call in flight
-(multiplexed by ``id``). Everything a connection sends goes through one bounded outbound queue
-written by its writer task: a call that finds the queue full, or a write that makes no progress
-for ``send_timeout_seconds``, closes the connection with 1008 and cancels its calls, so a slow
-reader never stalls anyone else. A disconnect cancels the connection's calls (their guests stop
-within one forward step and their sessions are freed).
+One ``Server`` owns a listener (``_transport.WebSocketTransport``), a runtime and the
+connections (``_connection.Connection``). Before a handshake is accepted its Host and Origin
+are checked (``_access``: no web page the user visits can drive the server), then its API key,
+with failed logins logged, counted and throttled per client address. A plain HTTP request on
+the same port gets ``GET /health``, ``GET /ready``, the OpenAI-compatible API under ``/v1/``
+(``_openai``, docs/http.md), the playground's files (``_static``), or a 400/404 that says what
+the port speaks.
+
+A tenant sees only itself: the system functions answer with the caller's own figures, and
+every error message a client gets is stripped of host paths (``public_message``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
+import re
 import signal
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import attrs
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from .. import __version__
-from .._errors import RealmError
+from .._errors import ProtocolError, RealmError
+from .._protocol import PROTOCOL_VERSION, UNAUTHORIZED_REASON, Call, CloseCode, ErrorCode
 from .._util import single_error
 from ..actors import Event, Runtime, RuntimeLimits, open_runtime
-from . import _protocol as p
-from ._config import OPEN_TENANT, ServerConfig, TenantSpec
+from ._access import AccessPolicy, LoginThrottle, chosen_subprotocol, credentials, is_loopback_name
+from ._config import OPEN_TENANT, ConfigError, ServerConfig, TenantSpec
+from ._connection import Connection, Tally, finite
+from ._http import HttpRequest, HttpResponse, text_response
+from ._jobs import Jobs
 from ._limits import TokenBucket
-from ._metrics import ServerMetrics, serve_metrics
+from ._metrics import UNKNOWN_FUNCTION_LABEL, ServerMetrics, serve_metrics
+from ._openai import HttpCalls, OpenAIError
+from ._openai import handle as handle_openai
+from ._static import static_response
+from ._transport import UncutStream, WebSocketTransport
 
 log = logging.getLogger("realm.server")
 
 SYSTEM_FUNCTIONS: Final = {
     "system_metadata": "The functions this tenant can call: name, description, JSON-schema "
     "params (from the guest's own metadata), and these system functions.",
-    "system_health": "Liveness and load: status, uptime, connections, calls in flight.",
+    "system_health": "Liveness and this tenant's load: status, uptime, its connections and "
+    "calls in flight.",
     "system_models": "The models served: name, architecture, sizes, context length.",
-    "system_metrics": "Runtime statistics as JSON: batching, queues, per-tenant figures.",
+    "system_metrics": "This tenant's statistics as JSON: calls, errors, tokens, sessions; and "
+    "the shared batch scheduler's totals.",
 }
 MESSAGE_QUEUE: Final = 8  # messages trio-websocket buffers before its reader waits on ours
-CLOSE_REASON_BYTES: Final = 120  # a close frame's reason is at most 123 bytes
-
-
-def _reason(text: str) -> str:
-    raw = text.encode("utf-8")[:CLOSE_REASON_BYTES]
-    return raw.decode("utf-8", "ignore")
+MAX_FUNCTION_LABELS: Final = 64  # per tenant: functions past these are counted as unknown
+CANCEL_SECONDS: Final = 3.0  # at shutdown, cancelled calls get this long to send their errors
+CLOSE_SECONDS: Final = 3.0  # then connections get this long to close
+SHUTDOWN_REASON: Final = "the server is shutting down"
+#: what a plain HTTP request to the WebSocket port is told
+PORT_SPEAKS: Final = (
+    "This port speaks Realm protocol v1 over WebSocket: connect a WebSocket client to "
+    "ws://{host}/ (any path; docs/protocol.md). Plain HTTP: GET /health, GET /ready, the "
+    "OpenAI-compatible API under /v1/ (docs/http.md) and the playground at GET /.\n"
+)
+# an absolute path (two or more components) not part of a word, a URL or a relative path
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;()\[\]{}<>]+/)+[^\s'\"/:,;()\[\]{}<>]*")
 
 
 class _TenantLimits:
@@ -68,18 +84,28 @@ class _TenantLimits:
             self.tokens = TokenBucket(spec.tokens_per_second, burst)
 
     def admit(self, tenant: str) -> None:
+        """Take a call from the buckets, or raise RATE_LIMITED with ``retry_after``."""
         if self.tokens is not None and not self.tokens.available():
-            wait = self.tokens.seconds_until_available()
-            raise p.ProtocolError(
-                p.RATE_LIMITED,
+            wait = _retry_after(self.tokens.seconds_until_available())
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
                 f"tenant {tenant!r} is over its token rate ({self.tokens.rate:g} tokens/s); "
-                f"retry in {wait:.2f} s",
+                f"retry in {wait:g} s",
+                retry_after=wait,
             )
         if self.calls is not None and not self.calls.take():
-            raise p.ProtocolError(
-                p.RATE_LIMITED,
-                f"tenant {tenant!r} is over its call rate ({self.calls.rate:g} calls/s)",
+            wait = _retry_after(self.calls.seconds_until(1.0))
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"tenant {tenant!r} is over its call rate ({self.calls.rate:g} calls/s); "
+                f"retry in {wait:g} s",
+                retry_after=wait,
             )
+
+
+def _retry_after(seconds: float) -> float:
+    """Seconds rounded up to the millisecond (a retry that waits this long is admitted)."""
+    return max(0.001, math.ceil(seconds * 1000) / 1000)
 
 
 class Server:
@@ -93,13 +119,27 @@ class Server:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.http_calls = HttpCalls()  # OpenAI API calls and jobs in flight (_openai)
+        self.jobs = Jobs(self)  # HTTP jobs (_jobs), run in ``run``'s nursery
         self.closing = False
         self.connections: set[Connection] = set()
+        self.calls_in_flight = Tally()
+        self.open_connections = Tally()
+        self.policy = AccessPolicy(
+            config.allowed_origins, config.allowed_hosts, is_loopback_name(config.host)
+        )
+        lim = config.limits
+        self.throttle = LoginThrottle(
+            lim.auth_failures_allowed, lim.auth_backoff_seconds, lim.auth_backoff_max_seconds
+        )
         specs = config.tenants or {}
         self._tenant_limits = {name: _TenantLimits(spec) for name, spec in specs.items()}
         self._open_limits = _TenantLimits(None)
+        self._functions: dict[str, frozenset[str]] = {}  # per tenant: its labelled functions
+        self._paths = self._known_paths()
         self._serving = trio.CancelScope()
-        self._idle = trio.Event()  # set when the last connection ends
+        self._shut_down = trio.Event()
         self._admitted = 0  # connections past the max_connections check, handshaking or open
 
     @property
@@ -111,25 +151,37 @@ class Server:
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled (``shutdown`` ends it gracefully)."""
+        if self.config.open and not is_loopback_name(self.config.host):
+            raise ConfigError(
+                f"server.host (--host): {self.config.host!r} is not a loopback address: a "
+                "server without [tenants] (no API keys) listens on 127.0.0.1, localhost or ::1 "
+                "only"
+            )
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         self.port = listeners[0].socket.getsockname()[1]
-        ws_server = _Server(
-            self._handle,
-            listeners,
+        transport = WebSocketTransport(
+            self._handle_websocket,
+            self._handle_http,
             message_queue_size=MESSAGE_QUEUE,
             # trio-websocket counts characters of text frames: the byte limit is checked again
             # on each message; a character is at most 4 bytes, so memory stays bounded
             max_message_size=self.limits.max_message_bytes,
-            connect_timeout=self.limits.handshake_timeout_seconds,
+            handshake_timeout=self.limits.handshake_timeout_seconds,
             disconnect_timeout=2.0,
+            send_timeout=self.limits.send_timeout_seconds,
         )
         async with trio.open_nursery() as nursery:
+            self.jobs.nursery = nursery
             if self.config.metrics_port is not None:
+                metrics = functools.partial(
+                    serve_metrics, self.metrics, policy=self.policy,
+                    send_timeout=self.limits.send_timeout_seconds,
+                )  # fmt: skip
                 self.metrics_port = await nursery.start(
-                    serve_metrics, self.metrics, self.config.host, self.config.metrics_port
+                    metrics, self.config.host, self.config.metrics_port
                 )
             with self._serving:
-                await nursery.start(ws_server.run)
+                await nursery.start(transport.run, listeners)
                 log.info(
                     "realm %s serving %s on %s (tenants: %s)%s",
                     __version__,
@@ -145,116 +197,270 @@ class Server:
             nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let calls in flight finish (``shutdown_seconds``), then cancel them
-        and close every connection with 1001."""
-        if self.closing:
+        """Stop accepting; let calls in flight finish (``shutdown_seconds``); cancel those
+        still running, each ending with a CANCELLED error; then close every connection with
+        1001 once what it was sent is written."""
+        if self.closing:  # shutting down already: done when that is
+            await self._shut_down.wait()
             return
         self.closing = True
-        log.info("shutting down: %d connections", len(self.connections))
+        try:
+            await self._shutdown()
+        finally:
+            self._shut_down.set()
+
+    async def _shutdown(self) -> None:
+        log.info(
+            "shutting down: %d connections, %d calls in flight",
+            len(self.connections), self.calls_in_flight.value,
+        )  # fmt: skip
         with trio.move_on_after(self.limits.shutdown_seconds):
-            while any(c.calls for c in self.connections):
-                await trio.sleep(0.02)
+            await self.calls_in_flight.wait_zero()
+        if self.calls_in_flight.value:
+            log.info("cancelling %d calls still running", self.calls_in_flight.value)
+            for conn in list(self.connections):
+                conn.cancel_calls(SHUTDOWN_REASON)
+            self.http_calls.cancel(SHUTDOWN_REASON)
+            with trio.move_on_after(CANCEL_SECONDS):
+                await self.calls_in_flight.wait_zero()
         for conn in list(self.connections):
-            conn.close(1001, "server shutting down")
-        with trio.move_on_after(3.0):
-            while self.connections:
-                await trio.sleep(0.02)
+            conn.close_when_sent(CloseCode.GOING_AWAY, "server shutting down")
+        with trio.move_on_after(CLOSE_SECONDS):
+            await self.open_connections.wait_zero()
+        for conn in list(self.connections):  # past the wait: a client that reads nothing
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
         self._serving.cancel()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    # --- admission -----------------------------------------------------------------------------
+
+    async def _handle_websocket(self, request: WebSocketRequest, head: HttpRequest) -> None:
         """One connection, from handshake to close. Never raises (the error boundary)."""
         try:
-            await self._handle_request(request)
+            await self._handle_request(request, head)
         except ConnectionClosed:
             pass
         except Exception:
-            log.exception("connection from %s failed", request.remote)
+            log.exception("connection from %s failed", head.peer)
 
-    async def _handle_request(self, request: WebSocketRequest) -> None:
+    async def _refuse(
+        self,
+        request: WebSocketRequest,
+        status: int,
+        why: str,
+        reason: str,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Refuse a handshake with HTTP ``status``, counted under ``reason``."""
+        self.metrics.refused.labels(reason).inc()
+        extra = [(k.encode(), v.encode()) for k, v in headers]
+        await request.reject(status, extra_headers=extra, body=f"{why}\n".encode())
+
+    async def _handle_request(self, request: WebSocketRequest, head: HttpRequest) -> None:
         if self.closing:
-            await request.reject(503, body=b"the server is shutting down\n")
+            await self._refuse(request, 503, "the server is shutting down", "shutting_down")
             return
         # counted from admission, not once accepted: handshakes in progress hold a slot too
         # (else a burst of simultaneous handshakes all pass the check)
         if self._admitted >= self.limits.max_connections:
-            await request.reject(503, body=b"too many connections\n")
+            await self._refuse(request, 503, "too many connections", "capacity")
+            return
+        refusal = self.policy.refusal(head)
+        if refusal is not None:
+            log.warning("refused a handshake from %s: %s", head.peer, refusal)
+            await self._refuse(request, 403, refusal, "forbidden")
             return
         self._admitted += 1
         try:
-            await self._admit(request)
+            await self._admit(request, head)
         finally:
             self._admitted -= 1
 
-    async def _admit(self, request: WebSocketRequest) -> None:
+    async def _admit(self, request: WebSocketRequest, head: HttpRequest) -> None:
         tenant: str | None = OPEN_TENANT
         if not self.config.open:
-            tenant = self.config.tenant_for_key(_api_key(request))
-        ws = await request.accept()
+            wait = self.throttle.blocked_for(head.peer)
+            if wait > 0:
+                seconds = math.ceil(wait)
+                await self._refuse(
+                    request, 429,
+                    f"too many failed logins from this address; retry in {seconds} s",
+                    "throttled", (("Retry-After", str(seconds)),),
+                )  # fmt: skip
+                return
+            creds = credentials(head)
+            tenant = self.config.tenant_for_key(creds.key)
+            if tenant is None:
+                self._login_failed(head.peer, creds.via)
+            else:
+                self.throttle.succeeded(head.peer)
+        ws = await request.accept(subprotocol=chosen_subprotocol(head))
         if tenant is None:
-            await ws.aclose(1008, "UNAUTHORIZED: missing or unknown API key")
+            await ws.aclose(CloseCode.POLICY, UNAUTHORIZED_REASON)
             return
         conn = Connection(self, ws, tenant)
         self.connections.add(conn)
+        self.open_connections.add()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self.open_connections.remove()
             self.metrics.connections.dec()
 
-    # --- dispatch ----------------------------------------------------------------------------
+    def _login_failed(self, peer: str, via: str) -> None:
+        """Log (never the key), count, and throttle a failed login from ``peer``."""
+        reason = "missing_key" if via == "none" else "unknown_key"
+        self.metrics.auth_failures.labels(reason).inc()
+        n = self.throttle.failed(peer)
+        blocked = self.throttle.blocked_for(peer)
+        log.warning(
+            "failed login from %s: %s (%d in a row)%s",
+            peer,
+            "no API key" if via == "none" else f"unknown API key (from the {via})",
+            n,
+            f"; its handshakes are refused for {blocked:.1f} s" if blocked else "",
+        )
+
+    # --- plain HTTP ----------------------------------------------------------------------------
+
+    async def _handle_http(self, request: HttpRequest, wire: UncutStream) -> HttpResponse | None:
+        refusal = self.policy.refusal(request)
+        if refusal is not None:
+            self.metrics.refused.labels("forbidden").inc()
+            if request.path.startswith("/v1/"):
+                return OpenAIError(403, refusal, code="forbidden").response()
+            return text_response(403, f"403: {refusal}\n")
+        if request.path.startswith("/v1/"):
+            if self.closing:
+                return OpenAIError(503, SHUTDOWN_REASON, code="shutting_down").response()
+            return await handle_openai(self, request, wire)
+        if request.path == "/ready":
+            ready = not self.closing and bool(self.runtime.registry.names())
+            body = {"status": "ready" if ready else "shutting_down" if self.closing else "loading"}
+            return HttpResponse(
+                200 if ready else 503, (json.dumps(body) + "\n").encode(), "application/json"
+            )
+        speaks = PORT_SPEAKS.format(host=request.header("host") or "HOST:PORT")
+        if request.path == "/health":
+            if request.method != "GET":
+                return text_response(405, f"405: GET only.\n{speaks}", (("Allow", "GET"),))
+            health = {
+                "status": "shutting_down" if self.closing else "ok",
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "models": self.runtime.registry.names(),
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+            }
+            body = (json.dumps(health) + "\n").encode()
+            return HttpResponse(503 if self.closing else 200, body, "application/json")
+        if request.method == "GET":
+            page = static_response(request.path)
+            if page is not None:
+                return page
+        if request.path == "/":
+            return text_response(400, f"400: not a WebSocket handshake.\n{speaks}")
+        return text_response(404, f"404: no such page.\n{speaks}")
+
+    # --- what a tenant sees --------------------------------------------------------------------
+
+    def _known_paths(self) -> list[tuple[str, str]]:
+        """(absolute path, what a client is told instead), longest first: model files by
+        their registry names, guest modules, the built-in files' directory."""
+        from ..model import default_model_path
+
+        paths = [(path, f"model {name!r}") for name, path in self.config.models.items()]
+        for spec in (self.config.tenants or {}).values():
+            if spec.guest:
+                paths.append((spec.guest, "<guest module>"))
+        paths.append((str(default_model_path().parent.parent.parent), "<realm>"))
+        return sorted(paths, key=lambda p: -len(p[0]))
+
+    def public_message(self, message: str) -> str:
+        """``message`` as a client may see it: no absolute host path (model files are named by
+        their registry names, anything else becomes ``<path>``)."""
+        for path, name in self._paths:
+            message = message.replace(path, name)
+        return _ABS_PATH.sub("<path>", message)
+
+    async def function_label(self, tenant: str, function: str) -> str:
+        """The metrics label of a call's function: its name if the tenant can call it (a
+        system function, or one its guest exports), else ``<unknown>``."""
+        if function in SYSTEM_FUNCTIONS:
+            return function
+        known = self._functions.get(tenant)
+        if known is None:
+            try:
+                found = await self.runtime.functions(tenant)
+            except RealmError:
+                return UNKNOWN_FUNCTION_LABEL  # the tenant cannot run now: learnt next time
+            names = [f.get("name") for f in found if isinstance(f, dict)]
+            known = frozenset(n for n in names[:MAX_FUNCTION_LABELS] if isinstance(n, str))
+            self._functions[tenant] = known
+        return function if function in known else UNKNOWN_FUNCTION_LABEL
 
     def tenant_limits(self, tenant: str) -> _TenantLimits:
         return self._tenant_limits.get(tenant, self._open_limits)
 
+    # --- dispatch ----------------------------------------------------------------------------
+
     async def dispatch(
-        self, tenant: str, call: p.Call, on_event: Callable[[Event], None]
+        self, tenant: str, call: Call, on_event: Callable[[Event], None]
     ) -> dict[str, Any]:
         if call.function.startswith("system_"):
             return await self._system(tenant, call)
         if self.closing:
-            raise p.ProtocolError(p.OVERLOADED, "the server is shutting down")
+            raise ProtocolError(ErrorCode.OVERLOADED, SHUTDOWN_REASON)
         cap = self.limits.max_tokens
         mt = call.params.get("max_tokens")
         if isinstance(mt, int) and not isinstance(mt, bool) and mt > cap:
-            raise p.ProtocolError(
-                p.INVALID_PARAMS,
+            raise ProtocolError(
+                ErrorCode.INVALID_PARAMS,
                 f"{call.function}: max_tokens: {mt} is over this server's limit of {cap}",
             )
         self.tenant_limits(tenant).admit(tenant)  # a refused call costs no rate tokens
         return await self.runtime.call(tenant, call.function, call.params, on_event=on_event)
 
-    async def _system(self, tenant: str, call: p.Call) -> dict[str, Any]:
+    def _own(self, tenant: str) -> tuple[int, int]:
+        """The tenant's open connections and calls in flight (no other tenant's)."""
+        conns = [c for c in self.connections if c.tenant == tenant]
+        return len(conns), sum(len(c.calls) for c in conns)
+
+    async def _system(self, tenant: str, call: Call) -> dict[str, Any]:
         if call.function not in SYSTEM_FUNCTIONS:
-            raise p.ProtocolError(p.UNKNOWN_FUNCTION, f"no function {call.function!r}")
+            raise ProtocolError(ErrorCode.UNKNOWN_FUNCTION, f"no function {call.function!r}")
         if call.params:
-            raise p.ProtocolError(
-                p.INVALID_PARAMS, f"{call.function}: takes no params (got {sorted(call.params)})"
+            raise ProtocolError(
+                ErrorCode.INVALID_PARAMS,
+                f"{call.function}: takes no params (got {sorted(call.params)})",
             )
         if call.function == "system_health":
+            connections, calls = self._own(tenant)
             return {
                 "status": "shutting_down" if self.closing else "ok",
                 "version": __version__,
-                "protocol": p.PROTOCOL_VERSION,
+                "protocol": PROTOCOL_VERSION,
                 "uptime_seconds": round(time.monotonic() - self.started, 3),
-                "connections": len(self.connections),
-                "calls_in_flight": sum(len(c.calls) for c in self.connections),
+                "connections": connections,
+                "calls_in_flight": calls,
             }
         if call.function == "system_models":
             models = []
             for n in self.runtime.registry.names():
                 info = self.runtime.registry.get(n).info.as_dict()
+                info.pop("path", None)  # a host path: the model's name is its registry name
                 info["title"] = info.pop("name", None)  # the file's own name; "name" is ours
                 models.append({"name": n, **info})
             return {"models": models}
         if call.function == "system_metrics":
-            stats = self.runtime.statistics()
-            return _finite(
+            connections, _ = self._own(tenant)
+            return finite(
                 {
-                    "batcher": attrs.asdict(stats.batcher),
-                    "tenants": stats.tenants,
-                    "connections": len(self.connections),
+                    "tenant": tenant,
+                    **self.runtime.tenant_statistics(tenant),
+                    "connections": connections,
+                    "batcher": attrs.asdict(self.runtime.statistics().batcher),
                 }
             )
         # system_metadata: the guest's functions (its own metadata), then the host's
@@ -264,364 +470,31 @@ class Server:
             for n, d in SYSTEM_FUNCTIONS.items()
         ]
         return {
-            "protocol": p.PROTOCOL_VERSION,
+            "protocol": PROTOCOL_VERSION,
             "tenant": tenant,
             "models": self.runtime.registry.names(),
             "functions": list(functions) + host,
         }
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: not-a-number figures (nothing measured yet) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _api_key(request: WebSocketRequest) -> str | None:
-    """The API key of a handshake: ``Authorization: Bearer <key>``, or ``?api_key=<key>`` for
-    browsers (which cannot set headers on a WebSocket)."""
-    for name, value in request.headers:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    query = urllib.parse.urlsplit(request.path).query
-    keys = urllib.parse.parse_qs(query).get("api_key")
-    return keys[0] if keys else None
-
-
-class _UncutStream(trio.abc.Stream):
-    """A TCP stream that never writes after a write it left half done.
-
-    A write cancelled part way (a close, or the send timeout, while the client reads nothing)
-    leaves half a WebSocket frame on the wire; a close frame or ping written after it is read as
-    garbage by the client (it saw 1007 instead of the close code). Once a write is cut, every
-    later one fails with ``BrokenResourceError`` (trio-websocket then drops the connection);
-    a write that was cancelled before sending anything is no harm and leaves the stream usable.
-    """
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.cut = False
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            self._peer = f"{host}:{port}"
-        except OSError:
-            self._peer = "?"
-
-    def __repr__(self) -> str:
-        return self._peer
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.cut:
-            raise trio.BrokenResourceError("an earlier write was cut short")
-        with memoryview(data) as view:
-            sent = 0
-            try:
-                while sent < len(view):
-                    sent += await self.stream.socket.send(view[sent:])
-            except OSError as e:
-                raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
-            finally:
-                if 0 < sent < len(view):
-                    self.cut = True
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-class _WebSocketConnection(WebSocketConnection):
-    """trio-websocket's connection, telling the client why when its frames cannot be parsed.
-
-    wsproto reports invalid UTF-8 (1007) or a protocol violation (1002) as a close event while
-    the connection is still OPEN (a real close frame from the peer makes it REMOTE_CLOSING);
-    trio-websocket then drops TCP without sending a close frame, so the client saw only 1006.
-    """
-
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        if self._wsproto.state == ConnectionState.OPEN:
-            with contextlib.suppress(ConnectionClosed):
-                await self._send(CloseConnection(event.code, _reason(event.reason or "")))
-        await super()._handle_close_connection_event(event)
-
-
-class _Server(trio_websocket.WebSocketServer):
-    """trio-websocket's server with an error boundary around each connection: by default an
-    exception in one connection's tasks (even a client closing mid-send) ends ``serve_listeners``
-    and drops every other client."""
-
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        try:
-            await self._serve_stream(stream)
-        except Exception as e:
-            if not isinstance(e, ConnectionClosed | trio.BrokenResourceError):
-                log.warning("connection ended with %s: %s", type(e).__name__, e)
-        finally:
-            with contextlib.suppress(Exception):
-                await trio.aclose_forcefully(stream)
-
-    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        """``WebSocketServer._handle_connection`` of trio-websocket 0.12, with our connection
-        class on an ``_UncutStream``."""
-        assert isinstance(stream, trio.SocketStream)
-        async with trio.open_nursery() as nursery:
-            connection = _WebSocketConnection(
-                _UncutStream(stream),  # type: ignore[arg-type]
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=self._message_queue_size,
-                max_message_size=self._max_message_size,
-                receive_buffer_size=self._receive_buffer_size,
-            )
-            nursery.start_soon(connection._reader_task)
-            with trio.move_on_after(self._connect_timeout) as connect_scope:
-                request = await connection._get_request()
-            if connect_scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
-                await stream.aclose()
-                return
-            try:
-                await self._handler(request)
-            finally:
-                with trio.move_on_after(self._disconnect_timeout):
-                    await connection.aclose()
-
-
-class Connection:
-    """One client connection (see the module docs)."""
-
-    def __init__(self, server: Server, ws: WebSocketConnection, tenant: str) -> None:
-        self.server = server
-        self.ws = ws
-        self.tenant = tenant
-        self.limits = server.limits
-        self.calls: dict[p.CallId, trio.CancelScope] = {}
-        self._out_send, self._out_recv = trio.open_memory_channel[str](self.limits.outbound_queue)
-        self._scope = trio.CancelScope()
-        self._close: tuple[int, str] | None = None
-        self._nursery: trio.Nursery | None = None
-
-    # --- life cycle --------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._keepalive)
-                await self._reader()
-                # the client went away (or we close): its calls are cancelled with it
-                nursery.cancel_scope.cancel()
-        code, reason = self._close or (1000, "")
-        with trio.move_on_after(2.0) as cleanup:
-            cleanup.shield = True
-            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
-                await self.ws.aclose(code, _reason(reason))
-
-    def close(self, code: int, reason: str) -> None:
-        """End this connection: cancel its calls and close with ``code``."""
-        if self._close is None:
-            self._close = (code, reason)
-            if code != 1000:
-                log.info("closing connection (%d %s)", code, reason)
-        self._scope.cancel()
-
-    def send(self, text: str) -> bool:
-        """Queue a message for the client; a full queue means a slow reader: close (1008)."""
-        try:
-            self._out_send.send_nowait(text)
-            return True
-        except trio.WouldBlock:
-            self.close(1008, f"slow reader: {self.limits.outbound_queue} messages unread")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        return False
-
-    async def _writer(self) -> None:
-        async for text in self._out_recv:
-            with trio.move_on_after(self.limits.send_timeout_seconds) as timer:
-                try:
-                    await self.ws.send_message(text)
-                except ConnectionClosed:
-                    self.close(1000, "")
-                    return
-            if timer.cancelled_caught:
-                self.close(
-                    1008, f"slow reader: no progress in {self.limits.send_timeout_seconds:g} s"
-                )
-                return
-
-    async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(self.limits.ping_interval_seconds)
-            with trio.move_on_after(self.limits.ping_timeout_seconds) as timer:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if timer.cancelled_caught:
-                self.close(1008, f"no pong within {self.limits.ping_timeout_seconds:g} s")
-                return
-
-    async def _reader(self) -> None:
-        idle = self.limits.idle_timeout_seconds
-        max_bytes = self.limits.max_message_bytes
-        while True:
-            with trio.move_on_after(idle) as timer:
-                try:
-                    message = await self.ws.get_message()
-                except ConnectionClosed:
-                    return
-            if timer.cancelled_caught:
-                if self.calls:
-                    continue
-                self.close(1000, f"idle for {idle:g} s")
-                return
-            if isinstance(message, bytes):
-                self._refuse(
-                    p.ProtocolError(p.INVALID_REQUEST, "binary frames are not part of protocol v1")
-                )
-                continue
-            if len(message) * 4 > max_bytes and len(message.encode("utf-8")) > max_bytes:
-                self.close(1009, f"message over {max_bytes} bytes")
-                return
-            try:
-                msg = p.parse_message(message)
-            except p.ProtocolError as e:
-                self._refuse(e)
-                continue
-            if isinstance(msg, p.Cancel):
-                scope = self.calls.get(msg.id)
-                if scope is not None:  # a cancel for a call that already ended is a no-op
-                    scope.cancel()
-                continue
-            self._start_call(msg)
-
-    def _refuse(self, e: p.ProtocolError) -> None:
-        self.server.metrics.protocol_errors.labels(e.code).inc()
-        self.send(p.error_message(e.call_id, e.code, e.message))
-
-    def _start_call(self, call: p.Call) -> None:
-        if call.id in self.calls:
-            self._refuse(
-                p.ProtocolError(
-                    p.INVALID_REQUEST,
-                    f"field 'id': a call with id {call.id!r} is already in flight",
-                    None,  # not that call's end: it goes on, and ends with its own reply
-                )
-            )
-            return
-        if call.tenant_id is not None and call.tenant_id != self.tenant:
-            self._refuse(
-                p.ProtocolError(
-                    p.UNAUTHORIZED,
-                    f"field 'tenant_id': {call.tenant_id!r} is not this connection's tenant",
-                    call.id,
-                )
-            )
-            return
-        if len(self.calls) >= self.limits.max_calls_per_connection:
-            self._refuse(
-                p.ProtocolError(
-                    p.OVERLOADED,
-                    f"{len(self.calls)} calls in flight on this connection "
-                    f"(limit {self.limits.max_calls_per_connection})",
-                    call.id,
-                )
-            )
-            return
-        scope = trio.CancelScope()
-        self.calls[call.id] = scope
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_call, call, scope)
-
-    async def _run_call(self, call: p.Call, scope: trio.CancelScope) -> None:
-        server, metrics, tenant = self.server, self.server.metrics, self.tenant
-        t0 = last = time.perf_counter()
-        n_tokens = 0
-        # looked up once per call, not per token
-        ttft, token_latency = metrics.ttft.labels(tenant), metrics.token_latency.labels(tenant)
-        tokens, bucket = metrics.tokens.labels(tenant), server.tenant_limits(tenant).tokens
-
-        def on_event(ev: Event) -> None:
-            nonlocal last, n_tokens
-            now = time.perf_counter()
-            if n_tokens == 0:
-                ttft.observe(now - t0)
-            else:
-                token_latency.observe(now - last)
-            last = now
-            n_tokens += 1
-            tokens.inc()
-            if bucket is not None:
-                bucket.spend(1)
-            if not self.send(p.stream_message(call.id, ev.data)):
-                scope.cancel()
-
-        code = message = None
-        data: dict[str, Any] | None = None
-        try:
-            with scope:
-                with trio.move_on_after(self.limits.call_timeout_seconds) as deadline:
-                    data = await server.dispatch(tenant, call, on_event)
-                if deadline.cancelled_caught:
-                    code = p.TIMEOUT
-                    message = f"the call took over {self.limits.call_timeout_seconds:g} s"
-            if scope.cancelled_caught:
-                code, message = p.CANCELLED, "cancelled by the client"
-        except p.ProtocolError as e:
-            code, message = e.code, str(e)
-        except RealmError as e:
-            code, message = e.code, str(e)
-        except Exception:
-            log.exception("call %r (%s) of tenant %r failed", call.id, call.function, tenant)
-            code, message = p.INTERNAL, "internal error (logged on the server)"
-        finally:
-            self.calls.pop(call.id, None)
-        if code is None:
-            assert data is not None
-            try:
-                text = p.result_message(call.id, _finite(data))
-            except (TypeError, ValueError) as e:
-                log.error("call %r: result is not JSON: %s", call.id, e)
-                code, message = p.INTERNAL, "the result could not be encoded"
-            else:
-                self.send(text)
-        if code is not None:
-            if code not in p.ERROR_CODES:
-                code = p.INTERNAL
-            metrics.errors.labels(tenant, call.function, code).inc()
-            self.send(p.error_message(call.id, code, message or code))
-        outcome = "ok" if code is None else code.lower()
-        metrics.calls.labels(tenant, call.function, outcome).inc()
-        metrics.call_seconds.labels(tenant, call.function).observe(time.perf_counter() - t0)
-
-
 def runtime_limits(config: ServerConfig) -> RuntimeLimits:
     """The runtime's limits for a server: every tenant's concurrent calls get a worker thread
     (a call holds its thread while it waits for its forward steps)."""
+    idle = config.limits.tenant_idle_seconds
     if config.tenants is None:
         t = config.open_tenant
-        slots = t.max_concurrent_calls
         return RuntimeLimits(
             shutdown_seconds=config.limits.shutdown_seconds,
             max_concurrent_calls=t.max_concurrent_calls,
             max_queued_calls=t.max_queued_calls,
-            threads=slots + 4,
+            threads=t.max_concurrent_calls + 4,
+            idle_seconds=idle,
         )
     slots = sum(t.max_concurrent_calls for t in config.tenants.values())
     return RuntimeLimits(
-        shutdown_seconds=config.limits.shutdown_seconds, threads=min(slots, 512) + 4
+        shutdown_seconds=config.limits.shutdown_seconds,
+        threads=min(slots, 512) + 4,
+        idle_seconds=idle,
     )
 
 

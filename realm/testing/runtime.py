@@ -271,7 +271,7 @@ def _is_open(rt: Runtime) -> bool:
     return rt._open
 
 
-def _specs(rt: Runtime) -> Mapping[str, Mapping[str, Any]]:
+def _specs(rt: Runtime) -> Mapping[str, Any]:
     return rt._specs
 
 
@@ -364,7 +364,7 @@ class RuntimeStateMachine(RuleBasedStateMachine):
         self.rt = self._thread.start()
         self.open = _is_open(self.rt)
         specs = _specs(self.rt)
-        bad = [n for n, s in specs.items() if s.get("guest")]
+        bad = [n for n, s in specs.items() if getattr(s, "guest", None)]
         if bad:
             self._thread.close()
             raise ValueError(f"configured tenants must run the default guest: {bad}")

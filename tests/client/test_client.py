@@ -25,6 +25,7 @@ from realm.client import (
     RemoteError,
     RemoteInvalidParams,
     RemoteUnknownFunction,
+    Unauthorized,
     connect,
 )
 from realm.server import Server, ServerConfig, ServerLimits, TenantSpec, hash_key, open_server
@@ -167,13 +168,15 @@ async def test_a_missing_api_key_closes_the_connection_with_1008(model_path: Pat
         async with open_server(config(model_path, tenants=tenants)) as server:
             # the server accepts the handshake, then closes with 1008: the first call fails
             for key in (None, "rk-wrong"):
-                with pytest.raises(ConnectionLost) as info:
+                with pytest.raises(Unauthorized) as info:
                     async with connect(server.url, api_key=key, retries=0) as c:
                         await c.call("system_health")
                 assert info.value.close_code == 1008
                 assert info.value.reason == "UNAUTHORIZED: missing or unknown API key"
                 assert "1008 UNAUTHORIZED: missing or unknown API key" in str(info.value)
                 assert isinstance(info.value, realm.RealmError)
+                assert info.value.code == "UNAUTHORIZED"
+                assert isinstance(info.value, ConnectionLost)  # the connection is gone, too
             async with connect(server.url, api_key=KEY) as c:
                 assert (await c.metadata())["tenant"] == "acme"
 
@@ -326,7 +329,7 @@ async def test_sync_client_missing_key(model_path: Path) -> None:
         try:
             with Client(url, retries=0) as c:
                 c.call("system_health")
-        except ConnectionLost as e:
+        except Unauthorized as e:
             return e, tenant
         return None, tenant  # pragma: no cover
 
@@ -334,7 +337,7 @@ async def test_sync_client_missing_key(model_path: Path) -> None:
         async with open_server(config(model_path, tenants=tenants)) as server:
             error, tenant = await trio.to_thread.run_sync(use, server.url)
     assert tenant == "acme"
-    assert isinstance(error, ConnectionLost) and error.close_code == 1008
+    assert isinstance(error, Unauthorized) and error.close_code == 1008
     assert "UNAUTHORIZED" in error.reason
 
 

@@ -110,6 +110,7 @@ class FakeHost:
         self.opened: list[int] = []
         self.capacities: list[int] = []
         self.closed: list[int] = []
+        self.kept: list[int] = []
         self.forwards: list[tuple[int, int, int]] = []  # (session, n_tokens, mode)
         self.rewinds: list[tuple[int, int]] = []
         self.templates: list[list[dict[str, str]]] = []
@@ -127,7 +128,7 @@ class FakeHost:
         impl = getattr(self, f"_{name}")
 
         def f(*args: int) -> int:
-            allowed = ("result", "log", "clock_ms") + (
+            allowed = ("result", "log", "clock_ms", "session_keep") + (
                 ("session_close",) if self.close_when_cancelled else ()
             )
             if self.cancelled and name not in allowed:
@@ -243,6 +244,12 @@ class FakeHost:
             return int(Status.ENOENT)
         self.closed.append(h)
         self.closed_tokens = s["tokens"]
+        return 0
+
+    def _session_keep(self, h: int) -> int:
+        if h not in self.sessions:
+            return int(Status.ENOENT)
+        self.kept.append(h)
         return 0
 
     def _session_rewind(self, h: int, pos: int) -> int:

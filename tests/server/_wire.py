@@ -354,6 +354,13 @@ class RawConnection:
             if opcode == OP_CLOSE:
                 return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
 
+    async def rest(self) -> bytes:
+        """Everything the server still sends, to EOF (a refused handshake's body)."""
+        while await self._fill():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
     async def wait_eof(self) -> None:
         """Read (and drop) whatever comes until the server closes the connection."""
         while await self._fill():
@@ -379,3 +386,84 @@ async def open_raw(port: int, *, upgrade: bool = True) -> AsyncIterator[RawConne
         yield conn
     finally:
         await conn.aclose()
+
+
+# --- plain HTTP, and connections from another loopback address ---------------------------------
+
+
+async def open_tcp(port: int, *, source: str | None = None) -> trio.SocketStream:
+    """A TCP connection to the server on 127.0.0.1, from ``source`` (e.g. "127.0.0.2": any
+    127/8 address is this machine's, so tests can play several clients)."""
+    sock = trio.socket.socket()
+    try:
+        if source is not None:
+            await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def http_exchange(
+    port: int, request: bytes, *, source: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` raw; read the response to EOF: (status, headers lower-cased, body)."""
+    stream = await open_tcp(port, source=source)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/1.") else 0
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, body
+
+
+def get(path: str, *headers: str, host: str = "127.0.0.1", method: str = "GET") -> bytes:
+    """A plain HTTP/1.1 request (``headers``: "Name: value" lines)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def handshake(
+    port: int, *headers: str, path: str = "/", host: str = "127.0.0.1", source: str | None = None
+) -> tuple[int, dict[str, str], RawConnection]:
+    """A WebSocket handshake with ``headers`` added, by hand: (status, response headers, the
+    connection, for frames after a 101). The caller closes the connection."""
+    lines = [
+        f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+        "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version: 13", *headers,
+    ]  # fmt: skip
+    conn = RawConnection(await open_tcp(port, source=source))
+    await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head = (await conn.http_response()).decode("latin-1").split("\r\n")
+    status = int(head[0].split()[1]) if head[0].startswith("HTTP/1.") else 0
+    response = {}
+    for line in head[1:]:
+        k, _, v = line.partition(":")
+        response[k.strip().lower()] = v.strip()
+    return status, response, conn
+
+
+async def raw_call(conn: RawConnection, call_id: Any, function: str, params: Any = None) -> Any:
+    """A call over a raw connection; its final message (a close: the close code)."""
+    await conn.send(frame(OP_TEXT, call_text(call_id, function, params).encode()))
+    while True:
+        got = await conn.read_frame()
+        if got is None:
+            return 1006
+        opcode, payload = got
+        if opcode == OP_CLOSE:
+            return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+        if opcode == OP_TEXT:
+            msg = json.loads(payload)
+            if msg["id"] == call_id and msg["type"] != "stream":
+                return msg

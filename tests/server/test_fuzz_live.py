@@ -21,8 +21,9 @@ import websockets.sync.client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from realm import ProtocolError
+from realm._protocol import Cancel, parse_message
 from realm.server import ServerConfig, ServerLimits, open_server
-from realm.server._protocol import Cancel, ProtocolError, parse_message
 from realm.testing.strategies import protocol_messages
 
 RECV_SECONDS = 20.0

@@ -12,22 +12,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realm.server import ConfigError, ServerLimits, config_from_dict, hash_key, load_config, new_key
-from realm.server._limits import TokenBucket
-from realm.server._protocol import (
-    ERROR_CODES,
-    INVALID_REQUEST,
+import realm
+from realm import ProtocolError
+from realm._protocol import (
     MAX_DEPTH,
+    MAX_FUNCTION_CHARS,
     MAX_ID_CHARS,
     SAFE_INT,
     Call,
     Cancel,
-    ProtocolError,
+    ErrorCode,
+    ServerMessage,
+    call_message,
+    cancel_message,
     error_message,
     parse_message,
+    read_server_message,
     result_message,
     stream_message,
 )
+from realm.client import RateLimited, RemoteError, ServerError
+from realm.client._errors import BY_CODE, error_from_wire
+from realm.server import ConfigError, ServerLimits, config_from_dict, hash_key, load_config, new_key
+from realm.server._limits import TokenBucket
 
 # --- parse_message: what is accepted -----------------------------------------------------------
 
@@ -107,7 +114,7 @@ REFUSED = [
 def test_bad_messages_are_refused_with_invalid_request(text: str, says: str, call_id: Any) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_message(text)
-    assert info.value.code == INVALID_REQUEST
+    assert info.value.code == ErrorCode.INVALID_REQUEST
     assert says in info.value.message
     assert info.value.call_id == call_id
     assert len(info.value.message) < 400  # a client value is never echoed at length
@@ -149,7 +156,7 @@ def _parses_or_refuses(text: str) -> None:
     try:
         msg = parse_message(text)
     except ProtocolError as e:
-        assert e.code in ERROR_CODES and e.message
+        assert e.code in set(ErrorCode) and e.message
         assert e.call_id is None or isinstance(e.call_id, str | int)
         json.loads(error_message(e.call_id, e.code, e.message))  # always encodable
     else:
@@ -184,7 +191,7 @@ def test_server_messages_are_compact_json() -> None:
     assert json.loads(error_message(None, "INTERNAL", "x"))["id"] is None
     with pytest.raises(ValueError):  # JSON has no NaN: never sent
         result_message(1, {"x": math.nan})
-    with pytest.raises(AssertionError):  # only the codes of protocol v1
+    with pytest.raises(ValueError):  # only the codes of protocol v1
         error_message(1, "SOMETHING_ELSE", "x")
 
 
@@ -201,6 +208,77 @@ def test_server_messages_with_lone_surrogates_stay_sendable(text: str) -> None:
 def test_fuzz_server_messages_are_always_utf8(text: str) -> None:
     for msg in (stream_message(text, {"token": text}), error_message(text, "INTERNAL", text)):
         assert json.loads(msg.encode("utf-8"))["id"] == text
+
+
+# --- one home for codes and messages: the client's and the runtime's -------------------------
+
+
+ids = st.text(min_size=1, max_size=MAX_ID_CHARS) | st.integers(0, SAFE_INT)
+params = st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4)
+
+
+@given(ids, st.text(min_size=1, max_size=MAX_FUNCTION_CHARS), params)
+def test_what_the_client_builds_the_server_reads(call_id: Any, function: str, p: Any) -> None:
+    assert parse_message(call_message(call_id, function, p)) == Call(call_id, function, p)
+    assert parse_message(call_message(call_id, function, None, tenant_id="t")) == Call(
+        call_id, function, {}, "t"
+    )
+    assert parse_message(cancel_message(call_id)) == Cancel(call_id)
+
+
+@given(ids, params)
+def test_what_the_server_builds_the_client_reads(call_id: Any, data: Any) -> None:
+    assert read_server_message(stream_message(call_id, data)) == ServerMessage(
+        "stream", call_id, data
+    )
+    assert read_server_message(result_message(call_id, data)).data == data  # type: ignore[union-attr]
+    error = read_server_message(error_message(call_id, "RATE_LIMITED", "slow", retry_after=0.5))
+    assert error == ServerMessage(
+        "error", call_id, {}, {"code": "RATE_LIMITED", "message": "slow", "retry_after": 0.5}
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "x", "[]", '{"type":"call","id":1}', '{"type":"result","id":[1]}', "[" * 5000],
+)
+def test_what_is_not_a_server_message_is_none(text: str) -> None:
+    assert read_server_message(text) is None
+
+
+def test_every_code_has_its_client_error() -> None:
+    assert set(BY_CODE) == set(ErrorCode)
+    for code, cls in BY_CODE.items():
+        e = error_from_wire({"code": str(code), "message": "m"}, "id")
+        assert type(e) is cls and e.code == code and e.call_id == "id"
+        assert isinstance(e, RemoteError) and isinstance(e, realm.RealmError)
+    for bad in ({"code": "NOPE"}, {"code": None}, {"code": ["x"]}, "not an object"):
+        assert type(error_from_wire(bad)) is ServerError
+
+
+@pytest.mark.parametrize(
+    ("value", "retry_after"),
+    [(1.5, 1.5), (2, 2.0), (0, 0.0), (-1, None), ("1", None), (True, None), (None, None)],
+)
+def test_rate_limited_reads_retry_after(value: Any, retry_after: float | None) -> None:
+    e = error_from_wire({"code": "RATE_LIMITED", "message": "m", "retry_after": value})
+    assert isinstance(e, RateLimited) and e.retry_after == retry_after
+
+
+def test_the_runtime_errors_carry_protocol_codes() -> None:
+    errors = [
+        v for v in vars(realm).values() if isinstance(v, type) and issubclass(v, realm.RealmError)
+    ]
+    assert len(errors) > 10
+    for cls in errors:
+        assert cls.code in set(ErrorCode), cls
+    e = ProtocolError("RATE_LIMITED", "slow down", 7, retry_after=0.25)
+    assert isinstance(e, realm.RealmError)
+    assert (e.code, e.message, e.call_id) == (ErrorCode.RATE_LIMITED, "slow down", 7)
+    assert e.retry_after == 0.25
+    assert ProtocolError.code == ErrorCode.INVALID_REQUEST  # the class keeps its default
+    with pytest.raises(ValueError):
+        ProtocolError("NOT_A_CODE", "x")
 
 
 # --- config ------------------------------------------------------------------------------------

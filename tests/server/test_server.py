@@ -85,11 +85,13 @@ async def test_system_functions(model_path: Path, kind: str) -> None:
             assert tiny["name"] == "tiny" and tiny["n_layers"] == 2
             assert tiny["context_length"] == 2048 and tiny["vocab_size"] > 0
 
+            assert "path" not in tiny  # no host path: the model is named by its registry name
+
             await c.request("g", "generate", SHORT)
             _, metrics = await c.request("mx", "system_metrics")
             m = metrics["data"]
             assert m["connections"] == 1 and m["batcher"]["steps"] > 0
-            assert m["tenants"]["local"]["calls"] == 1
+            assert m["tenant"] == "local" and m["calls"] == 1 and m["completion_tokens"] == 8
 
             _, err = await c.request("p", "system_health", {"verbose": True})
             assert err["error"]["code"] == "INVALID_PARAMS"
@@ -235,7 +237,7 @@ async def test_metrics_endpoint(model_path: Path) -> None:
                 await c.request("x", "nope")
                 await c.send("not json")
                 await c.recv()
-            get = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            get = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             head, body = await _http_get(server.metrics_port, get)
             assert head.startswith(b"HTTP/1.1 200")
             assert b"text/plain; version=0.0.4" in head
@@ -244,8 +246,8 @@ async def test_metrics_endpoint(model_path: Path) -> None:
             lines = text.splitlines()
             assert 'realm_calls_total{function="generate",outcome="ok",tenant="local"} 1.0' in lines
             assert (
-                'realm_calls_total{function="nope",outcome="unknown_function",tenant="local"} 1.0'
-                in lines
+                'realm_calls_total{function="<unknown>",outcome="unknown_function",'
+                'tenant="local"} 1.0' in lines
             )
             assert 'realm_protocol_errors_total{code="INVALID_REQUEST"} 1.0' in lines
             assert "realm_connections_accepted_total 1.0" in lines
@@ -253,12 +255,13 @@ async def test_metrics_endpoint(model_path: Path) -> None:
             assert any(line.startswith("realm_batch_steps_total ") for line in lines)
             assert 'realm_tenant_sessions{tenant="local"} 0.0' in lines
             assert "# TYPE realm_time_to_first_token_seconds histogram" in lines
-            head, _ = await _http_get(server.metrics_port, b"GET /other HTTP/1.1\r\n\r\n")
+            host = b"Host: localhost\r\n\r\n"
+            head, _ = await _http_get(server.metrics_port, b"GET /other HTTP/1.1\r\n" + host)
             assert head.startswith(b"HTTP/1.1 404")
-            head, _ = await _http_get(server.metrics_port, b"POST /metrics HTTP/1.1\r\n\r\n")
+            head, _ = await _http_get(server.metrics_port, b"POST /metrics HTTP/1.1\r\n" + host)
             assert head.startswith(b"HTTP/1.1 405")
             head, _ = await _http_get(server.metrics_port, b"\x16\x03\x01garbage\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 405")
+            assert head.startswith(b"HTTP/1.1 400")
             head, _ = await _http_get(server.metrics_port, get)  # the endpoint still answers
             assert head.startswith(b"HTTP/1.1 200")
 
@@ -296,7 +299,12 @@ async def test_shutdown_cancels_a_long_call_and_closes_1001(
             took = time.monotonic() - t0  # leaving the block shut the server down
     assert shutdown <= took < shutdown + 2.0
     assert seen[-1] == 1001
-    assert all(m["type"] == "stream" for m in seen[:-1])  # cancelled: no result came
+    # past the grace period the call is cancelled, and says so before the close
+    final = seen[-2]
+    assert final["type"] == "error" and final["id"] == "long", final
+    assert final["error"]["code"] == "CANCELLED"
+    assert "shutting down" in final["error"]["message"]
+    assert all(m["type"] == "stream" for m in seen[:-2])
 
 
 async def test_shutdown_lets_a_short_call_finish(model_path: Path) -> None:
