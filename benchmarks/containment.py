@@ -20,7 +20,7 @@ Cases (attacks):
                   product that held every forward step for 7-13 s before the pool's gate)
     matmul 4096   4096^3, the largest product the default 256 MiB of guest memory holds
     attention     ``attention_f32`` with the most work per query the ABI allows (32 heads of
-                  128 over 32768 positions) for 2048 queries, in a loop
+                  128 over 8192 positions: 2^18 scores) for 2048 queries, in a loop
     tokenize      ``tokenize`` of 1 MiB of text (the most one call takes), in a loop
     decode        ``decode`` of 2^20 ids (the most one call takes), in a loop
     embed         ``embed`` of a whole context, in a loop
@@ -137,12 +137,15 @@ def _fill_text(at: int, n: int) -> str:
 def _matmul(n: int) -> bytes:
     w, x, y = HEAP, HEAP + 4 * n * n, HEAP + 8 * n * n
     pages = (HEAP + 12 * n * n) // PAGE + 1
-    body = f"(call $matmul_f32 (i32.const {y}) (i32.const {w}) (i32.const {x}) (i32.const {n}) (i32.const {n}) (i32.const {n}))"  # noqa: E501
+    body = (
+        f"(call $matmul_f32 (i32.const {y}) (i32.const {w}) (i32.const {x}) "
+        f"(i32.const {n}) (i32.const {n}) (i32.const {n}))"
+    )
     return _guest(body, pages)
 
 
 def _attention() -> bytes:
-    n_q, n_kv, heads, kv_heads, d = 2048, 32768, 32, 4, 128
+    n_q, n_kv, heads, kv_heads, d = 2048, 8192, 32, 4, 128  # 2^18 scores a query: the most
     q = HEAP
     k = q + 4 * n_q * heads * d
     v = k + 4 * n_kv * kv_heads * d
@@ -187,9 +190,15 @@ def _prefill(vocab: int, ctx: int) -> bytes:
     setup = _fill_ids(HEAP, ctx, vocab - 3) + (
         "\n    (local.set $i (call $session_open (i32.const 0) (i32.const 0) (i32.const 0)))"
     )
-    body = (f"(select (call $session_rewind (local.get $i) (i32.const 0)) (local.get $s) "
-            f"(i32.eqz (local.tee $s (call $forward (local.get $i) (i32.const {HEAP}) "
-            f"(i32.const {ctx}) (i32.const 0) (i32.const 0) (i32.const 0)))))")  # fmt: skip
+    forward = (
+        f"(call $forward (local.get $i) (i32.const {HEAP}) (i32.const {ctx}) (i32.const 0) "
+        "(i32.const 0) (i32.const 0))"
+    )
+    body = (
+        f"(if (result i32) (i32.eqz (local.tee $s {forward})) "
+        "(then (drop (call $session_rewind (local.get $i) (i32.const 0))) (i32.const 0)) "
+        "(else (local.get $s)))"
+    )
     return _guest(body, (HEAP + 4 * ctx) // PAGE + 2, setup)
 
 

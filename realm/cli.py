@@ -410,7 +410,7 @@ def _cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SUITES = ("kernels", "models", "sandbox", "batching", "server", "paging")
+BENCH_SUITES = ("kernels", "models", "sandbox", "batching", "server", "paging", "containment")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ EMIT_WINDOW_BYTES: Final = 1 << 20  # emitted, not yet taken by the caller: the 
 EMIT_WINDOW_EVENTS: Final = 256
 WINDOW_POLL_SECONDS: Final = 0.01
 MAX_BACKOFF_SECONDS: Final = 2.0
+WARM_INSTANCES: Final = 2  # instances built ahead of a tenant's first calls (more on demand)
 
 
 @attrs.frozen
@@ -182,8 +183,9 @@ class TenantActor:
     # --- start-up: compile the module and build instances, off the event loop -------------------
 
     async def warm(self) -> None:
-        """Compile the module (if needed) and build up to ``max_concurrent_calls`` instances,
-        each in a worker thread under the runtime's build limiter. Never raises: a module that
+        """Compile the module (if needed) and build a few instances (``WARM_INSTANCES``, at
+        most ``max_concurrent_calls``), each in a worker thread under the runtime's build
+        limiter. Never raises: a module that
         fails is recorded and reported to every call."""
         with self._warm_scope:
             try:
@@ -193,7 +195,8 @@ class TenantActor:
                     self.module = await trio.to_thread.run_sync(
                         self.engine.compile, guest, limiter=self.builds, abandon_on_cancel=True
                     )
-                while not self._closed and len(self._idle) < self.spec.max_concurrent_calls:
+                ahead = min(self.spec.max_concurrent_calls, WARM_INSTANCES)
+                while not self._closed and len(self._idle) < ahead:
                     inst = await trio.to_thread.run_sync(
                         self._build, limiter=self.builds, abandon_on_cancel=True
                     )

@@ -28,6 +28,7 @@ import trio
 
 from .._errors import (
     CallCancelled,
+    GuestABIError,
     InvalidParams,
     ModelError,
     RealmError,
@@ -430,7 +431,7 @@ class Runtime:
             return found
         await actor.ready.wait()
         if actor.module_error is not None:
-            raise actor.module_error
+            raise GuestABIError(str(actor.module_error))
         inst = await trio.to_thread.run_sync(actor._instance, limiter=self._limiter)
         actor._idle.append(inst)
         return inst.functions()

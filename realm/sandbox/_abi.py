@@ -141,12 +141,12 @@ GUEST_EXPORTS: Final[tuple[tuple[str, str], ...]] = (
     ("realm_free", "(ptr: i32, size: i32) -> (): free what realm_alloc returned"),
     ("realm_metadata_ptr", "() -> i32: address of the metadata JSON"),
     ("realm_metadata_len", "() -> i32: its length in bytes"),
-    (f"{FUNCTION_PREFIX}<name>", "(params_ptr: i32, params_len: i32) -> i32: a callable "
-     "function; params are a JSON object; 0 = success (the result set with `result`), "
-     "negative = failure (a `result` of {\"error\": message} explains; the status says "
-     "whose fault: EINVAL, ENOENT or ENOTSUP are the caller's params (INVALID_PARAMS), "
-     "ELIMIT a limit (OVERLOADED), ECANCELLED a cancel (CANCELLED), anything else the "
-     "guest's (GUEST_TRAP))"),
+    (f"{FUNCTION_PREFIX}<name>", "(params_ptr: i32, params_len: i32) -> i32 (checked when the "
+     "module is loaded): a callable function; params are a JSON object; 0 = success (the "
+     "result set with `result`), negative = failure (a `result` of {\"error\": message} "
+     "explains; the status says whose fault: EINVAL, ENOENT or ENOTSUP are the caller's "
+     "params (INVALID_PARAMS), ELIMIT a limit (OVERLOADED), ECANCELLED a cancel "
+     "(CANCELLED), anything else the guest's (GUEST_TRAP))"),
 )  # fmt: skip
 
 
@@ -177,8 +177,9 @@ def render_markdown() -> str:
         "`chat_template`, `detokenize`, `forward`, `embed`, `matmul_f32`, `attention_f32`) "
         "charges the call's `max_work_per_call` in proportion to its work, before doing it "
         "(ELIMIT when it does not fit). Sizes and counts are checked before anything is "
-        "allocated. Long imports run in chunks, or are interrupted, when the call is "
-        "cancelled or its deadline passes (ECANCELLED). A cancelled call makes every import "
+        "allocated. Heavy work runs in slices that yield to other tenants' forward steps, "
+        "and stops between slices when the call is cancelled or its deadline passes "
+        "(ECANCELLED). A cancelled call makes every import "
         "but `result`, `log`, `clock_ms`, `session_close`, `session_keep` and `session_pos` "
         "return ECANCELLED; a guest that does not return is stopped (a passed deadline is "
         "TIMEOUT, a cancel CANCELLED).",

@@ -42,6 +42,7 @@ from ._schema import MAX_METADATA_BYTES, read_metadata, validators
 
 SAFE_INT: Final = 2**53  # usage figures above this are refused (JSON readers lose precision)
 MAX_ERROR_CHARS: Final = 2000  # of a guest's error message
+MAX_RESULT_DEPTH: Final = 30  # objects and arrays in a result (a message nests 32 at most)
 
 
 def _non_json_path(value: Any, path: str = "", depth: int = 0) -> str | None:
@@ -77,8 +78,21 @@ def trap_reason(e: BaseException) -> str:
     return tail[-1] if tail else (lines[0] if lines else repr(e))
 
 
+def _depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (iteratively: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def check_result(result: dict[str, Any]) -> str | None:
     """What is wrong with a guest's result object, as a caller would see it (None: fine)."""
+    if _depth(result) > MAX_RESULT_DEPTH:
+        return f"result nests deeper than {MAX_RESULT_DEPTH} levels"
     usage = result.get("usage")
     if usage is not None:
         if not isinstance(usage, dict):

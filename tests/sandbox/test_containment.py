@@ -112,13 +112,14 @@ def matmul_loop(n: int) -> tuple[str, int]:
 # --- 1. work inside an import is bounded and interruptible ------------------------------------
 
 
-def test_a_deadline_ends_a_guest_looping_on_a_huge_matmul(
-    engine: SandboxEngine, tenant: TenantState
-) -> None:
-    call, pages = matmul_loop(4096)  # 69 GMAC a product: seconds each on 2 cores
+def test_a_deadline_ends_a_guest_looping_on_a_huge_matmul(engine: SandboxEngine) -> None:
+    # 6144^3 = 2.3e11 multiply-adds a product: seconds each on 2 cores (one uninterrupted
+    # product outlived the deadline by that much before products ran in chunks)
+    call, pages = matmul_loop(6144)
+    tenant = TenantState("mallory", {}, limits=GuestLimits(max_memory_bytes=512 << 20))
     inst = instance(engine, looping(call, pages=pages), tenant)
     ctx = CallContext(deadline=time.monotonic() + 0.3)
-    _, err, seconds = run_bounded(lambda: inst.call("loop", {}, ctx), 30)
+    _, err, seconds = run_bounded(lambda: inst.call("loop", {}, ctx), 60)
     assert isinstance(err, DeadlineExceeded), repr(err)
     assert err.code == "TIMEOUT"
     assert seconds < BOUND, seconds
@@ -166,7 +167,11 @@ def test_a_deadline_interrupts_python_work(
         blob = (np.arange(n, dtype="<i4") % (model.info.vocab_size - 10) + 3).tobytes()
         call = (f"(call $decode (i32.const 0) (i32.const 0) (i32.const {DATA}) "
                 f"(i32.const {n}) (i32.const 0) (i32.const 0))")  # fmt: skip
-    call = f"(if (result i32) (i32.ge_s (local.tee $s {call}) (i32.const 0)) (then (i32.const 0)) (else (local.get $s)))"  # noqa: E501
+    # a count >= 0 is success: go on while the import does not fail
+    call = (
+        f"(if (result i32) (i32.ge_s (local.tee $s {call}) (i32.const 0)) "
+        "(then (i32.const 0)) (else (local.get $s)))"
+    )
     inst = instance(engine, looping(call, pages=(DATA + len(blob)) // PAGE + 2), tenant)
     inst.memory.write(inst.store, blob, DATA)
     ctx = CallContext(deadline=time.monotonic() + 0.3)
@@ -313,7 +318,7 @@ def test_a_bystanders_steps_are_not_queued_behind_a_huge_matmul(
 ) -> None:
     attacker = TenantState("attacker", {"tiny": model})
     bystander = TenantState("bystander", {"tiny": model})
-    call, pages = matmul_loop(2048)
+    call, pages = matmul_loop(4096)  # 69 GMAC a product
     inst = instance(engine, looping(call, pages=pages), attacker)
     ctx = CallContext()
     th = threading.Thread(target=lambda: _swallow(inst.call, "loop", {}, ctx), daemon=True)
@@ -324,11 +329,11 @@ def test_a_bystanders_steps_are_not_queued_behind_a_huge_matmul(
         tp, _ = p.put(np.arange(3, 9, dtype="<i4"))
         h = p("session_open", 0, 0, 64)
         worst = 0.0
-        for i in range(8):  # before the gate: each step waited 7-13 s
+        for i in range(8):  # before the gate: a step waited for whole products (seconds)
             t0 = time.monotonic()
             assert p("forward", h, tp + 4 * (i % 6), 1, 0, 0, 0) == 0
             worst = max(worst, time.monotonic() - t0)
-        assert worst < 1.0, worst
+        assert worst < 0.5, worst
     finally:
         ctx.cancel.set()
         th.join(10)
@@ -503,6 +508,16 @@ def test_bad_usage_figures_are_guest_errors(
     with pytest.raises(GuestError, match="usage") as info:
         inst.call("f", {})
     assert info.value.code == "GUEST_TRAP"
+
+
+def test_a_result_nested_past_what_a_message_carries_is_a_guest_error(
+    engine: SandboxEngine, tenant: TenantState
+) -> None:
+    result = b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}"
+    body = f"(drop (call $result (i32.const {DATA}) (i32.const {len(result)}))) (i32.const 0)"
+    inst = instance(engine, guest_wat(None, {"f": body}, data={DATA: result}), tenant)
+    with pytest.raises(GuestError, match="nests deeper"):
+        inst.call("f", {})
 
 
 def test_guest_log_text_is_escaped(probe_tenant: Probe, caplog: pytest.LogCaptureFixture) -> None:
