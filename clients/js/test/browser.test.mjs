@@ -123,7 +123,11 @@ after(async () => {
     await exited;
     clearTimeout(timer);
   }
-  if (profile) rmSync(profile, { recursive: true, force: true });
+  try {
+    if (profile) rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
+  } catch {
+    /* chromium may still be writing its profile: a temporary directory, left behind */
+  }
   statics?.close();
   await server?.stop();
 });
