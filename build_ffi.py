@@ -75,6 +75,31 @@ ffibuilder.set_source(
     ),
 )
 
-if __name__ == "__main__":
+
+def build_inplace(verbose: bool = False) -> Path:
+    """Build the extension beside the sources (``python build_ffi.py``), safely for processes
+    that have the old library loaded: it is compiled in a scratch folder and renamed into place
+    (a new inode, never overwritten in place), and concurrent builds are serialised by a lock."""
+    import fcntl
+    import shutil
+    import tempfile
+
     os.chdir(ROOT)
-    ffibuilder.compile(verbose="-v" in sys.argv)
+    with open(Path(tempfile.gettempdir()) / "realm-native-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with tempfile.TemporaryDirectory(prefix="realm-native-") as tmp:
+            scratch = Path(tmp)
+            shutil.copytree(NATIVE, scratch / "native")
+            # cffi compiles in tmpdir, where the relative "native/..." source paths resolve
+            built = Path(ffibuilder.compile(tmpdir=str(scratch), verbose=verbose))
+            if not built.is_absolute():
+                built = scratch / built
+            target = ROOT / "realm" / "kernels" / built.name
+            staged = target.with_name(target.name + ".new")
+            shutil.copy2(built, staged)
+            os.replace(staged, target)
+            return target
+
+
+if __name__ == "__main__":
+    print(build_inplace(verbose="-v" in sys.argv))
