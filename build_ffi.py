@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
 SOURCES = [
     "kernels.c",
+    "lora.c",
+    "lora_avx2.c",
     "pool.c",
     "scalar.c",
     "avx2.c",
@@ -28,6 +30,7 @@ SOURCES = [
     "gemm_q8_avx2.c",
     "quants.c",
     "quants_avx2.c",
+    "quants_avx512.c",
     "matmul.c",
     "ops.c",
     "forward.c",

@@ -40,9 +40,10 @@ Cases:
                      ``python -m benchmarks.models --quick`` once to write it), and "small", a
                      1-layer, 64-wide llama with the same vocabulary written to a temporary
                      directory (its forward step is short, so the guest's share is larger and
-                     its figure is the steadier one). Params: "default" (top_k 40, top_p 0.95,
-                     min_p 0.05, temperature 0.8, repeat penalty 1.1) and "wide" (top_k 0, so
-                     top-p and min-p sort through the whole vocabulary: the expensive path).
+                     its figure is the steadier one). Params: "default" (the guest's defaults:
+                     top_k 40, top_p 0.95, min_p 0.05, temperature 0.8, no repeat penalty) and
+                     "wide" (top_k 0, so top-p and min-p sort through the whole vocabulary: the
+                     expensive path).
                      Random weights give flat logits, which is the worst case for top-p.
 
 Target: the guest's work per token <= 5% of a TinyLlama-shaped Q8_0 forward step (the median

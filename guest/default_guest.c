@@ -32,6 +32,12 @@
 #define MAX_STOP_IDS 256
 #define DETOK_CAP 256
 #define MAX_CONVS 64
+#define SPEC_MAX_K 16        /* drafted tokens per verify step (the host's bound is k + 1 = 17) */
+#define SPEC_K_LOOKUP 8      /* default k: prompt lookup drafts cost nothing */
+#define SPEC_K_DRAFT 4       /* default k: each draft token costs a draft-model step */
+#define SPEC_NGRAM_MAX 3     /* prompt lookup: the longest n-gram matched first */
+#define SPEC_NGRAM_MIN 1     /* ... down to this one */
+#define SPEC_P_MIN "0.3"     /* draft model: stop drafting below this top probability */
 
 /* ---------------------------------------------------------------------------------------------
  * Parameters (the metadata's JSON schemas and the guest's validation both come from these)
@@ -41,6 +47,13 @@
      .type = RG_P_STRING,                                                                      \
      .max_length = 256,                                                                        \
      .description = "Which loaded model to use (default: the host's default model)."}
+
+#define ADAPTER_PARAM                                                                          \
+    {.name = "adapter",                                                                        \
+     .type = RG_P_STRING,                                                                      \
+     .max_length = 256,                                                                        \
+     .description = "One of this tenant's LoRA adapters, applied to the model it adapts "     \
+                    "(default: none, the base model)."}
 
 #define SAMPLING_PARAMS                                                                        \
     {.name = "max_tokens",                                                                     \
@@ -108,7 +121,42 @@
          .max_items = MAX_STOP_IDS,                                                            \
          .description = "Stop when one of these token ids is sampled (besides the model's "    \
                         "end-of-generation tokens)."},                                         \
-        MODEL_PARAM
+        MODEL_PARAM, ADAPTER_PARAM
+
+#define SPECULATIVE_PARAM                                                                      \
+    {.name = "speculative",                                                                    \
+     .type = RG_P_JSON,                                                                        \
+     .schema =                                                                                 \
+         "{\"type\":\"object\",\"properties\":{"                                                 \
+         "\"mode\":{\"enum\":[\"lookup\",\"draft\"]},"                                            \
+         "\"k\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":16},"                              \
+         "\"draft_model\":{\"type\":\"string\",\"minLength\":1,\"maxLength\":256},"                \
+         "\"ngram_min\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":8},"                      \
+         "\"ngram_max\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":8},"                      \
+         "\"p_min\":{\"type\":\"number\",\"minimum\":0,\"maximum\":1}},"                           \
+         "\"required\":[\"mode\"],\"additionalProperties\":false,"                              \
+         "\"description\":\"Speculative decoding: a draft proposes k tokens, the model checks "    \
+         "them in one step; the output is the model's own (greedy: the same tokens; sampled: "  \
+         "the same distribution). mode lookup: drafts copied from n-gram matches in the "      \
+         "context (k default 8, ngram_max 3 down to ngram_min 1); mode draft: drafts sampled " \
+         "from draft_model, a loaded model with the same vocabulary (k default 4), which "    \
+         "stops drafting where its most likely token has less than p_min (default "         \
+         SPEC_P_MIN ").\"}"}
+
+#define MAX_TOP_LOGPROBS 20
+#define MAX_LOGPROBS_BYTES (768 << 10) /* the result stays under the host's 1 MiB */
+#define LOGPROBS_PARAMS                                                                        \
+    {.name = "logprobs",                                                                       \
+     .type = RG_P_BOOL,                                                                        \
+     .def = "false",                                                                           \
+     .description = "Report each generated token's log-probability in the result's "          \
+                    "`logprobs` (no speculative decoding for the call)."},                     \
+        {.name = "top_logprobs",                                                               \
+         .type = RG_P_INT,                                                                     \
+         .def = "0",                                                                           \
+         .minimum = "0",                                                                       \
+         .maximum = "20",                                                                      \
+         .description = "With logprobs: also list this many most likely tokens per step."}
 
 static const rg_param generate_params[] = {
     {.name = "prompt",
@@ -117,6 +165,8 @@ static const rg_param generate_params[] = {
      .description = "The prompt text (tokenized with the model's BOS, special-token text is "
                     "not parsed)."},
     SAMPLING_PARAMS,
+    SPECULATIVE_PARAM,
+    LOGPROBS_PARAMS,
 };
 
 static const rg_param chat_params[] = {
@@ -141,6 +191,8 @@ static const rg_param chat_params[] = {
      .def = "false",
      .description = "Forget the conversation first (history and cache)."},
     SAMPLING_PARAMS,
+    SPECULATIVE_PARAM,
+    LOGPROBS_PARAMS,
 };
 
 #define TOKENIZE_PARAMS                                                                        \
@@ -317,10 +369,21 @@ static int open_session(const char *model, int model_len, int capacity, conv *ke
  * Generation
  * ------------------------------------------------------------------------------------------- */
 typedef struct {
+    int mode;                /* 0 off, SPEC_LOOKUP, SPEC_DRAFT */
+    int k;                   /* drafted tokens per verify step */
+    int ngram_min, ngram_max;
+    const char *draft_model; /* SPEC_DRAFT: the draft's name */
+    int draft_model_len;
+    float p_min; /* SPEC_DRAFT: drafting stops at a draft token of lower draft probability */
+} spec_cfg;
+enum { SPEC_LOOKUP = 1, SPEC_DRAFT = 2 };
+
+typedef struct {
     rg_call *c;
     const char *model;
     int model_len;
     rg_model_info mi;
+    spec_cfg spec;
     rg_sampling sp;
     int64_t max_tokens;
     const char *stop[MAX_STOP];
@@ -329,6 +392,7 @@ typedef struct {
     int32_t stop_ids[MAX_STOP_IDS];
     int n_stop_ids;
     rg_rng rng;
+    int top_logprobs; /* -1: no logprobs; else the alternatives reported per token */
 } gen_cfg;
 
 typedef struct {
@@ -338,7 +402,80 @@ typedef struct {
     const char *finish;
     int stop_hit; /* a stop string matched */
     int64_t t_start, t_prompt_done, t_end;
+    int spec_steps, spec_drafted, spec_accepted; /* speculative: verify steps, drafts, kept */
+    rg_buf lp;                                   /* logprobs: the result's array, inside [] */
 } gen_out;
+
+/* Read the speculative param (validated by the host against its schema; checked again). */
+static int spec_setup(rg_call *c, gen_cfg *g) {
+    const rg_json *sp = rg_json_get(c->params, "speculative");
+    spec_cfg *x = &g->spec;
+    if (!sp || sp->type == RG_JNULL) return 0;
+    const char *fn = c->fn->name;
+    if (sp->type != RG_JOBJ)
+        return rg_fail(c, REALM_EINVAL, "%s: speculative must be an object", fn);
+    const rg_json *mode = rg_json_get(sp, "mode");
+    if (mode && mode->type == RG_JSTR && rg_streq(mode->str, mode->len, "lookup"))
+        x->mode = SPEC_LOOKUP;
+    else if (mode && mode->type == RG_JSTR && rg_streq(mode->str, mode->len, "draft"))
+        x->mode = SPEC_DRAFT;
+    else
+        return rg_fail(c, REALM_EINVAL, "%s: speculative.mode must be \"lookup\" or \"draft\"",
+                       fn);
+    const rg_json *k = rg_json_get(sp, "k");
+    x->k = x->mode == SPEC_LOOKUP ? SPEC_K_LOOKUP : SPEC_K_DRAFT;
+    if (k) {
+        int64_t v = rg_json_int(k, -1);
+        if (k->type != RG_JNUM || v < 1 || v > SPEC_MAX_K)
+            return rg_fail(c, REALM_EINVAL, "%s: speculative.k must be an integer in [1, %d]", fn,
+                           SPEC_MAX_K);
+        x->k = (int)v;
+    }
+    x->ngram_min = SPEC_NGRAM_MIN, x->ngram_max = SPEC_NGRAM_MAX;
+    const rg_json *lo = rg_json_get(sp, "ngram_min"), *hi = rg_json_get(sp, "ngram_max");
+    if (lo) x->ngram_min = (int)rg_json_int(lo, 0);
+    if (hi) x->ngram_max = (int)rg_json_int(hi, 0);
+    if (hi && !lo && x->ngram_min > x->ngram_max) x->ngram_min = x->ngram_max;
+    if (lo && !hi && x->ngram_max < x->ngram_min) x->ngram_max = x->ngram_min;
+    if (x->ngram_min < 1 || x->ngram_max > 8 || x->ngram_min > x->ngram_max)
+        return rg_fail(c, REALM_EINVAL,
+                       "%s: speculative: need 1 <= ngram_min <= ngram_max <= 8, got %d and %d", fn,
+                       x->ngram_min, x->ngram_max);
+    const rg_json *dm = rg_json_get(sp, "draft_model");
+    const rg_json *pm = rg_json_get(sp, "p_min");
+    if (x->mode == SPEC_LOOKUP) {
+        if (dm || pm)
+            return rg_fail(c, REALM_EINVAL,
+                           "%s: speculative.%s is for mode \"draft\", not \"lookup\"", fn,
+                           dm ? "draft_model" : "p_min");
+        return 0;
+    }
+    x->p_min = (float)rg_json_num(pm, 0.3); /* SPEC_P_MIN */
+    if (pm && (pm->type != RG_JNUM || !(x->p_min >= 0.0f && x->p_min <= 1.0f)))
+        return rg_fail(c, REALM_EINVAL, "%s: speculative.p_min must be a number in [0, 1]", fn);
+    if (!dm || dm->type != RG_JSTR || dm->len == 0)
+        return rg_fail(c, REALM_EINVAL,
+                       "%s: speculative.draft_model: mode \"draft\" needs the name of a loaded "
+                       "model",
+                       fn);
+    x->draft_model = dm->str, x->draft_model_len = dm->len;
+    rg_model_info dmi;
+    int st = rg_get_model_info(c->arena, dm->str, dm->len, &dmi);
+    if (st == REALM_ENOENT)
+        return rg_fail(c, REALM_EINVAL, "%s: speculative.draft_model: no model %.*q on this host",
+                       fn, dm->len, dm->str);
+    if (st < 0) return import_failed(c, "model_info", st);
+    const rg_json *h1 = rg_json_get(g->mi.json, "vocab_hash");
+    const rg_json *h2 = rg_json_get(dmi.json, "vocab_hash");
+    if (dmi.vocab_size != g->mi.vocab_size || !h1 || !h2 || h1->type != RG_JSTR ||
+        h2->type != RG_JSTR || h1->len != h2->len || memcmp(h1->str, h2->str, (size_t)h1->len))
+        return rg_fail(c, REALM_EINVAL,
+                       "%s: speculative.draft_model: %.*q has a different vocabulary from the "
+                       "model (%d and %d tokens%s): a draft must share the model's vocabulary",
+                       fn, dm->len, dm->str, dmi.vocab_size, g->mi.vocab_size,
+                       dmi.vocab_size == g->mi.vocab_size ? ", different token texts" : "");
+    return 0;
+}
 
 /* Read the model and sampling params (shared by generate and chat). */
 static int gen_setup(rg_call *c, gen_cfg *g) {
@@ -352,6 +489,25 @@ static int gen_setup(rg_call *c, gen_cfg *g) {
         return rg_fail(c, REALM_EINVAL, "%s: model: no model %.*q on this host", c->fn->name,
                        g->model_len, g->model);
     if (st < 0) return import_failed(c, "model_info", st);
+    int alen = 0;
+    const char *adapter = rg_param_str(c, "adapter", &alen);
+    if (adapter && alen > 0) {
+        /* the host resolves an adapter's name within this tenant, wherever a model's name
+         * goes: the session then runs the adapter's model with the adapter applied */
+        rg_model_info ai;
+        st = rg_get_model_info(c->arena, adapter, alen, &ai);
+        if (st == REALM_ENOENT || (st >= 0 && !rg_json_get(ai.json, "adapter")))
+            return rg_fail(c, REALM_EINVAL, "%s: adapter: this tenant has no adapter %.*q",
+                           c->fn->name, alen, adapter);
+        if (st < 0) return import_failed(c, "model_info", st);
+        const rg_json *base = rg_json_get(ai.json, "model");
+        const rg_json *mine = rg_json_get(g->mi.json, "model");
+        if (g->model_len > 0 && base && mine && base->type == RG_JSTR &&
+            mine->type == RG_JSTR && !rg_streq(base->str, base->len, mine->str))
+            return rg_fail(c, REALM_EINVAL, "%s: adapter: %.*q adapts model %.*q, not %.*q",
+                           c->fn->name, alen, adapter, base->len, base->str, mine->len, mine->str);
+        g->model = adapter, g->model_len = alen, g->mi = ai;
+    }
     g->sp.temperature = (float)rg_param_num(c, "temperature");
     g->sp.top_k = clamp_int(rg_param_int(c, "top_k"), 0, 0x7fffffff);
     g->sp.top_p = (float)rg_param_num(c, "top_p");
@@ -375,6 +531,13 @@ static int gen_setup(rg_call *c, gen_cfg *g) {
     const rg_json *seed = rg_json_get(c->params, "seed");
     if (seed) rg_rng_seed(&g->rng, (uint64_t)rg_json_int(seed, 0));
     else rg_rng_seed_host(&g->rng);
+    st = spec_setup(c, g);
+    if (st < 0) return st;
+    g->top_logprobs = -1;
+    if (rg_param_bool(c, "logprobs")) { /* each step's logits: no speculation for this call */
+        g->spec.mode = 0;
+        g->top_logprobs = clamp_int(rg_param_int(c, "top_logprobs"), 0, MAX_TOP_LOGPROBS);
+    }
     return 0;
 }
 
@@ -462,6 +625,39 @@ static int prefill(int session, const int32_t *tokens, int n, float *logits, int
 /* Sample until a stop condition. The session holds hist (its last logits are in `logits`);
  * capacity bounds the session's positions. Returns 0 (o->finish set) or a failed status with
  * the error result set. */
+/* A log-probability as JSON can carry it (never NaN or infinite). */
+static double lp_value(float x) {
+    return x == x && x > -1e30f ? (double)x : -1e30;
+}
+
+/* logprobs: append token `tok`'s entry to o->lp: {"id", "logprob", "top": [[id, logprob]...]},
+ * log-probabilities under the model (log-softmax of its raw logits `raw`, before penalties and
+ * temperature), the g->top_logprobs most likely tokens first to last. One pass over the vocab. */
+static void record_logprobs(const gen_cfg *g, gen_out *o, const float *raw, int V, int32_t tok) {
+    int k = g->top_logprobs, n_top = 0;
+    int32_t top_id[MAX_TOP_LOGPROBS];
+    float top_x[MAX_TOP_LOGPROBS];
+    float m = raw[0];
+    for (int i = 1; i < V; i++)
+        if (raw[i] > m) m = raw[i];
+    double z = 0;
+    for (int i = 0; i < V; i++) {
+        float x = raw[i];
+        z += rg_expf(x - m);
+        if (k && (n_top < k || x > top_x[n_top - 1])) { /* insert; top_x stays descending */
+            int j = n_top < k ? n_top++ : k - 1;
+            for (; j > 0 && top_x[j - 1] < x; j--) top_x[j] = top_x[j - 1], top_id[j] = top_id[j - 1];
+            top_x[j] = x, top_id[j] = i;
+        }
+    }
+    float lse = m + rg_logf((float)z);
+    rg_buf_fmt(&o->lp, "%s{\"id\":%d,\"logprob\":%g,\"top\":[", o->lp.len ? "," : "", tok,
+               lp_value(raw[tok] - lse));
+    for (int j = 0; j < n_top; j++)
+        rg_buf_fmt(&o->lp, "%s[%d,%g]", j ? "," : "", top_id[j], lp_value(top_x[j] - lse));
+    rg_buf_puts(&o->lp, "]}");
+}
+
 static int gen_run(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *logits,
                    gen_out *o) {
     rg_call *c = g->c;
@@ -470,12 +666,19 @@ static int gen_run(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *
     int32_t *ids = (int32_t *)rg_arena_alloc(c->arena, (size_t)V * 4);
     float *w = (float *)rg_arena_alloc(c->arena, (size_t)V * 4);
     if (!ids || !w) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
+    float *raw = NULL; /* logprobs: the step's logits before penalties */
+    if (g->top_logprobs >= 0) {
+        raw = (float *)rg_arena_alloc(c->arena, (size_t)V * 4);
+        if (!raw) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
+        o->lp = rg_buf_in(c->arena);
+    }
     for (;;) {
         if (o->completion_tokens >= g->max_tokens) {
             o->finish = "length";
             break;
         }
         int nl = hist->len < PENALTY_LAST_N ? hist->len : PENALTY_LAST_N;
+        if (raw) memcpy(raw, logits, (size_t)V * 4);
         rg_apply_penalties(&g->sp, logits, V, hist->p + hist->len - nl, nl);
         int32_t tok = rg_sample(&g->sp, logits, V, ids, w, &g->rng);
         o->completion_tokens++;
@@ -483,6 +686,10 @@ static int gen_run(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *
             contains(g->stop_ids, g->n_stop_ids, tok)) {
             o->finish = "stop";
             break;
+        }
+        if (raw && o->lp.len < MAX_LOGPROBS_BYTES) {
+            record_logprobs(g, o, raw, V, tok);
+            if (o->lp.oom) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
         }
         if ((st = take_text(session, tok, &o->text)) < 0) {
             what = "detokenize";
@@ -531,6 +738,304 @@ fail:
     return import_failed(c, what, st);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Speculative decoding (docs/speculative.md): a draft proposes up to k tokens after the pending
+ * token t; one verify step forwards [t, d1..dk] and returns every position's logits, computed
+ * exactly as one-token steps would be (REALM_FORWARD_VERIFY); each draft is accepted by the
+ * rejection-sampling rule, so the output follows the model's own sampling distribution (greedy:
+ * the same tokens); the first rejected position takes a token from the residual distribution,
+ * a fully accepted draft earns one more token from the last position. The session is rewound
+ * to what was accepted.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Take one generated token (gen_run's loop body): 0 go on, 1 done (o->finish set), < 0 a
+ * failed status (*what names it). `room`: the session could still take the token. */
+static int take_token(gen_cfg *g, int session, int32_t tok, int room, gen_out *o,
+                      const char **what) {
+    o->completion_tokens++;
+    if (contains(g->mi.eog_ids, g->mi.n_eog, tok) || contains(g->stop_ids, g->n_stop_ids, tok)) {
+        o->finish = "stop";
+        return 1;
+    }
+    int st = take_text(session, tok, &o->text);
+    if (st < 0) return *what = "detokenize", st;
+    if (o->text.oom) return *what = "memory", REALM_ELIMIT;
+    if ((st = settle(g, o, 0)) < 0) return *what = "emit", st;
+    if (st == 1) {
+        o->finish = "stop";
+        return 1;
+    }
+    if (o->completion_tokens >= g->max_tokens || !room) {
+        o->finish = "length";
+        return 1;
+    }
+    return 0;
+}
+
+/* Penalties for the token after ctx[0..end), as gen_run applies them. */
+static void spec_penalize(const gen_cfg *g, float *lg, int V, const int32_t *ctx, int end) {
+    int nl = end < PENALTY_LAST_N ? end : PENALTY_LAST_N;
+    rg_apply_penalties(&g->sp, lg, V, ctx + end - nl, nl);
+}
+
+/* Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's
+ * last n tokens (n from ngram_max down to ngram_min), at most k of them. Returns the count. */
+static int lookup_drafts(const spec_cfg *x, const int32_t *ctx, int len, int k, int32_t *d) {
+    for (int n = x->ngram_max; n >= x->ngram_min; n--) {
+        if (len < n + 1) continue;
+        const int32_t *pat = ctx + len - n;
+        for (int j = len - n - 1; j >= 0; j--) {
+            if (ctx[j] != pat[0] || memcmp(ctx + j, pat, (size_t)n * 4) != 0) continue;
+            int m = 0;
+            for (; m < k && j + n + m < len; m++) d[m] = ctx[j + n + m];
+            return m; /* >= 1: the match ends before the context does */
+        }
+    }
+    return 0;
+}
+
+/* The most likely token's probability under softmax(logits) (temperature 1). */
+static float top_prob(const float *lg, int V) {
+    float m = lg[rg_argmax(lg, V)];
+    double z = 0;
+    for (int i = 0; i < V; i++)
+        if (lg[i] > m - 30.0f) z += rg_expf(lg[i] - m); /* e^-30: nothing to the sum */
+    return z > 0 ? (float)(1.0 / z) : 0.0f;
+}
+
+static float prob_of(const int32_t *ids, const float *p, int n, int32_t tok) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] == tok) return p[i];
+    return 0.0f;
+}
+
+/* Draw from w[0..n) (not normalised; entries of token `skip` left out, skip < 0: none). */
+static int32_t draw_weights(const int32_t *ids, const float *w, int n, int32_t skip, rg_rng *rng) {
+    double sum = 0;
+    int best = -1;
+    for (int i = 0; i < n; i++)
+        if (ids[i] != skip && w[i] > 0) {
+            sum += w[i];
+            if (best < 0 || w[i] > w[best]) best = i;
+        }
+    if (best < 0) return ids[0]; /* nothing left (rounding): the only candidate */
+    double r = rg_rng_uniform(rng) * sum;
+    for (int i = 0; i < n; i++)
+        if (ids[i] != skip && w[i] > 0 && (r -= w[i]) < 0) return ids[i];
+    return ids[best];
+}
+
+/* The residual max(p - q, 0) of a rejected draft, drawn (p: ids/pw, q: qi/qp; qd: a zeroed
+ * n_vocab scratch, left zeroed). pw is overwritten. */
+static int32_t draw_residual(const int32_t *ids, float *pw, int n, const int32_t *qi,
+                             const float *qp, int qn, float *qd, rg_rng *rng) {
+    for (int j = 0; j < qn; j++) qd[qi[j]] = qp[j];
+    for (int i = 0; i < n; i++) {
+        float r = pw[i] - qd[ids[i]];
+        pw[i] = r > 0 ? r : 0;
+    }
+    for (int j = 0; j < qn; j++) qd[qi[j]] = 0;
+    return draw_weights(ids, pw, n, -1, rng);
+}
+
+/* Forward tokens[0..n) into the draft session in chunks; the last position's logits to lg. */
+static int draft_feed(int ds, const int32_t *tokens, int n, float *lg, int V) {
+    for (int off = 0; off < n; off += PREFILL_CHUNK) {
+        int m = n - off < PREFILL_CHUNK ? n - off : PREFILL_CHUNK, last = off + m == n;
+        int st = realm_forward(ds, tokens + off, m, last ? lg : NULL, last ? V : 0,
+                               last ? REALM_FORWARD_LAST : REALM_FORWARD_NO_LOGITS);
+        if (st < 0) return st;
+    }
+    return 0;
+}
+
+/* gen_run with speculation (g->spec): the same contract, the same tokens (greedy) or the same
+ * distribution (sampled). How many tokens a round drafts adapts to how many the last round
+ * kept (up to k); like every drafting choice it depends on the past only, so the rule stays
+ * exact. */
+static int gen_run_spec(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *logits,
+                        gen_out *o) {
+    rg_call *c = g->c;
+    const spec_cfg *x = &g->spec;
+    const int V = g->mi.vocab_size, K = x->k;
+    const size_t fv = (size_t)V * 4;
+    int st = 0, ds = -1, dpos = 0;
+    const char *what = "";
+    int32_t d[SPEC_MAX_K];
+    int32_t *ids = (int32_t *)rg_arena_alloc(c->arena, fv);
+    float *pw = (float *)rg_arena_alloc(c->arena, fv);
+    float *L = (float *)rg_arena_alloc(c->arena, fv * (size_t)(K + 1));
+    float *qd = NULL, *qlog = NULL, *qp = NULL;
+    int32_t *qi = NULL;
+    int qn[SPEC_MAX_K];
+    if (x->mode == SPEC_DRAFT) {
+        qd = (float *)rg_arena_alloc(c->arena, fv);
+        qlog = (float *)rg_arena_alloc(c->arena, fv);
+        qi = (int32_t *)rg_arena_alloc(c->arena, fv * (size_t)K);
+        qp = (float *)rg_arena_alloc(c->arena, fv * (size_t)K);
+        if (qd) memset(qd, 0, fv);
+    }
+    if (!ids || !pw || !L || (x->mode == SPEC_DRAFT && (!qd || !qlog || !qi || !qp)))
+        return rg_fail(c, REALM_ELIMIT, "%s: out of memory for speculative decoding (k = %d)",
+                       c->fn->name, K);
+    if (x->mode == SPEC_DRAFT) {
+        ds = open_session(x->draft_model, x->draft_model_len, capacity, NULL);
+        if (ds < 0) {
+            st = ds, what = "session_open (draft model)";
+            goto fail;
+        }
+    }
+    /* t: the pending token (drawn, not yet forwarded); none in the first round, where the
+     * prompt's logits decide the first draft (so that a draft can start at the first token,
+     * and the prompt's last position is never recomputed) */
+    int32_t t = -1;
+    int kcur = K; /* drafts this round: +2 after a round that kept them all, -1 otherwise */
+    spec_penalize(g, logits, V, hist->p, hist->len);
+    for (;;) {
+        const int base = hist->len, first = t < 0;
+        if (!first) {
+            st = take_token(g, session, t, capacity <= 0 || base + 1 <= capacity, o, &what);
+            if (st < 0) goto fail;
+            if (st > 0) break;
+            rg_ivec_push(hist, t);
+        }
+        const int ctx = hist->len; /* the context the drafts continue */
+        int kk = kcur; /* an accepted draft that reaches max_tokens ends the generation */
+        if (kk > g->max_tokens - o->completion_tokens)
+            kk = (int)(g->max_tokens - o->completion_tokens);
+        if (capacity > 0 && kk > capacity - ctx) kk = capacity - ctx;
+        int nd = 0;
+        if (kk > 0 && x->mode == SPEC_LOOKUP) {
+            nd = lookup_drafts(x, hist->p, ctx, kk, d);
+            rg_ivec_append(hist, d, nd);
+        } else if (kk > 0) {
+            for (; nd < kk; nd++) { /* the draft catches up with the context, then proposes */
+                if (dpos < hist->len &&
+                    (st = draft_feed(ds, hist->p + dpos, hist->len - dpos, qlog, V)) < 0) {
+                    what = "forward (draft model)";
+                    hist->len = base;
+                    goto fail;
+                }
+                dpos = hist->len;
+                spec_penalize(g, qlog, V, hist->p, hist->len);
+                /* an unsure draft is likely rejected: stop drafting. The test reads the draft's
+                 * logits only, before any draw, so every draft still comes from q as the
+                 * acceptance rule assumes */
+                if (x->p_min > 0 && top_prob(qlog, V) < x->p_min) break;
+                int32_t *qi_ = qi + (size_t)nd * V;
+                float *qp_ = qp + (size_t)nd * V;
+                qn[nd] = rg_sample_probs(&g->sp, qlog, V, qi_, qp_);
+                d[nd] = draw_weights(qi_, qp_, qn[nd], -1, &g->rng);
+                rg_ivec_push(hist, d[nd]);
+            }
+        }
+        if (hist->oom) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
+        if (first && nd == 0) { /* nothing to check: draw from the prompt's logits */
+            t = rg_sample(&g->sp, logits, V, ids, pw, &g->rng);
+            continue;
+        }
+        const int n_fwd = hist->len - base; /* [t,] d[0..nd) */
+        st = realm_forward(session, hist->p + base, n_fwd, L, n_fwd * V, REALM_FORWARD_VERIFY);
+        if (st < 0) {
+            what = "forward";
+            hist->len = base;
+            goto fail;
+        }
+        o->spec_steps++;
+        o->spec_drafted += nd;
+        int a = 0, done = 0;
+        int32_t next = -1;
+        for (int i = 0; i < nd && !done; i++) {
+            /* the logits for d[i]: after t or d[i-1]; the prompt's in the first round */
+            float *lg = first ? (i == 0 ? logits : L + (size_t)(i - 1) * V) : L + (size_t)i * V;
+            if (!(first && i == 0)) spec_penalize(g, lg, V, hist->p, ctx + i);
+            int n = rg_sample_probs(&g->sp, lg, V, ids, pw);
+            float p = prob_of(ids, pw, n, d[i]);
+            int ok;
+            if (x->mode == SPEC_LOOKUP) { /* the draft is certain: accept with probability p */
+                ok = p >= 1.0f || (p > 0 && rg_rng_uniform(&g->rng) < p);
+                if (!ok) next = draw_weights(ids, pw, n, d[i], &g->rng);
+            } else { /* accept with probability min(1, p / q) */
+                const int32_t *qi_ = qi + (size_t)i * V;
+                const float *qp_ = qp + (size_t)i * V;
+                float q = prob_of(qi_, qp_, qn[i], d[i]);
+                ok = p >= q || rg_rng_uniform(&g->rng) * q < p;
+                if (!ok) next = draw_residual(ids, pw, n, qi_, qp_, qn[i], qd, &g->rng);
+            }
+            if (!ok) break;
+            a++;
+            st = take_token(g, session, d[i], 1, o, &what);
+            if (st != 0) done = 1 + i; /* ended at d[i]: the session keeps d[0..i) */
+        }
+        o->spec_accepted += a;
+        if (nd > 0) kcur = a == nd ? (kcur + 2 < K ? kcur + 2 : K) : (kcur > 1 ? kcur - 1 : 1);
+        if (done) {
+            hist->len = ctx + done - 1;
+            realm_session_rewind(session, hist->len);
+            if (st < 0) goto fail;
+            break;
+        }
+        if (next < 0) { /* every draft accepted: one more token from the last position */
+            float *lg = L + (size_t)(n_fwd - 1) * V;
+            spec_penalize(g, lg, V, hist->p, ctx + nd);
+            next = rg_sample(&g->sp, lg, V, ids, pw, &g->rng);
+        }
+        hist->len = ctx + a;
+        if (a < nd && (st = realm_session_rewind(session, hist->len)) < 0) {
+            what = "session_rewind";
+            goto fail;
+        }
+        if (ds >= 0 && dpos > hist->len) {
+            if ((st = realm_session_rewind(ds, hist->len)) < 0) {
+                what = "session_rewind (draft model)";
+                goto fail;
+            }
+            dpos = hist->len;
+        }
+        t = next;
+    }
+    close_session(ds);
+    ds = -1;
+    if (o->stop_hit) {
+        discard_detok(session);
+    } else {
+        if ((st = take_text(session, REALM_DETOK_FLUSH, &o->text)) < 0) {
+            what = "detokenize";
+            goto fail;
+        }
+        if ((st = settle(g, o, 1)) < 0) {
+            what = "emit";
+            goto fail;
+        }
+        if (st == 1) o->finish = "stop";
+    }
+    return 0;
+fail:
+    close_session(ds);
+    if (st == REALM_ECANCELLED) {
+        o->finish = "cancelled";
+        return 0;
+    }
+    if (st == REALM_ELIMIT && what[0] == 'm')
+        return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
+    return import_failed(c, what, st);
+}
+
+static int gen_any(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *logits,
+                   gen_out *o) {
+    return g->spec.mode ? gen_run_spec(g, session, capacity, hist, logits, o)
+                        : gen_run(g, session, capacity, hist, logits, o);
+}
+
+/* The result's speculative figures (nothing when speculation is off). */
+static void write_spec(rg_buf *b, const gen_cfg *g, const gen_out *o) {
+    if (!g->spec.mode) return;
+    rg_buf_fmt(b, ",\"speculative\":{\"mode\":%q,\"k\":%d,\"steps\":%d,\"drafted\":%d,"
+                  "\"accepted\":%d}",
+               g->spec.mode == SPEC_LOOKUP ? "lookup" : "draft", g->spec.k, o->spec_steps,
+               o->spec_drafted, o->spec_accepted);
+}
+
 static void write_usage_and_text(rg_buf *b, gen_out *o, int prompt_tokens, int cached) {
     int text_len = o->finish && o->finish[0] == 'c' ? o->emitted : o->text.len;
     rg_buf_puts(b, "{\"text\":");
@@ -542,6 +1047,10 @@ static void write_usage_and_text(rg_buf *b, gen_out *o, int prompt_tokens, int c
     int64_t prompt_ms = o->t_prompt_done - o->t_start, gen_ms = o->t_end - o->t_prompt_done;
     rg_buf_fmt(b, "},\"timings\":{\"prompt_ms\":%lld,\"generation_ms\":%lld}", (long long)prompt_ms,
                (long long)gen_ms);
+    if (o->lp.arena) { /* the last entries are left out when they would not fit the result */
+        rg_buf_fmt(b, ",\"logprobs\":[%.*s]", o->lp.len, o->lp.p ? o->lp.p : "");
+        if (o->lp.len >= MAX_LOGPROBS_BYTES) rg_buf_puts(b, ",\"logprobs_truncated\":true");
+    }
 }
 
 static int64_t now_ms(void) {
@@ -592,13 +1101,14 @@ static int do_generate(rg_call *c) {
         close_session(session);
         return import_failed(c, "forward", st);
     } else {
-        st = gen_run(&g, session, capacity, &hist, logits, &o);
+        st = gen_any(&g, session, capacity, &hist, logits, &o);
     }
     o.t_end = now_ms();
     close_session(session);
     if (st < 0) return st;
     rg_buf out = rg_buf_in(c->arena);
     write_usage_and_text(&out, &o, n, -1);
+    write_spec(&out, &g, &o);
     rg_buf_putc(&out, '}');
     return rg_result(c, &out);
 }
@@ -797,7 +1307,7 @@ static int do_chat(rg_call *c) {
     } else if (st < 0) {
         return import_failed(c, "forward", st);
     } else {
-        st = gen_run(&g, cv->session, ctx, &cv->tokens, logits, &o);
+        st = gen_any(&g, cv->session, ctx, &cv->tokens, logits, &o);
     }
     o.t_end = now_ms();
     if (st < 0) return st;
@@ -809,6 +1319,7 @@ static int do_chat(rg_call *c) {
     }
     rg_buf out = rg_buf_in(A);
     write_usage_and_text(&out, &o, n, common);
+    write_spec(&out, &g, &o);
     rg_buf_fmt(&out, ",\"conversation\":%.*q,\"messages\":%d", id_len, id,
                cancelled ? cv->n_msgs : n_pick + 1);
     if (dropped) rg_buf_fmt(&out, ",\"dropped_messages\":%d", dropped);

@@ -85,6 +85,7 @@
 #define REALM_FORWARD_NO_LOGITS 0
 #define REALM_FORWARD_LAST 1
 #define REALM_FORWARD_ALL 2
+#define REALM_FORWARD_VERIFY 3 /* every position's, bit-identical to one-token steps (speculative) */
 /* detokenize pseudo-tokens */
 #define REALM_DETOK_TAKE (-1)  /* push nothing, take pending text */
 #define REALM_DETOK_FLUSH (-2) /* end the sequence: also flush held-back bytes */
@@ -1483,13 +1484,13 @@ RG_S int rg__top_p_select(int32_t *ids, float *w, int n, double target) {
     return k + rg__mass_select(ids + k, w + k, k2 - k, target - cum);
 }
 
-/* Draw a token from logits[0..n_vocab) (after penalties). ids/w are scratch of n_vocab entries.
- * The same logits, parameters and rng state always give the same token. */
-RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32_t *ids, float *w,
-                   rg_rng *rng) {
+/* The candidates rg_sample draws from: returns n > 0 with ids[0..n) and their weights w[0..n)
+ * (*sum their total), or -(token + 1) when the outcome is certain (greedy and its fallbacks). */
+RG_S int rg__candidates(const rg_sampling *s, const float *logits, int n_vocab, int32_t *ids,
+                        float *w, double *sum_out) {
     const float neg_inf = -__builtin_inff();
-    if (n_vocab <= 0) return 0;
-    if (!(s->temperature > 0) || s->top_k == 1) return rg_argmax(logits, n_vocab);
+    if (n_vocab <= 0) return -1;
+    if (!(s->temperature > 0) || s->top_k == 1) return -(rg_argmax(logits, n_vocab) + 1);
     int n = 0, use_k = s->top_k > 0 && s->top_k < n_vocab, need_mass = s->top_p < 1.0f;
     float m = neg_inf;
     if (use_k) { /* a min-heap of the k best, root = the worst of them */
@@ -1509,7 +1510,7 @@ RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32
     } else {
         for (int i = 0; i < n_vocab; i++) m = logits[i] > m ? logits[i] : m; /* NaN skipped */
     }
-    if (m == neg_inf || m == __builtin_inff()) return rg_argmax(logits, n_vocab);
+    if (m == neg_inf || m == __builtin_inff()) return -(rg_argmax(logits, n_vocab) + 1);
     /* min-p: p >= min_p * p_max  <=>  logit >= max + ln(min_p) */
     float lmin = s->min_p > 0 ? m + rg_logf(s->min_p) : neg_inf;
     double z = 0; /* top-p's normaliser: every candidate, before min-p */
@@ -1531,7 +1532,7 @@ RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32
         for (int i = 0; i < n_vocab; i++)
             if (logits[i] >= lmin) ids[n] = i, w[n++] = logits[i];
     }
-    if (n == 0) return rg_argmax(logits, n_vocab);
+    if (n == 0) return -(rg_argmax(logits, n_vocab) + 1);
     if (need_mass && n > 1) n = rg__top_p_select(ids, w, n, (double)s->top_p * z);
     double sum = 0; /* weights at the temperature */
     if (need_mass && s->temperature == 1.0f) {
@@ -1544,8 +1545,14 @@ RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32
         int best = 0;
         for (int i = 1; i < n; i++)
             if (RG__BETTER(logits[ids[i]], ids[i], logits[ids[best]], ids[best])) best = i;
-        return ids[best];
+        return -(ids[best] + 1);
     }
+    *sum_out = sum;
+    return n;
+}
+
+/* Draw from weights w[0..n) of total sum (n > 0). */
+RG_S int32_t rg__draw(const int32_t *ids, const float *w, int n, double sum, rg_rng *rng) {
     double r = rg_rng_uniform(rng) * sum;
     for (int i = 0; i < n; i++) {
         r -= w[i];
@@ -1554,6 +1561,31 @@ RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32
     for (int i = n - 1; i >= 0; i--)
         if (w[i] > 0) return ids[i];
     return ids[n - 1];
+}
+
+/* Draw a token from logits[0..n_vocab) (after penalties). ids/w are scratch of n_vocab entries.
+ * The same logits, parameters and rng state always give the same token. */
+RG_S int rg_sample(const rg_sampling *s, const float *logits, int n_vocab, int32_t *ids, float *w,
+                   rg_rng *rng) {
+    double sum = 0;
+    int n = rg__candidates(s, logits, n_vocab, ids, w, &sum);
+    return n < 0 ? -n - 1 : rg__draw(ids, w, n, sum, rng);
+}
+
+/* The distribution rg_sample draws from, as probabilities: returns n and sets ids[0..n),
+ * p[0..n) (summing to 1); a certain outcome is n = 1 with p[0] = 1. Speculative decoding's
+ * acceptance test compares these. */
+RG_S int rg_sample_probs(const rg_sampling *s, const float *logits, int n_vocab, int32_t *ids,
+                         float *p) {
+    double sum = 0;
+    int n = rg__candidates(s, logits, n_vocab, ids, p, &sum);
+    if (n < 0) {
+        ids[0] = -n - 1, p[0] = 1.0f;
+        return 1;
+    }
+    double inv = 1.0 / sum;
+    for (int i = 0; i < n; i++) p[i] = (float)(p[i] * inv);
+    return n;
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -9,30 +9,13 @@
  * handled in scalar code.
  */
 #include "internal.h"
+#include "simd_avx2.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #define AVX2_FN REALM_AVX2
 #define VAL_HEADS 6  /* heads per pass over the values: 6 x 2 accumulators + 2 rows + 1 weight */
-
-AVX2_FN static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2_FN static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2_FN static inline __m256 load_f16x8(const uint16_t *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
 
 /* e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
  * Taylor polynomial for e^r (relative error < 2e-7), times 2^n built in the exponent bits.
@@ -63,7 +46,7 @@ AVX2_FN static void softmax_rows(float *scores, int64_t ss, int64_t n, int32_t g
         __m256 vm = _mm256_set1_ps(-INFINITY);
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
-        float m = hmax8(vm);
+        float m = realm_hmax8(vm);
         for (; j < n; j++) m = s[j] > m ? s[j] : m;
         const __m256 vmax = _mm256_set1_ps(m);
         __m256 vsum = _mm256_setzero_ps();
@@ -72,7 +55,7 @@ AVX2_FN static void softmax_rows(float *scores, int64_t ss, int64_t n, int32_t g
             _mm256_storeu_ps(s + j, e);
             vsum = _mm256_add_ps(vsum, e);
         }
-        float sum = hsum8(vsum);
+        float sum = realm_hsum8(vsum);
         for (; j < n; j++) {
             s[j] = expf(s[j] - m);
             sum += s[j];
@@ -91,7 +74,7 @@ AVX2_FN void realm_attn_probs_f16_avx2(float *scores, int64_t ss, const uint16_t
     float kf[256] __attribute__((aligned(32)));  /* d <= 256 (checked by the caller) */
     for (int64_t j = 0; j < n; j++) {
         const uint16_t *kj = k + j * ks;
-        for (int32_t c = 0; c < d8; c += 8) _mm256_store_ps(kf + c, load_f16x8(kj + c));
+        for (int32_t c = 0; c < d8; c += 8) _mm256_store_ps(kf + c, realm_load_f16x8(kj + c));
         for (int32_t c = d8; c < d; c++) kf[c] = realm_f16_to_f32(kj[c]);
         for (int32_t h = 0; h < group; h++) {
             const float *qh = q + (int64_t)h * d;
@@ -102,7 +85,7 @@ AVX2_FN void realm_attn_probs_f16_avx2(float *scores, int64_t ss, const uint16_t
                 a1 = _mm256_fmadd_ps(_mm256_load_ps(kf + c + 8), _mm256_loadu_ps(qh + c + 8), a1);
             }
             if (c < d8) a0 = _mm256_fmadd_ps(_mm256_load_ps(kf + c), _mm256_loadu_ps(qh + c), a0);
-            float s = hsum8(_mm256_add_ps(a0, a1));
+            float s = realm_hsum8(_mm256_add_ps(a0, a1));
             for (c = d8; c < d; c++) s += kf[c] * qh[c];
             scores[h * ss + j] = scale * s;
         }
@@ -122,8 +105,8 @@ AVX2_FN void realm_attn_values_f16_avx2(float *o, const uint16_t *v, int64_t vs,
             for (int32_t h = 0; h < nh; h++) a0[h] = a1[h] = _mm256_setzero_ps();
             for (int64_t j = 0; j < n; j++) {
                 const uint16_t *vj = v + j * vs + c0;
-                const __m256 v0 = load_f16x8(vj);
-                const __m256 v1 = two ? load_f16x8(vj + 8) : _mm256_setzero_ps();
+                const __m256 v0 = realm_load_f16x8(vj);
+                const __m256 v1 = two ? realm_load_f16x8(vj + 8) : _mm256_setzero_ps();
                 for (int32_t h = 0; h < nh; h++) {
                     const __m256 wh = _mm256_broadcast_ss(w + (int64_t)(h0 + h) * ws + j);
                     a0[h] = _mm256_fmadd_ps(wh, v0, a0[h]);

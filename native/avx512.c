@@ -462,8 +462,13 @@ const realm_isa_ops realm_ops_avx512 = {
     .attn_probs_f16 = attn_probs_f16,
     .attn_values_f16 = attn_values_f16,
     .gemm_f32 = realm_gemm_f32_avx512,
-    .dot_other = realm_dot_other_avx2,
+    .dot_other = realm_dot_other_avx512,
     .quantize_q8x_plain = realm_quantize_q8x_plain_avx2,
+    .quantize_q8k = realm_quantize_q8k_avx2,
     .gemm_q8 = realm_gemm_q8_avx512,
+    /* measured: Q8_0 at batch 8 costs 1.8x batch 1 streaming against 2.5x through the GEMM;
+     * the two meet at 10; Q4_0's nibble unpacking makes them meet at 8 */
+    .gemm_q8_min_batch = 11,
+    .gemm_q4_min_batch = 8,
 };
 #endif

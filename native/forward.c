@@ -34,6 +34,7 @@ typedef struct {
     float *tmp;     /* (T, n_embd) */
     int32_t *ids;   /* (T) */
     int32_t *pos;   /* (T) */
+    int lora;       /* some sequence of the step has a LoRA adapter (native/lora.c) */
 } scratch;
 
 static int check_model(const realm_model *m) {
@@ -66,7 +67,8 @@ static int check_seqs(const realm_model *m, const realm_seq *seqs, int32_t n_seq
         const realm_seq *q = &seqs[s];
         if (!q->tokens || q->n_tokens <= 0 || q->pos < 0 || !q->kv || q->capacity <= 0 ||
             (int64_t)q->pos + q->n_tokens > q->capacity || q->n_logits < 0 ||
-            q->n_logits > q->n_tokens || (q->n_logits > 0 && !q->logits))
+            q->n_logits > q->n_tokens || (q->n_logits > 0 && !q->logits) ||
+            (q->adapter && realm_lora_check(m, q->adapter) != REALM_OK))
             return REALM_EINVAL;
         for (int32_t i = 0; i < q->n_tokens; i++)
             if (q->tokens[i] < 0 || q->tokens[i] >= m->n_vocab) return REALM_EINVAL;
@@ -109,11 +111,29 @@ static int layer_step(const realm_model *m, const realm_layer *L, int32_t l, rea
     do {                                   \
         if ((rc = (call)) != REALM_OK) return rc; \
     } while (0)
+    /* LoRA deltas (lora.c): the projections that read the same input, in one call */
+#define LORA(n, x, n_in, ...)                                                               \
+    do {                                                                                    \
+        if (!s->lora) break;                                                                \
+        float *ys_[] = {__VA_ARGS__};                                                       \
+        TRY(realm_lora_add(ys_, lo_[n].n_out, lo_[n].proj, lo_[n].count, x, n_in, seqs,     \
+                           n_seqs, l, 0));                                                  \
+    } while (0)
+    const struct {
+        int64_t n_out[3];
+        int32_t proj[3], count;
+    } lo_[] = {
+        {{qd, kvd, kvd}, {REALM_LORA_Q, REALM_LORA_K, REALM_LORA_V}, 3},
+        {{E}, {REALM_LORA_O}, 1},
+        {{m->n_ff, m->n_ff}, {REALM_LORA_GATE, REALM_LORA_UP}, 2},
+        {{E}, {REALM_LORA_DOWN}, 1},
+    };
     /* attention block */
     TRY(realm_rmsnorm(s->h, s->x, L->attn_norm, T, E, m->rms_eps));
     TRY(realm_matmul(s->q, L->wq, L->type_q, s->h, qd, E, T));
     TRY(realm_matmul(s->k, L->wk, L->type_k, s->h, kvd, E, T));
     TRY(realm_matmul(s->v, L->wv, L->type_v, s->h, kvd, E, T));
+    LORA(0, s->h, E, s->q, s->k, s->v);
     add_bias(s->q, L->bq, T, qd);
     add_bias(s->k, L->bk, T, kvd);
     add_bias(s->v, L->bv, T, kvd);
@@ -140,19 +160,23 @@ static int layer_step(const realm_model *m, const realm_layer *L, int32_t l, rea
         row += q->n_tokens;
     }
     TRY(realm_matmul(s->tmp, L->wo, L->type_o, s->att, E, qd, T));
+    LORA(1, s->att, qd, s->tmp);
     if (L->post_attn_norm) TRY(realm_rmsnorm(s->tmp, s->tmp, L->post_attn_norm, T, E, m->rms_eps));
     TRY(realm_add(s->x, s->x, s->tmp, T * E));
     /* feed-forward block */
     TRY(realm_rmsnorm(s->h, s->x, L->ffn_norm, T, E, m->rms_eps));
     TRY(realm_matmul(s->gate, L->w_gate, L->type_gate, s->h, m->n_ff, E, T));
     TRY(realm_matmul(s->up, L->w_up, L->type_up, s->h, m->n_ff, E, T));
+    LORA(2, s->h, E, s->gate, s->up);
     if (m->act == REALM_ACT_GELU)
         TRY(realm_geglu(s->gate, s->gate, s->up, T * m->n_ff));
     else
         TRY(realm_swiglu(s->gate, s->gate, s->up, T * m->n_ff));
     TRY(realm_matmul(s->tmp, L->w_down, L->type_down, s->gate, E, m->n_ff, T));
+    LORA(3, s->gate, m->n_ff, s->tmp);
     if (L->post_ffn_norm) TRY(realm_rmsnorm(s->tmp, s->tmp, L->post_ffn_norm, T, E, m->rms_eps));
     TRY(realm_add(s->x, s->x, s->tmp, T * E));
+#undef LORA
 #undef TRY
     return REALM_OK;
 }
@@ -180,6 +204,11 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
     s.up = s.gate + T * F;
     s.ids = (int32_t *)(s.up + T * F);
     s.pos = s.ids + T;
+    s.lora = 0;
+    for (int32_t i = 0; i < n_seqs; i++) s.lora |= seqs[i].adapter != NULL;
+    int exact = 0;
+    for (int32_t i = 0; i < n_seqs; i++) exact |= seqs[i].exact != 0;
+    realm_matmul_rowwise = exact;
     int64_t row = 0;
     for (int32_t i = 0; i < n_seqs; i++)
         for (int32_t t = 0; t < seqs[i].n_tokens; t++, row++) {
@@ -243,6 +272,12 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
             if (!out) rc = REALM_ENOMEM;
         }
         if (rc == REALM_OK) rc = realm_matmul(out, m->output, m->type_output, rows, m->n_vocab, E, R);
+        if (rc == REALM_OK && s.lora) {
+            float *ys[] = {out};
+            const int64_t n_outs[] = {m->n_vocab};
+            const int32_t projs[] = {0};
+            rc = realm_lora_add(ys, n_outs, projs, 1, rows, E, seqs, n_seqs, -1, 1);
+        }
         if (rc == REALM_OK && m->final_softcap > 0.0f)
             rc = realm_softcap(out, R * m->n_vocab, m->final_softcap);
         if (rc == REALM_OK) {
@@ -255,6 +290,7 @@ int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs) {
         }
         free(out);
     }
+    realm_matmul_rowwise = 0;
     free(mem);
     return rc;
 }

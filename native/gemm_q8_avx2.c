@@ -33,6 +33,7 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "simd_avx2.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -54,20 +55,6 @@ typedef struct {
 } q8b;
 _Static_assert(sizeof(q8b) == XREC, "q8b is 40 bytes");
 
-AVX2_FN static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2_FN static inline int32_t hsum8i(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
-
 AVX2_FN static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t off) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = 0; i < nb; i++) {
@@ -76,7 +63,7 @@ AVX2_FN static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t
         __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
         const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
                                        _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        const float d = hmax8(m) / 127.0f;
+        const float d = realm_hmax8(m) / 127.0f;
         const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
         /* cvtps rounds to nearest even, as lrintf does in the scalar level */
         const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
@@ -89,7 +76,7 @@ AVX2_FN static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t
                                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)out[i].q, p);
         out[i].d = d;
-        out[i].corr = -off * hsum8i(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        out[i].corr = -off * realm_hsum8i(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
     }
 }
 

@@ -67,6 +67,15 @@ typedef struct {
     float *d;         /* (batch, nb): block scales */
     float *d4;        /* (n_quads, batch, 4): block scales by group of four */
     int32_t *sum;     /* (batch, nb): sum of the signed q */
+    /* Activations for K-quant and IQ4_XS weights (256-element super-blocks), as ggml's
+     * block_q8_K: one float scale per 256 elements (amax / 127) and the sums of every 16
+     * codes, so that a super-block's dot runs on integers with the weights' sub-block scales
+     * applied as integers too and one float multiply per super-block. Set by quantize_q8k into
+     * the same allocation as the layouts above (which such a call does not use). */
+    int64_t nk;       /* super-blocks per row */
+    int8_t *kq;       /* (batch, nk * 256): signed codes, |q| <= 127 */
+    float *kd;        /* (batch, nk): scales */
+    int16_t *ksum;    /* (batch, nk, 16): sums of 16 consecutive codes */
 } realm_q8x;
 
 /* block i of row b in the plain layout */
@@ -166,11 +175,16 @@ typedef struct {
      * the whole call (quantization, threads) in one; may be NULL (row-streaming path) */
     int (*gemm_q8)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                    int64_t n_cols, int64_t batch);
+    /* the smallest batches of Q8_0 / Q4_0 weights that take gemm_q8 (measured per level) */
+    int64_t gemm_q8_min_batch, gemm_q4_min_batch;
     /* dot_q8_0's contract for the types of quants.c (Q4_1, Q5_0, Q5_1, Q2_K..Q6_K), against
      * activations in the plain q8x layout whatever the level (quantized by quantize_q8x_plain) */
     void (*dot_other)(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                       int64_t b0, int64_t nbat);
     void (*quantize_q8x_plain)(const realm_q8x *x, const float *src, int64_t b);
+    /* quantize src (x->nk super-blocks) into row b of x's Q8_K fields (the same at every
+     * level: round to nearest even of src * (127 / amax) computed as src * (1 / (amax / 127))) */
+    void (*quantize_q8k)(const realm_q8x *x, const float *src, int64_t b);
 } realm_isa_ops;
 
 /* quants.c: the types beyond Q8_0 / Q4_0 (Q4_1 .. Q6_K, IQ4_NL, IQ4_XS) */
@@ -179,12 +193,17 @@ int64_t realm_other_block_elems(int type);  /* 32 or 256; < 0 if not such a type
 int64_t realm_other_block_bytes(int type);
 void realm_dequantize_other(float *out, const void *src, int type, int64_t n);
 void realm_dequantize_row(float *out, const void *src, int type, int64_t n);  /* kernels.c */
+int realm_uses_q8k(int type);  /* weights whose dots take the Q8_K activations */
+void realm_quantize_q8k_scalar(const realm_q8x *x, const float *src, int64_t b);
 void realm_dot_other_scalar(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                             int64_t b0, int64_t nbat);
 #if defined(__x86_64__) || defined(__i386__)
 void realm_dot_other_avx2(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                           int64_t b0, int64_t nbat);
+void realm_dot_other_avx512(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
+                            int64_t b0, int64_t nbat);
 void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t b);
+void realm_quantize_q8k_avx2(const realm_q8x *x, const float *src, int64_t b);
 int realm_gemm_q8_avx2(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                        int64_t n_cols, int64_t batch);
 void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
@@ -216,11 +235,26 @@ int realm_rope_factors(float *x, const int32_t *pos, int64_t n_tokens, int32_t n
                        int32_t head_dim, int32_t n_rot, int32_t mode, float freq_base,
                        float freq_scale, const float *factors);
 
+/* ---- LoRA (lora.c, lora_avx2.c) ----
+ * y[o] += sum_k u[k] * bt[k * ld + o] for o in [0, n): bt holds rank rows of F16 or F32. */
+void realm_lora_up_ref(float *y, const void *bt, int type, int64_t ld, const float *u,
+                       int32_t rank, int64_t n);
+void realm_lora_up_avx2(float *y, const void *bt, int type, int64_t ld, const float *u,
+                        int32_t rank, int64_t n);
+/* sum_i a[i] x[i]: a holds n values of F16 or F32 */
+float realm_lora_dot_ref(const void *a, int type, const float *x, int64_t n);
+float realm_lora_dot_avx2(const void *a, int type, const float *x, int64_t n);
+
 /* ---- thread pool ---- */
 typedef void (*realm_task_fn)(void *ctx, int ith, int nth);
 /* Runs fn(ctx, ith, nth) for ith in [0, nth) on the pool (the caller is thread 0).
  * max_threads <= 0 means all pool threads. Returns REALM_OK or REALM_ETHREAD. */
 int realm_parallel(realm_task_fn fn, void *ctx, int max_threads);
+
+/* Set (on the calling thread) by realm_forward for a step with an exact sequence: every
+ * realm_matmul takes the row-streaming path, whose result for an activation row does not
+ * depend on the other rows of the batch (matmul.c). */
+extern _Thread_local int realm_matmul_rowwise;
 
 static inline void realm_split(int64_t n, int ith, int nth, int64_t *begin, int64_t *end) {
     const int64_t per = (n + nth - 1) / nth;

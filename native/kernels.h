@@ -167,6 +167,32 @@ typedef struct {
     const float *rope_freqs;          /* (n_rot / 2): pair i's angle is divided by it, or NULL */
 } realm_model;
 
+/* ---- LoRA adapters, applied at step time (never merged into the shared weights) ----
+ * A weight W (n_out, n_in) with an adapter computes y = W x + scale * B (A x) for the rows of
+ * the sequences that name the adapter; the other rows of the same step are untouched. */
+#define REALM_LORA_Q 0                /* the projections of a layer that may carry one */
+#define REALM_LORA_K 1
+#define REALM_LORA_V 2
+#define REALM_LORA_O 3
+#define REALM_LORA_GATE 4
+#define REALM_LORA_UP 5
+#define REALM_LORA_DOWN 6
+#define REALM_LORA_PER_LAYER 7
+
+typedef struct {
+    const void *a;                    /* (rank, n_in) rows of type_a, or NULL: no adapter */
+    const void *b;                    /* B transposed: (rank, n_out) rows of type_b */
+    int32_t type_a, type_b;           /* a: F32, F16 or Q8_0 (n_in % 32 == 0); b: F32 or F16 */
+    int32_t rank;
+    float scale;                      /* user scale * alpha / rank (user scale when alpha is 0) */
+} realm_lora;
+
+typedef struct {
+    int32_t n_layers;                 /* the model's */
+    const realm_lora *layers;         /* (n_layers, REALM_LORA_PER_LAYER) */
+    realm_lora output;                /* the output projection's, a == NULL for none */
+} realm_adapter;
+
 typedef struct {
     const int32_t *tokens;            /* n_tokens ids to append */
     int32_t n_tokens;
@@ -177,9 +203,23 @@ typedef struct {
     int32_t n_logits;                 /* logits of the last n_logits tokens */
     float *embedding;                 /* (n_embd): mean over this step's tokens of the final
                                        * normalised hidden state, or NULL for none */
+    const realm_adapter *adapter;     /* this sequence's LoRA adapter, or NULL: the base model */
+    int32_t exact;                    /* nonzero: this sequence's logits must not depend on the
+                                       * rest of the batch (speculative verify): the whole step
+                                       * then takes the row-invariant matmul path */
 } realm_seq;
 
 int realm_forward(const realm_model *m, realm_seq *seqs, int32_t n_seqs);
+
+/* 0 when ad fits m (layer count, types, ranks, row lengths), else REALM_EINVAL. */
+int realm_lora_check(const realm_model *m, const realm_adapter *ad);
+/* For q < n_proj: ys[q] (rows, n_outs[q]) += scale * B (A x) for the rows of every sequence
+ * whose adapter has a pair for (layer, projs[q]) (layer < 0: the output projection, projs
+ * ignored); x: (rows, n_in), the input of every projection given. A sequence owns its n_tokens
+ * rows, or its n_logits rows when logits_rows is set, in order. */
+int realm_lora_add(float *const *ys, const int64_t *n_outs, const int32_t *projs, int32_t n_proj,
+                   const float *x, int64_t n_in, const realm_seq *seqs, int32_t n_seqs,
+                   int32_t layer, int logits_rows);
 
 /* ---- machine limits, measured natively for the benchmarks ---- */
 /* Reads n_bytes of buf iters times with every pool thread; *seconds gets the best pass. */

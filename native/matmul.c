@@ -98,6 +98,12 @@ static void *alloc_q8x(realm_q8x *x, int64_t batch, int64_t nb) {
     x->d4 = x->d + batch * nb;
     x->sum = (int32_t *)(x->d4 + batch * nq * 4);
     x->qs = (uint8_t *)(x->sum + batch * nb);
+    /* the Q8_K fields share the space (a call uses one or the other): codes in qs (nb * 32
+     * bytes a row), scales in d (nb / 8 a row), 16-element sums in sum (nb * 2 int16 a row) */
+    x->nk = nb / 8;
+    x->kq = (int8_t *)x->qs;
+    x->kd = x->d;
+    x->ksum = (int16_t *)x->sum;
     return mem;
 }
 
@@ -136,8 +142,9 @@ static void gemm_task(void *p, int ith, int nth) {
 }
 
 /* The types of quants.c at a large batch: each thread dequantizes a panel of DQ_ROWS weight rows
- * to F32 and runs the level's F32 GEMM on it, so prefill is compute-bound GEMM work rather than
- * one unpack per block per activation group. */
+ * to F32 and runs the level's F32 GEMM on it (or its F32 dots, on a level without one), so
+ * prefill is compute-bound GEMM work rather than one unpack per block per activation group,
+ * and multiplies the activations themselves rather than their 8-bit quantization. */
 #define DQ_ROWS 64
 
 typedef struct {
@@ -167,6 +174,12 @@ static void dq_task(void *p, int ith, int nth) {
         for (int64_t r = 0; r < nr; r++)
             realm_dequantize_row(panel + r * c->n_cols, c->w + (r0 + r) * c->row_bytes, c->wtype,
                                  c->n_cols);
+        if (!c->ops->gemm_f32) {  /* the level's F32 dots against the panel-packed batch */
+            for (int64_t r = 0; r < nr; r++)
+                c->ops->dot_f32(c->y + r0 + r, c->n_rows, panel + r * c->n_cols, c->x, c->n_cols,
+                                c->batch, 0, c->batch);
+            continue;
+        }
         const int rc = c->ops->gemm_f32(c->y + r0, c->n_rows, c->x, c->n_cols, panel,
                                         REALM_TYPE_F32, c->n_cols, c->batch, nr, c->n_cols, 0, 1);
         if (rc != REALM_OK) {
@@ -178,12 +191,11 @@ static void dq_task(void *p, int ith, int nth) {
 }
 
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
-/* The quantized GEMM repacks weight panels on every call; below these batch sizes the
- * row-streaming kernel, which shares each weight block with up to 8 activation rows in
- * registers, is faster (measured: Q8_0 at batch 8 costs 1.8x batch 1 streaming against 2.5x
- * through the GEMM; the two meet at 10; Q4_0's nibble unpacking makes them meet at 8). */
-#define GEMM_Q8_MIN_BATCH 11
-#define GEMM_Q4_MIN_BATCH 8
+/* The quantized GEMM repacks weight panels on every call; below a level's gemm_q8_min_batch /
+ * gemm_q4_min_batch the row-streaming kernel, which shares each weight block with up to 8
+ * activation rows in registers, is faster (avx2.c and avx512.c give the measurements). */
+
+_Thread_local int realm_matmul_rowwise;
 
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                  int64_t n_cols, int64_t batch) {
@@ -191,10 +203,13 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
     const int64_t row_bytes = realm_row_bytes(wtype, n_cols);
     if (row_bytes < 0) return REALM_EINVAL;
     const realm_isa_ops *ops = realm_ops();
+    /* row-invariant (exact) steps: the row-streaming path computes each activation row with
+     * the same operations in the same order whatever the batch; the GEMM paths do not */
+    const int gemm_ok = !realm_matmul_rowwise;
 
     const int float_weights =
         wtype == REALM_TYPE_F32 || wtype == REALM_TYPE_F16 || wtype == REALM_TYPE_BF16;
-    if (float_weights && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
+    if (gemm_ok && float_weights && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
         gemm_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                       .batch = batch, .ops = ops};
         atomic_store(&g.status, REALM_OK);
@@ -203,18 +218,24 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
     }
 
     /* quantized weights, large batch: interleaved 16-row weight panels (gemm_q8_avx512.c) */
-    if (((wtype == REALM_TYPE_Q8_0 && batch >= GEMM_Q8_MIN_BATCH) ||
-         (wtype == REALM_TYPE_Q4_0 && batch >= GEMM_Q4_MIN_BATCH)) &&
+    if (gemm_ok &&
+        ((wtype == REALM_TYPE_Q8_0 && batch >= ops->gemm_q8_min_batch) ||
+         (wtype == REALM_TYPE_Q4_0 && batch >= ops->gemm_q4_min_batch)) &&
         ops->gemm_q8)
         return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
     const int other = realm_is_other_quant(wtype);
-    if (other && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
-        dq_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
-                    .batch = batch, .row_bytes = row_bytes, .ops = ops};
+    if (gemm_ok && other && batch >= GEMM_MIN_BATCH) {
+        /* levels without a GEMM (the portable one) dot the dequantized rows with the float
+         * batch: prefill multiplies the activations themselves at every level */
+        float *panels = ops->gemm_f32 ? NULL : pack_panels(x, n_cols, batch);
+        if (!ops->gemm_f32 && !panels) return REALM_ENOMEM;
+        dq_ctx g = {.y = y, .w = w, .wtype = wtype, .x = panels ? panels : x, .n_rows = n_rows,
+                    .n_cols = n_cols, .batch = batch, .row_bytes = row_bytes, .ops = ops};
         atomic_store(&g.next, 0);
         atomic_store(&g.status, REALM_OK);
         const int rc = realm_parallel(dq_task, &g, 0);
+        free(panels);
         return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
 
@@ -226,7 +247,9 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         scratch = alloc_q8x(&xq, batch, n_cols / QK);
         if (!scratch) return REALM_ENOMEM;
         quant_ctx q = {.xq = &xq, .x = x, .batch = batch,
-                       .quantize = other ? ops->quantize_q8x_plain : ops->quantize_q8x};
+                       .quantize = realm_uses_q8k(wtype) ? ops->quantize_q8k
+                                   : other               ? ops->quantize_q8x_plain
+                                                         : ops->quantize_q8x};
         int rc = realm_parallel(quant_task, &q, batch >= 8 ? 0 : 1);
         if (rc != REALM_OK) {
             free(scratch);
@@ -238,8 +261,12 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         if (!scratch) return REALM_ENOMEM;
         c.x = scratch;
     }
-    const int64_t per = n_rows / ((int64_t)realm_threads_get() * CHUNKS_PER_THREAD);
-    c.chunk = per < CHUNK_ROWS ? CHUNK_ROWS : per / CHUNK_ROWS * CHUNK_ROWS;
+    /* equal work items, CHUNKS_PER_THREAD per thread (not rounded to CHUNK_ROWS, which would
+     * leave a short extra item: hidden 576 on 2 threads made 9 items of 64 rows, one thread
+     * doing 5) */
+    const int64_t items = (int64_t)realm_threads_get() * CHUNKS_PER_THREAD;
+    const int64_t per = (n_rows + items - 1) / items;
+    c.chunk = per < CHUNK_ROWS ? CHUNK_ROWS : per;
     atomic_store(&c.next, 0);
     int rc = realm_parallel(mm_task, &c, 0);
     free(scratch);

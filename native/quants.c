@@ -3,9 +3,11 @@
  * Q4_1, Q5_0, Q5_1, IQ4_NL (32-element blocks) and the K-quants Q2_K, Q3_K, Q4_K, Q5_K,
  * Q6_K and IQ4_XS (256-element super-blocks), as published files use them (a Q4_K_M file mixes Q4_K, Q5_0,
  * Q6_K and Q8_0). Dequantization is bit for bit ggml's (checked against the gguf package);
- * matmul multiplies them against 8-bit activations through the unpackers of quants_dot.inc,
- * built here for the portable level and in quants_avx2.c for the SIMD levels. Files are read,
- * never written, in these types: realm_quantize does not produce them.
+ * matmul multiplies them against 8-bit activations (per 32 elements for the blocks of 32, per
+ * 256 with 16-element sums, ggml's Q8_K, for the super-blocks: realm_quantize_q8k_scalar below)
+ * through the unpackers of quants_dot.inc at the portable level and quants_avx2.c /
+ * quants_avx512.c at the SIMD levels. Files are read, never written, in these types:
+ * realm_quantize does not produce them.
  */
 #include "internal.h"
 
@@ -42,6 +44,35 @@ int64_t realm_other_block_bytes(int type) {
     case REALM_TYPE_IQ4_NL: return (int64_t)sizeof(block_iq4_nl);
     case REALM_TYPE_IQ4_XS: return (int64_t)sizeof(block_iq4_xs);
     default: return REALM_EINVAL;
+    }
+}
+
+int realm_uses_q8k(int type) {
+    return realm_is_other_quant(type) && realm_other_block_elems(type) == QK_K;
+}
+
+/* ggml's block_q8_K, with Realm's rounding: per 256 elements d = amax / 127 and
+ * q = nearest-even(x * (1 / d)) in float32 (q = 0 where d = 0), so |q| <= 127; the sums of
+ * every 16 codes go with it. */
+void realm_quantize_q8k_scalar(const realm_q8x *x, const float *src, int64_t b) {
+    const int64_t nk = x->nk;
+    for (int64_t i = 0; i < nk; i++) {
+        const float *v = src + i * QK_K;
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int8_t *q = x->kq + (b * nk + i) * QK_K;
+        int16_t *sums = x->ksum + (b * nk + i) * 16;
+        for (int k = 0; k < 16; k++) {
+            int32_t s = 0;
+            for (int j = k * 16; j < k * 16 + 16; j++) {
+                q[j] = (int8_t)lrintf(v[j] * id);
+                s += q[j];
+            }
+            sums[k] = (int16_t)s;
+        }
+        x->kd[b * nk + i] = d;
     }
 }
 

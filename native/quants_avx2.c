@@ -1,22 +1,21 @@
-/* Realm native kernels: the dots of quants.c's types with AVX2 (x86 only), for the AVX2 and
- * AVX-512 tables. The specification is quants_dot.inc (the portable level): every 32 weights of
- * a row are integers q with weight = a_h * q + b_h per half h of 16; here they are unpacked
- * with vector shifts and masks into 32 bytes at once and dotted with vpmaddubsw.
+/* Realm native kernels: the dots of quants.c's types with AVX2 (x86 only), for the AVX2 table
+ * and, for the types quants_avx512.c leaves to it, the AVX-512 one. The specification is
+ * quants_dot.inc (the portable level): every 32 weights of a row are integers q with
+ * weight = a_h * q + b_h per half h of 16; here they are unpacked with vector shifts and masks,
+ * 32 at once, and dotted with vpmaddubsw (unsigned x signed bytes into saturating int16 pairs),
+ * so each type's q is made unsigned and small first (q' = q + off, a pair at most
+ * 2 x 63 x 127 < 32767) or, where it is signed and large (IQ4's levels reach 127), the dot
+ * takes |q| and the activations with q's sign, as llama.cpp does.
  *
- * vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pairs, so each type's
- * q is first made unsigned and small: q' = q + off (off: Q5_0 16, Q3_K 4, Q6_K 32; 0 for the
- * types whose q is already 0..31), and a pair is at most 2 x 63 x 127 < 32767; the offset
- * comes back as -off * (sum of the activations of the half). IQ4's levels reach 127 in
- * magnitude: their dot uses |q| and the activations with q's sign, as llama.cpp does. The
- * activations arrive as the plain q8x layout's unsigned bytes (q + 128); xor 0x80 makes them
- * signed.
- *
- * Per block and activation row, the int32 lanes (4 elements each; lanes 0-3 are the first
- * half, 4-7 the second) are converted and accumulated into a float vector with each half's
- * scale, and reduced once per row at the end. The results agree with the portable level to
- * float32 rounding of the sums' order.
+ * Blocks of 32 (Q4_1, Q5_0, Q5_1, IQ4_NL) meet the plain q8x activations (unsigned bytes
+ * q + 128, xor 0x80 makes them signed; a float scale per 32): per block the int32 lanes are
+ * converted and accumulated with the scales. Super-blocks of 256 (Q2_K .. Q6_K, IQ4_XS) meet
+ * the Q8_K activations (signed, one scale per 256, sums of 16): the whole super-block's dot is
+ * integer, sub-block scales included, and takes one float multiply per activation row. The
+ * results agree with the portable level to float32 rounding of the sums' order.
  */
 #include "internal.h"
+#include "simd_avx2.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -28,13 +27,6 @@
 static const int8_t iq4_levels32[32] = {-127, -104, -83, -65, -49, -35, -22, -10, 1,  13, 25,
                                         38,   53,   69,  89,  113, -127, -104, -83, -65, -49, -35,
                                         -22,  -10,  1,   13,  25,  38,   53,   69,  89,  113};
-
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* 16 bytes of nibbles -> 32 bytes: the low nibbles (elements 0..15), then the high ones */
 INLINE __m256i nibbles(const uint8_t *p) {
@@ -60,243 +52,410 @@ INLINE uint32_t load_u32(const uint8_t *p) {
 
 INLINE float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
-/* Q4_K / Q5_K's 6-bit scale and min of sub-block j (ggml's get_scale_min_k4) */
-INLINE void k4_scale_min(int j, const uint8_t *s, float *sc, float *m) {
-    if (j < 4) {
-        *sc = (float)(s[j] & 63);
-        *m = (float)(s[j + 4] & 63);
-    } else {
-        *sc = (float)((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
-        *m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-    }
+/* ---- the types of 32-element blocks against the plain q8x activations ----
+ *
+ * As avx2.c's Q8_0 and Q4_0 dots, one activation row at a time (the weight row comes again
+ * from L1 for the next rows of the batch): per block, the int32 lanes of vpmaddubsw +
+ * vpmaddwd are converted and accumulated with the block's scales. Q5_0's q = q' - 16 and
+ * IQ4_NL's levels are signed: |q| x (x with q's sign), exact in integers. Q4_1 / Q5_1's
+ * minimum m adds m * sum(x), an eighth in each lane of the block's term, so that it meets
+ * the block's dot before the row's sum (the two nearly cancel: summed apart over a row,
+ * float32 would lose the difference). */
+
+/* Q5_0 / Q5_1: the nibbles with the 5th bits of qh */
+INLINE __m256i five_bits(const uint8_t *qs, const uint8_t *qh) {
+    return _mm256_or_si256(nibbles(qs),
+                           _mm256_and_si256(bits_to_bytes(load_u32(qh)), _mm256_set1_epi8(0x10)));
 }
 
-/* The scales of scale-group g (a super-block of 8 sub-blocks for the 256-element types, one
- * block for the others): a[2s + h] multiplies q' of half h of sub-block s and c[2s + h] the
- * half's activation sum (c = b - a * off). */
-INLINE void group_scales(const uint8_t *row, int wtype, int64_t g, float *a, float *c) {
-    switch (wtype) {
-    case REALM_TYPE_Q4_1: {
-        const block_q4_1 *b = (const block_q4_1 *)row + g;
-        a[0] = a[1] = h2f(b->d);
-        c[0] = c[1] = h2f(b->m);
-        break;
-    }
-    case REALM_TYPE_Q5_0: {
-        const block_q5_0 *b = (const block_q5_0 *)row + g;
-        a[0] = a[1] = h2f(b->d);
-        c[0] = c[1] = -16.0f * a[0];
-        break;
-    }
-    case REALM_TYPE_Q5_1: {
-        const block_q5_1 *b = (const block_q5_1 *)row + g;
-        a[0] = a[1] = h2f(b->d);
-        c[0] = c[1] = h2f(b->m);
-        break;
-    }
-    case REALM_TYPE_IQ4_NL: {
-        a[0] = a[1] = h2f(((const block_iq4_nl *)row + g)->d);
-        c[0] = c[1] = 0.0f;
-        break;
-    }
-    case REALM_TYPE_Q2_K: {
-        const block_q2_K *b = (const block_q2_K *)row + g;
-        const float d = h2f(b->d), dmin = h2f(b->dmin);
-        for (int k = 0; k < 16; k++) {  /* scales[k]: sub-block k / 2, half k % 2 */
-            const int sub = k / 2, n = sub / 4, j = sub % 4;
-            const uint8_t sc = b->scales[n * 8 + 2 * j + k % 2];
-            a[k] = d * (float)(sc & 0x0f);
-            c[k] = -(dmin * (float)(sc >> 4));
-        }
-        break;
-    }
-    case REALM_TYPE_Q3_K: {
-        const block_q3_K *b = (const block_q3_K *)row + g;
-        const float d = h2f(b->d);
-        const uint8_t *s = b->scales;
-        for (int k = 0; k < 16; k++) {
-            const int sub = k / 2, n = sub / 4, j = sub % 4, is = n * 8 + 2 * j + k % 2;
-            const int lo = is < 8 ? (s[is] & 0x0f) : (s[is - 8] >> 4);
-            const int hi = (s[8 + is % 4] >> (2 * (is / 4))) & 3;
-            a[k] = d * (float)((lo | (hi << 4)) - 32);
-            c[k] = -4.0f * a[k];
-        }
-        break;
-    }
-    case REALM_TYPE_Q4_K:
-    case REALM_TYPE_Q5_K: {
-        const int k4 = wtype == REALM_TYPE_Q4_K;
-        const block_q4_K *b4 = (const block_q4_K *)row + g;
-        const block_q5_K *b5 = (const block_q5_K *)row + g;
-        const float d = h2f(k4 ? b4->d : b5->d), dmin = h2f(k4 ? b4->dmin : b5->dmin);
-        const uint8_t *s = k4 ? b4->scales : b5->scales;
-        for (int sub = 0; sub < 8; sub++) {
-            float sc, m;
-            k4_scale_min(sub, s, &sc, &m);
-            a[2 * sub] = a[2 * sub + 1] = d * sc;
-            c[2 * sub] = c[2 * sub + 1] = -(dmin * m);
-        }
-        break;
-    }
-    case REALM_TYPE_Q6_K: {
-        const block_q6_K *b = (const block_q6_K *)row + g;
-        const float d = h2f(b->d);
-        for (int k = 0; k < 16; k++) {
-            const int sub = k / 2, n = sub / 4, gg = sub % 4;
-            a[k] = d * (float)b->scales[n * 8 + 2 * gg + k % 2];
-            c[k] = -32.0f * a[k];
-        }
-        break;
-    }
-    default: {  /* REALM_TYPE_IQ4_XS */
-        const block_iq4_xs *b = (const block_iq4_xs *)row + g;
-        const float d = h2f(b->d);
-        for (int ib = 0; ib < 8; ib++) {
-            const int ls = ((b->scales_l[ib / 2] >> 4 * (ib % 2)) & 0x0f) |
-                           (((b->scales_h >> 2 * ib) & 3) << 4);
-            a[2 * ib] = a[2 * ib + 1] = d * (float)(ls - 32);
-            c[2 * ib] = c[2 * ib + 1] = 0.0f;
-        }
-        break;
-    }
-    }
+/* Q5_0's q = (nibble | 5th bit << 4) - 16: the nibble where the bit is set, else nibble - 16,
+ * which is the nibble with the top four bits set */
+INLINE __m256i five_bits_signed(const uint8_t *qs, const uint8_t *qh) {
+    return _mm256_or_si256(nibbles(qs), _mm256_andnot_si256(bits_to_bytes(load_u32(qh)),
+                                                            _mm256_set1_epi8((char)0xf0)));
 }
 
-/* q' of sub-block s of scale-group g: 32 bytes in element order (signed only for IQ4) */
-INLINE __m256i group_bits(const uint8_t *row, int wtype, int64_t g, int s) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0f);
-    switch (wtype) {
-    case REALM_TYPE_Q4_1: return nibbles(((const block_q4_1 *)row + g)->qs);
-    case REALM_TYPE_Q5_0: {
-        const block_q5_0 *b = (const block_q5_0 *)row + g;
-        return _mm256_or_si256(nibbles(b->qs), _mm256_and_si256(bits_to_bytes(load_u32(b->qh)),
-                                                                _mm256_set1_epi8(0x10)));
-    }
-    case REALM_TYPE_Q5_1: {
-        const block_q5_1 *b = (const block_q5_1 *)row + g;
-        return _mm256_or_si256(nibbles(b->qs), _mm256_and_si256(bits_to_bytes(load_u32(b->qh)),
-                                                                _mm256_set1_epi8(0x10)));
-    }
-    case REALM_TYPE_IQ4_NL:
-        return _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32),
-                                   nibbles(((const block_iq4_nl *)row + g)->qs));
-    case REALM_TYPE_Q2_K: {
-        const block_q2_K *b = (const block_q2_K *)row + g;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + (s / 4) * 32));
-        return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (s % 4))), _mm256_set1_epi8(3));
-    }
-    case REALM_TYPE_Q3_K: {
-        const block_q3_K *b = (const block_q3_K *)row + g;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + (s / 4) * 32));
-        const __m256i m = _mm256_set1_epi8((char)(1u << s));
-        const __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)b->hmask), m), m);
-        /* q = low - (hbit ? 0 : 4): q' = q + 4 = low + (hbit ? 4 : 0) */
-        return _mm256_add_epi8(_mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (s % 4))), _mm256_set1_epi8(3)),
-                               _mm256_and_si256(hb, _mm256_set1_epi8(4)));
-    }
-    case REALM_TYPE_Q4_K: {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(((const block_q4_K *)row + g)->qs + (s / 2) * 32));
-        return _mm256_and_si256(s & 1 ? _mm256_srli_epi16(v, 4) : v, lo4);
-    }
-    case REALM_TYPE_Q5_K: {
-        const block_q5_K *b = (const block_q5_K *)row + g;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + (s / 2) * 32));
-        const __m256i u = _mm256_set1_epi8((char)(1u << s));
-        const __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)b->qh), u), u);
-        return _mm256_or_si256(_mm256_and_si256(s & 1 ? _mm256_srli_epi16(v, 4) : v, lo4),
-                               _mm256_and_si256(hb, _mm256_set1_epi8(0x10)));
-    }
-    case REALM_TYPE_Q6_K: {
-        const block_q6_K *b = (const block_q6_K *)row + g;
-        const int n = s / 4, gg = s % 4;
-        const __m256i ql = _mm256_loadu_si256((const __m256i *)(b->ql + n * 64 + (gg & 1) * 32));
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + n * 32));
-        const __m256i lo = _mm256_and_si256(gg >> 1 ? _mm256_srli_epi16(ql, 4) : ql, lo4);
-        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * gg)), _mm256_set1_epi8(3));
-        return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  /* q + 32, 0..63 */
-    }
-    default:  /* REALM_TYPE_IQ4_XS */
-        return _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32),
-                                   nibbles(((const block_iq4_xs *)row + g)->qs + s * 16));
-    }
+/* The int32 lanes of maddubs(u, s) as floats */
+INLINE __m256 dot_us(__m256i u, __m256i s) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-/* One weight row of type WTYPE against batch rows [b0, b0 + nbat), 4 at a time; each scale
- * group (SUBS sub-blocks of 32) is decoded once per group of rows. PER_HALF: the halves of a
- * sub-block have their own scales (Q2_K, Q3_K, Q6_K), so the constant term needs each half's
- * activation sum; otherwise the block's sum (kept with the quantized activations) serves, an
- * eighth added in each lane so that it meets the dot within the block (the two cancel in
- * K-quant rows: summed apart over a row, float32 loses the difference). */
-#define DEFINE_DOT(T, WTYPE, SUBS, PER_HALF, SIGNED_Q)                                            \
-    /* rows g0 .. g0 + n - 1, n a constant after inlining: the accumulators stay in registers */ \
-    INLINE void rows_##T(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,          \
-                         int64_t g0, const int n) {                                              \
-        const int64_t nb = x->nb;                                                                 \
-        const __m256i ones16 = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);                 \
-        const __m256i flip = _mm256_set1_epi8((char)0x80);                                        \
-        __m256 acc[8];                                                                            \
-        for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();                                 \
-        for (int64_t g = 0; g < nb / (SUBS); g++) {                                               \
-            float a[2 * (SUBS)], c[2 * (SUBS)];                                                   \
-            group_scales(row, WTYPE, g, a, c);                                                    \
-            for (int s = 0; s < (SUBS); s++) {                                                    \
-                const int64_t i = g * (SUBS) + s;                                                 \
-                const __m256i q = group_bits(row, WTYPE, g, s);                                   \
-                const __m256i qabs = SIGNED_Q ? _mm256_abs_epi8(q) : q;                           \
-                const __m256 av = PER_HALF ? _mm256_set_m128(_mm_set1_ps(a[2 * s + 1]),           \
-                                                             _mm_set1_ps(a[2 * s]))               \
-                                           : _mm256_set1_ps(a[2 * s]);                            \
-                for (int r = 0; r < n; r++) {                                                     \
-                    const int64_t b = g0 + r;                                                     \
-                    const __m256i xs = _mm256_xor_si256(                                          \
-                        _mm256_loadu_si256((const __m256i *)realm_q8x_block(x, b, i)), flip);     \
-                    const __m256i dq = _mm256_madd_epi16(                                         \
-                        _mm256_maddubs_epi16(qabs, SIGNED_Q ? _mm256_sign_epi8(xs, q) : xs),      \
-                        ones16);                                                                  \
-                    __m256 t;                                                                     \
-                    if (PER_HALF) {                                                               \
-                        const __m256i sx =                                                        \
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xs), ones16);           \
-                        const __m256 cv = _mm256_set_m128(_mm_set1_ps(c[2 * s + 1]),              \
-                                                          _mm_set1_ps(c[2 * s]));                 \
-                        t = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(dq),                           \
-                                            _mm256_mul_ps(cv, _mm256_cvtepi32_ps(sx)));           \
-                    } else if (SIGNED_Q) {                                                        \
-                        t = _mm256_mul_ps(av, _mm256_cvtepi32_ps(dq));                            \
-                    } else {                                                                      \
-                        t = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(dq),                           \
-                                            _mm256_set1_ps(0.125f * c[2 * s] *                    \
-                                                           (float)x->sum[b * nb + i]));           \
-                    }                                                                             \
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x->d[b * nb + i]), t, acc[r]);        \
-                }                                                                                 \
-            }                                                                                     \
+INLINE __m256i signed_x(const realm_q8x *x, int64_t b, int64_t i) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)realm_q8x_block(x, b, i)),
+                            _mm256_set1_epi8((char)0x80));
+}
+
+/* BLOCK: the block type; Q(i): q of block w[i], signed (SIGNED) or unsigned with minimum
+ * MIN(i). (Two accumulators, for even and odd blocks, measured no faster: the per-block work,
+ * not the accumulator's latency, bounds these dots.) */
+#define DEFINE_DOT32(T, BLOCK, SIGNED, Q, MIN)                                                    \
+    INLINE __m256 step_##T(__m256 acc, const BLOCK *w, const realm_q8x *x, int64_t b,           \
+                           int64_t i, const float *dx, const int32_t *sx) {                      \
+        const __m256i q = Q(i);                                                                   \
+        const __m256i xs = signed_x(x, b, i);                                                     \
+        (void)sx;                                                                                 \
+        if (SIGNED) {                                                                             \
+            const __m256 p = dot_us(_mm256_abs_epi8(q), _mm256_sign_epi8(xs, q));                 \
+            return _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * dx[i]), p, acc);                  \
         }                                                                                         \
-        for (int r = 0; r < n; r++) y[(g0 + r) * ys] = hsum8(acc[r]);                             \
+        const __m256 t = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d)), dot_us(q, xs),             \
+                                         _mm256_set1_ps(0.125f * (MIN(i)) * (float)sx[i]));       \
+        return _mm256_fmadd_ps(_mm256_set1_ps(dx[i]), t, acc);                                    \
+    }                                                                                             \
+    F static void dot_##T(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,           \
+                          int64_t b0, int64_t nbat) {                                             \
+        const BLOCK *w = (const BLOCK *)row;                                                      \
+        const int64_t nb = x->nb;                                                                 \
+        for (int64_t b = b0; b < b0 + nbat; b++) {                                                \
+            const float *dx = x->d + b * nb;                                                      \
+            const int32_t *sx = x->sum + b * nb;                                                  \
+            __m256 acc = _mm256_setzero_ps();                                                     \
+            for (int64_t i = 0; i < nb; i++) acc = step_##T(acc, w, x, b, i, dx, sx);             \
+            y[b * ys] = realm_hsum8(acc);                                                         \
+        }                                                                                         \
+    }
+
+#define Q4_1_Q(i) nibbles(w[i].qs)
+#define Q5_0_Q(i) five_bits_signed(w[i].qs, w[i].qh)
+#define Q5_1_Q(i) five_bits(w[i].qs, w[i].qh)
+#define IQ4_NL_Q(i) \
+    _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32), nibbles(w[i].qs))
+#define MIN_OF(i) h2f(w[i].m)
+#define NO_MIN(i) 0.0f
+DEFINE_DOT32(q4_1, block_q4_1, 0, Q4_1_Q, MIN_OF)
+DEFINE_DOT32(q5_0, block_q5_0, 1, Q5_0_Q, NO_MIN)
+DEFINE_DOT32(q5_1, block_q5_1, 0, Q5_1_Q, MIN_OF)
+DEFINE_DOT32(iq4_nl, block_iq4_nl, 1, IQ4_NL_Q, NO_MIN)
+#undef Q4_1_Q
+#undef Q5_0_Q
+#undef Q5_1_Q
+#undef IQ4_NL_Q
+#undef MIN_OF
+#undef NO_MIN
+#undef DEFINE_DOT32
+
+/* ---- the super-block types (K-quants, IQ4_XS) against the Q8_K activations ----
+ *
+ * Per super-block of 256 and activation row, everything up to one float multiply is integer:
+ * vpmaddubsw multiplies the unsigned weight codes q' (q + off, off as above) by the signed
+ * activation codes into int16 pairs, vpmaddwd multiplies those by the sub-block's integer
+ * scale (broadcast as int16) and adds pairs into int32 lanes, and the lanes of the super-block
+ * add up in one int32 vector (bounded: 8 sub-blocks x 16 x 63 x 127 x 127 < 2^31). The offset
+ * and the K-quants' minimums are integer dots of the scales with the activations' 16-element
+ * sums. Then y += d_w * d_x * (that vector), and one horizontal sum per row at the end. */
+
+/* vpshufb controls broadcasting int16 lane k of a 128-bit lane: KSEL[k] for one scale over
+ * 32 elements (Q4_K, Q5_K, IQ4_XS: sub-blocks of 32 with one scale), HSEL[j] for scale 2j in
+ * the low 128-bit lane and 2j + 1 in the high one (Q2_K, Q3_K, Q6_K: one scale per 16). */
+#define SEL16(a) (char)(2 * (a)), (char)(2 * (a) + 1)
+#define SEL8X(a) SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a)
+static const char KSEL[8][32] __attribute__((aligned(32))) = {
+    {SEL8X(0), SEL8X(0)}, {SEL8X(1), SEL8X(1)}, {SEL8X(2), SEL8X(2)}, {SEL8X(3), SEL8X(3)},
+    {SEL8X(4), SEL8X(4)}, {SEL8X(5), SEL8X(5)}, {SEL8X(6), SEL8X(6)}, {SEL8X(7), SEL8X(7)},
+};
+static const char HSEL[4][32] __attribute__((aligned(32))) = {
+    {SEL8X(0), SEL8X(1)}, {SEL8X(2), SEL8X(3)}, {SEL8X(4), SEL8X(5)}, {SEL8X(6), SEL8X(7)},
+};
+#undef SEL8X
+#undef SEL16
+
+INLINE __m256i sel(__m256i scales16, const char *ctl) {
+    return _mm256_shuffle_epi8(scales16, _mm256_load_si256((const __m256i *)ctl));
+}
+
+/* sum over the 32 codes of one sub-block: scale (int16 lanes) x maddubs(q', x) */
+INLINE __m256i sdot(__m256i q, const int8_t *x, __m256i scale) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)),
+                             scale);
+}
+
+/* Q3_K's 16 6-bit scales minus 32 from their 12 bytes: bytes 0-7 hold the low nibbles of
+ * scales 0-7 (low) and 8-15 (high), bytes 8-11 the top 2 bits, scale 4k + j at bits 2k of
+ * byte 8 + j. */
+INLINE __m128i q3_scales(const uint8_t *s) {
+    const uint32_t m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+    const uint32_t a = load_u32(s), b = load_u32(s + 4), h = load_u32(s + 8);
+    const __m128i v = _mm_setr_epi32((int)((a & m4) | ((h & m2) << 4)),
+                                     (int)((b & m4) | (((h >> 2) & m2) << 4)),
+                                     (int)(((a >> 4) & m4) | (((h >> 4) & m2) << 4)),
+                                     (int)(((b >> 4) & m4) | (((h >> 6) & m2) << 4)));
+    return _mm_sub_epi8(v, _mm_set1_epi8(32));
+}
+
+/* The activation rows of one super-block */
+typedef struct {
+    const int8_t *q[4];
+    const int16_t *sums[4];
+    __m256 d[4];  /* d_x broadcast */
+} xsb;
+
+/* y_r += dw * d_x(r) * sumi_r for the n rows */
+INLINE void finish(__m256 *acc, const __m256i *sumi, float dw, const xsb *xs, const int n) {
+    const __m256 w = _mm256_set1_ps(dw);
+    for (int r = 0; r < n; r++)
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(w, xs->d[r]), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+}
+
+/* the minimums' term: y_r -= dmin * d_x(r) * sum_k m_k * (sum of sub-block k's codes), with
+ * 8 mins of 32 elements (m16: int16 lanes 0-7) */
+INLINE void minus_mins32(__m256 *acc, __m128i m16, float dmin, const xsb *xs, const int n) {
+    const __m256 w = _mm256_set1_ps(dmin);
+    for (int r = 0; r < n; r++) {
+        const __m128i s0 = _mm_loadu_si128((const __m128i *)xs->sums[r]);
+        const __m128i s1 = _mm_loadu_si128((const __m128i *)(xs->sums[r] + 8));
+        const __m128i p = _mm_madd_epi16(m16, _mm_hadd_epi16(s0, s1));
+        const __m256 pf = _mm256_castps128_ps256(_mm_cvtepi32_ps(p));
+        acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(w, xs->d[r]),
+                                  _mm256_insertf128_ps(pf, _mm_setzero_ps(), 1), acc[r]);
+    }
+}
+
+/* sum_k s16_k * (sum of the 16 codes k) into sumi, times -mult (the codes' offset) */
+INLINE void minus_offset16(__m256i *sumi, __m256i s16, int shift, const xsb *xs, const int n) {
+    for (int r = 0; r < n; r++) {
+        const __m256i p =
+            _mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)xs->sums[r]));
+        sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(p, shift));
+    }
+}
+
+INLINE void sb_q4_K(const block_q4_K *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    const __m256i sm = _mm256_cvtepu8_epi16(realm_k4_scales_mins(b->scales));
+    const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+    __m256i sumi[4];
+    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * j));
+        const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+        const __m256i s0 = sel(sc, KSEL[2 * j]), s1 = sel(sc, KSEL[2 * j + 1]);
+        for (int r = 0; r < n; r++)
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(sdot(lo, xs->q[r] + 64 * j, s0),
+                                                                 sdot(hi, xs->q[r] + 64 * j + 32, s1)));
+    }
+    finish(acc, sumi, h2f(b->d), xs, n);
+    minus_mins32(acc, _mm256_extracti128_si256(sm, 1), h2f(b->dmin), xs, n);
+}
+
+INLINE void sb_q5_K(const block_q5_K *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    const __m256i sm = _mm256_cvtepu8_epi16(realm_k4_scales_mins(b->scales));
+    const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+    __m256i hb = _mm256_loadu_si256((const __m256i *)b->qh);  /* bit k: sub-block k's 5th bit */
+    __m256i sumi[4];
+    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * j));
+        /* bit 2j to bit 4 of each byte, then bit 2j + 1 (the 16-bit shifts only move bits
+         * that the masks drop across byte boundaries) */
+        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, lo4),
+                                           _mm256_and_si256(_mm256_slli_epi16(hb, 4), bit4));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo4),
+                                           _mm256_and_si256(_mm256_slli_epi16(hb, 3), bit4));
+        hb = _mm256_srli_epi16(hb, 2);
+        const __m256i s0 = sel(sc, KSEL[2 * j]), s1 = sel(sc, KSEL[2 * j + 1]);
+        for (int r = 0; r < n; r++)
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(sdot(lo, xs->q[r] + 64 * j, s0),
+                                                                 sdot(hi, xs->q[r] + 64 * j + 32, s1)));
+    }
+    finish(acc, sumi, h2f(b->d), xs, n);
+    minus_mins32(acc, _mm256_extracti128_si256(sm, 1), h2f(b->dmin), xs, n);
+}
+
+INLINE void sb_q6_K(const block_q6_K *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), hi2 = _mm256_set1_epi8(0x30);
+    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+    __m256i sumi[4];
+    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {  /* 128 elements: 64 bytes of ql, 32 of qh */
+        const __m256i sc = h ? _mm256_permute2x128_si256(s16, s16, 0x11)
+                             : _mm256_permute2x128_si256(s16, s16, 0x00);
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+        /* q + 32 = low nibble | 2 high bits << 4, the bits of qh at 0, 2, 4, 6 */
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(l0, lo4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2)),
+            _mm256_or_si256(_mm256_and_si256(l1, lo4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), lo4), _mm256_and_si256(qh, hi2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), lo4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2)),
+        };
+        for (int g = 0; g < 4; g++) {
+            const __m256i s = sel(sc, HSEL[g]);
+            for (int r = 0; r < n; r++)
+                sumi[r] = _mm256_add_epi32(sumi[r], sdot(q[g], xs->q[r] + 128 * h + 32 * g, s));
+        }
+    }
+    minus_offset16(sumi, s16, 5, xs, n);  /* q = q' - 32 */
+    finish(acc, sumi, h2f(b->d), xs, n);
+}
+
+INLINE void sb_q3_K(const block_q3_K *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo2 = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+    const __m256i s16 = _mm256_cvtepi8_epi16(q3_scales(b->scales));
+    const __m256i hm = _mm256_loadu_si256((const __m256i *)b->hmask);  /* bit k: sub-block k */
+    __m256i sumi[4];
+    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        const __m256i sc = h ? _mm256_permute2x128_si256(s16, s16, 0x11)
+                             : _mm256_permute2x128_si256(s16, s16, 0x00);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * h));
+        for (int j = 0; j < 4; j++) {
+            const int k = 4 * h + j;
+            /* q + 4 = 2 low bits + 4 * high bit */
+            const __m256i low = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), lo2);
+            const __m256i high = k < 2 ? _mm256_and_si256(_mm256_slli_epi16(hm, 2 - k), bit2)
+                                       : _mm256_and_si256(_mm256_srli_epi16(hm, k - 2), bit2);
+            const __m256i q = _mm256_or_si256(low, high);
+            const __m256i s = sel(sc, HSEL[j]);
+            for (int r = 0; r < n; r++)
+                sumi[r] = _mm256_add_epi32(sumi[r], sdot(q, xs->q[r] + 128 * h + 32 * j, s));
+        }
+    }
+    minus_offset16(sumi, s16, 2, xs, n);  /* q = q' - 4 */
+    finish(acc, sumi, h2f(b->d), xs, n);
+}
+
+INLINE void sb_q2_K(const block_q2_K *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo2 = _mm256_set1_epi8(3);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)b->scales);
+    const __m256i s16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
+    const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
+    __m256i sumi[4], mins[4];
+    for (int r = 0; r < n; r++) {
+        sumi[r] = _mm256_setzero_si256();
+        mins[r] = _mm256_madd_epi16(m16, _mm256_loadu_si256((const __m256i *)xs->sums[r]));
+    }
+    for (int h = 0; h < 2; h++) {
+        const __m256i sc = h ? _mm256_permute2x128_si256(s16, s16, 0x11)
+                             : _mm256_permute2x128_si256(s16, s16, 0x00);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * h));
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), lo2);
+            const __m256i s = sel(sc, HSEL[j]);
+            for (int r = 0; r < n; r++)
+                sumi[r] = _mm256_add_epi32(sumi[r], sdot(q, xs->q[r] + 128 * h + 32 * j, s));
+        }
+    }
+    finish(acc, sumi, h2f(b->d), xs, n);
+    const __m256 w = _mm256_set1_ps(h2f(b->dmin));
+    for (int r = 0; r < n; r++)
+        acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(w, xs->d[r]), _mm256_cvtepi32_ps(mins[r]), acc[r]);
+}
+
+INLINE void sb_iq4_xs(const block_iq4_xs *b, const xsb *xs, const int n, __m256 *acc) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    const __m256i levels = _mm256_loadu_si256((const __m256i *)iq4_levels32);
+    /* the 8 6-bit scales minus 32: low nibbles from scales_l, 2 high bits from scales_h */
+    const uint32_t l = load_u32(b->scales_l);
+    const __m128i lo = _mm_unpacklo_epi8(_mm_cvtsi32_si128((int)(l & 0x0f0f0f0fu)),
+                                         _mm_cvtsi32_si128((int)((l >> 4) & 0x0f0f0f0fu)));
+    const __m256i hi = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(b->scales_h), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+        _mm256_set1_epi32(3));
+    const __m256i ls = _mm256_sub_epi32(
+        _mm256_or_si256(_mm256_cvtepu8_epi32(lo), _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+    const __m128i s8 = _mm_packs_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1));
+    const __m256i sc = _mm256_broadcastsi128_si256(s8);
+    __m256i sumi[4];
+    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
+    for (int p = 0; p < 4; p++) {  /* sub-blocks 2p, 2p + 1: 16 bytes of nibbles each */
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * p));
+        const __m256i vl = _mm256_shuffle_epi8(levels, _mm256_and_si256(v, lo4));
+        const __m256i vh = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4));
+        const __m256i q0 = _mm256_permute2x128_si256(vl, vh, 0x20);  /* elements in order */
+        const __m256i q1 = _mm256_permute2x128_si256(vl, vh, 0x31);
+        const __m256i a0 = _mm256_abs_epi8(q0), a1 = _mm256_abs_epi8(q1);
+        const __m256i s0 = sel(sc, KSEL[2 * p]), s1 = sel(sc, KSEL[2 * p + 1]);
+        for (int r = 0; r < n; r++) {
+            /* |q| x (x with q's sign): signed levels through the unsigned operand */
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xs->q[r] + 64 * p));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xs->q[r] + 64 * p + 32));
+            const __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, q0)), s0);
+            const __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, q1)), s1);
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(d0, d1));
+        }
+    }
+    finish(acc, sumi, h2f(b->d), xs, n);
+}
+
+/* One weight row of a super-block type against batch rows [b0, b0 + nbat), 4 at a time. The
+ * next rows' weights are prefetched PREFETCH bytes ahead: a thread's rows are contiguous. */
+#define PREFETCH 2048
+#define DEFINE_KDOT(T)                                                                            \
+    INLINE void krows_##T(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,           \
+                          int64_t g0, const int n) {                                              \
+        const int64_t nk = x->nk;                                                                 \
+        __m256 acc[4];                                                                            \
+        for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();                                 \
+        for (int64_t g = 0; g < nk; g++) {                                                        \
+            const block_##T *blk = (const block_##T *)row + g;                                    \
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                              \
+            xsb xs;                                                                               \
+            for (int r = 0; r < n; r++) {                                                         \
+                const int64_t k = (g0 + r) * nk + g;                                              \
+                xs.q[r] = x->kq + k * QK_K;                                                       \
+                xs.sums[r] = x->ksum + k * 16;                                                    \
+                xs.d[r] = _mm256_set1_ps(x->kd[k]);                                               \
+            }                                                                                     \
+            sb_##T(blk, &xs, n, acc);                                                             \
+        }                                                                                         \
+        for (int r = 0; r < n; r++) y[(g0 + r) * ys] = realm_hsum8(acc[r]);                       \
     }                                                                                             \
     F static void dot_##T(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,           \
                           int64_t b0, int64_t nbat) {                                             \
         for (int64_t g0 = b0; g0 < b0 + nbat; g0 += 4) {                                          \
             switch (b0 + nbat - g0 < 4 ? (int)(b0 + nbat - g0) : 4) {                             \
-            case 1: rows_##T(y, ys, row, x, g0, 1); break;                                        \
-            case 2: rows_##T(y, ys, row, x, g0, 2); break;                                        \
-            case 3: rows_##T(y, ys, row, x, g0, 3); break;                                        \
-            default: rows_##T(y, ys, row, x, g0, 4); break;                                       \
+            case 1: krows_##T(y, ys, row, x, g0, 1); break;                                       \
+            case 2: krows_##T(y, ys, row, x, g0, 2); break;                                       \
+            case 3: krows_##T(y, ys, row, x, g0, 3); break;                                       \
+            default: krows_##T(y, ys, row, x, g0, 4); break;                                      \
             }                                                                                     \
         }                                                                                         \
     }
 
-DEFINE_DOT(q4_1, REALM_TYPE_Q4_1, 1, 0, 0)
-DEFINE_DOT(q5_0, REALM_TYPE_Q5_0, 1, 0, 0)
-DEFINE_DOT(q5_1, REALM_TYPE_Q5_1, 1, 0, 0)
-DEFINE_DOT(iq4_nl, REALM_TYPE_IQ4_NL, 1, 0, 1)
-DEFINE_DOT(q2_K, REALM_TYPE_Q2_K, 8, 1, 0)
-DEFINE_DOT(q3_K, REALM_TYPE_Q3_K, 8, 1, 0)
-DEFINE_DOT(q4_K, REALM_TYPE_Q4_K, 8, 0, 0)
-DEFINE_DOT(q5_K, REALM_TYPE_Q5_K, 8, 0, 0)
-DEFINE_DOT(q6_K, REALM_TYPE_Q6_K, 8, 1, 0)
-DEFINE_DOT(iq4_xs, REALM_TYPE_IQ4_XS, 8, 0, 1)
-#undef DEFINE_DOT
+DEFINE_KDOT(q2_K)
+DEFINE_KDOT(q3_K)
+DEFINE_KDOT(q4_K)
+DEFINE_KDOT(q5_K)
+DEFINE_KDOT(q6_K)
+DEFINE_KDOT(iq4_xs)
+#undef DEFINE_KDOT
+
+/* internal.h's quantize_q8k, as realm_quantize_q8k_scalar (the same codes and scales) */
+F void realm_quantize_q8k_avx2(const realm_q8x *x, const float *src, int64_t b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int64_t nk = x->nk;
+    for (int64_t i = 0; i < nk; i++) {
+        const float *v = src + i * QK_K;
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)));
+        const float d = realm_hmax8(m) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        int8_t *q = x->kq + (b * nk + i) * QK_K;
+        int16_t *sums = x->ksum + (b * nk + i) * 16;
+        for (int j = 0; j < QK_K; j += 32) {
+            const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j), id));
+            const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j + 8), id));
+            const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j + 16), id));
+            const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j + 24), id));
+            /* packs works within 128-bit lanes; the permute restores element order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q + j), p);
+            const __m256i t = _mm256_add_epi32(i0, i1), u = _mm256_add_epi32(i2, i3);
+            __m128i h = _mm_hadd_epi32(
+                _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)),
+                _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+            h = _mm_hadd_epi32(h, h);  /* sum of codes j..j+15, j+16..j+31, repeated */
+            sums[j / 16] = (int16_t)_mm_cvtsi128_si32(h);
+            sums[j / 16 + 1] = (int16_t)_mm_extract_epi32(h, 1);
+        }
+        x->kd[b * nk + i] = d;
+    }
+}
 
 F void realm_dot_other_avx2(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
                             int64_t b0, int64_t nbat) {

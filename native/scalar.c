@@ -182,4 +182,5 @@ const realm_isa_ops realm_ops_scalar = {
     .gemm_f32 = NULL,
     .dot_other = realm_dot_other_scalar,
     .quantize_q8x_plain = quantize_q8x,
+    .quantize_q8k = realm_quantize_q8k_scalar,
 };

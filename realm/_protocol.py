@@ -66,6 +66,12 @@ class CloseCode(enum.IntEnum):
 
 #: the reason of the close (1008) that ends a connection with a missing or unknown API key
 UNAUTHORIZED_REASON: Final = f"{ErrorCode.UNAUTHORIZED}: missing or unknown API key"
+#: the message of the error that ends a call the server would not finish because it is shutting
+#: down (CANCELLED past the grace period, OVERLOADED for a call arriving while it drains): the
+#: call may be retried on another server
+SHUTDOWN_REASON: Final = "the server is shutting down"
+#: the header naming the server that answered (HTTP responses and the WebSocket handshake)
+SERVER_HEADER: Final = "X-Realm-Server"
 
 CallId = str | int
 

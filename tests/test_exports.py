@@ -34,7 +34,10 @@ GGML_TYPE_IDS = {
     "BF16": 30,
 }  # fmt: skip
 REALM_FUNCTIONS = ("load_model", "load_tokenizer", "open_runtime", "default_model_path")
-KERNEL_CLASSES = ("Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer")
+KERNEL_CLASSES = (
+    "Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer", "LoraPair",
+    "NativeAdapter", "CudaDevice", "CudaTransformer", "CudaUnavailable", "DeviceArray", "DeviceKV",
+)  # fmt: skip
 MODEL_NAMES = (
     "Model",
     "ModelInfo",
@@ -67,6 +70,11 @@ KERNEL_FUNCTIONS = (
     "active_isa",
     "set_isa",
     "use_isa",
+    "cuda_available",
+    "cuda_device",
+    "cuda_status",
+    "parse_device",
+    "to_device",
 )
 
 
@@ -115,7 +123,7 @@ def test_no_private_names_leak() -> None:
     public = {n for n in dir(kernels) if not n.startswith("_")}
     expected = {
         *KERNEL_FUNCTIONS, *KERNEL_CLASSES, "WeightType", "Isa", "RopeMode", "Activation",
-        "MAX_HEAD_DIM",
+        "MAX_HEAD_DIM", "LORA_ROLES",
     }  # fmt: skip
     assert public == expected
 

@@ -11,4 +11,5 @@ from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeLimits as RuntimeLimits
 from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._runtime import open_runtime as open_runtime
+from ._spec import AdapterSpec as AdapterSpec
 from ._spec import TenantSpec as TenantSpec

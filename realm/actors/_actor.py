@@ -73,6 +73,8 @@ class TenantStatistics(Mapping[str, Any]):
     in_flight: int = 0  # calls running or waiting for a slot
     queued: int = 0  # calls waiting for a slot
     failed: bool = False  # past its restart intensity, until the cool-down or a reset
+    adapters: int = 0  # LoRA adapters it may name
+    adapter_bytes: int = 0  # their weights' bytes
 
     def __getitem__(self, key: str) -> Any:
         if key not in _STAT_FIELDS:
@@ -235,7 +237,12 @@ class TenantActor:
         try:
             return trio.from_thread.run(
                 partial(
-                    self.batcher.forward, model, work, tenant=self.name, weight=self.spec.weight
+                    self.batcher.forward,
+                    model,
+                    work,
+                    tenant=self.name,
+                    weight=self.spec.weight,
+                    caller=threading.get_ident(),
                 )
             )
         except trio.Cancelled:

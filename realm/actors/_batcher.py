@@ -55,6 +55,7 @@ class _Request:
     mode: str
     tenant: str = ""
     weight: float = 1.0
+    caller: int = 0  # the guest call's thread: its sessions step one at a time (0: unknown)
     vstart: float | None = None  # fair-queuing start tag (set once, when first queued)
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
@@ -89,6 +90,7 @@ class Batcher:
         self._send, self._recv = trio.open_memory_channel[_Request](QUEUE_SIZE)
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._recent: set[int] = set()  # id(session) of sessions in the last step
+        self._recent_caller: dict[int, int] = {}  # id(session) -> its caller in that step
         self._in_flight: list[_Request] = []
         self._last_step = 0.0
         self.closed = False
@@ -108,10 +110,14 @@ class Batcher:
         *,
         tenant: str = "",
         weight: float = 1.0,
+        caller: int = 0,
     ) -> list[Any]:
         """Queue steps and wait for their logits (the ``TenantState.forward`` contract).
 
         ``tenant`` and ``weight`` (its share under contention, > 0) drive the fair queuing.
+        ``caller`` names the guest call (its thread): a call steps one session at a time, so
+        the gather never waits for a session whose call has a step queued already (a
+        speculative call alternating its draft and target sessions).
         """
         if not weight > 0:
             raise ValueError(f"weight must be > 0, not {weight!r}")
@@ -134,9 +140,10 @@ class Batcher:
                     model,
                     session,
                     chunk,
-                    mode if last else ("all" if mode == "all" else "none"),
+                    mode if last or mode in ("all", "verify") else "none",
                     tenant=tenant,
                     weight=weight,
+                    caller=caller,
                 )
                 try:
                     await self._send.send(r)
@@ -146,7 +153,7 @@ class Batcher:
                 if r.error is not None:
                     raise r.error
                 pieces.append(r.result)
-            if mode == "all" and len(pieces) > 1:
+            if mode in ("all", "verify") and len(pieces) > 1:
                 out.append(np.concatenate(pieces, axis=0))
             else:
                 out.append(pieces[-1])
@@ -191,7 +198,12 @@ class Batcher:
                     batch.append(self._recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            waiting = self._recent - {id(r.session) for r in batch}
+            callers = {r.caller for r in batch if r.caller}
+            waiting = {
+                s
+                for s in self._recent - {id(r.session) for r in batch}
+                if self._recent_caller.get(s, 0) not in callers
+            }
             if not waiting or trio.current_time() >= deadline:
                 return
             with trio.move_on_at(deadline):
@@ -213,6 +225,7 @@ class Batcher:
                 await self._step(chunk)
                 self._vclock = max(self._vclock, max(_start_tag(r) for r in chunk))
         self._recent = {id(r.session) for r in run}
+        self._recent_caller = {id(r.session): r.caller for r in run if r.caller}
         self._in_flight = []
 
     # --- the latency budget: prefill tokens a step may carry while others decode ---------------

@@ -35,7 +35,7 @@ from .._errors import (
     TenantUnavailable,
 )
 from .._util import single_error
-from ..model import Model, ModelRegistry, PagerStatistics
+from ..model import Adapter, Model, ModelRegistry, PagerStatistics, load_adapter
 from ..sandbox import (
     COMPUTE,
     ComputeStatistics,
@@ -46,7 +46,7 @@ from ..sandbox import (
 )
 from ._actor import EmitWindow, Event, TenantActor, TenantStatistics
 from ._batcher import Batcher, BatcherStatistics
-from ._spec import MAX_CONCURRENT_CALLS, MAX_QUEUED_CALLS, TenantSpec
+from ._spec import MAX_CONCURRENT_CALLS, MAX_QUEUED_CALLS, AdapterSpec, TenantSpec
 
 SHUTDOWN_SECONDS: Final = 5.0
 STREAM_BUFFER: Final = 256  # token events buffered per streamed call (also its emit window)
@@ -122,6 +122,11 @@ class Runtime:
         self._specs: dict[str, TenantSpec] = {
             name: self._spec(name, spec) for name, spec in (tenants or {}).items()
         }
+        # each tenant's LoRA adapters by name, loaded now (a bad one fails the open); the
+        # tenant's actors share its dict, so rt.add_adapter reaches calls that start later
+        self._adapters: dict[str, dict[str, Adapter]] = {
+            name: self._load_adapters(name, spec) for name, spec in self._specs.items()
+        }
         self._actors: dict[str, TenantActor] = {}
         self._prepared: dict[str, TenantActor] = {}  # built ahead, not called yet
         # counters of each tenant's stopped actors: its figures outlive an idle stop
@@ -160,6 +165,7 @@ class Runtime:
             builds=self._builds,
             module=None if spec.guest else self._default_module,
         )
+        actor.state.adapters = self._adapters.setdefault(name, {})
         self._nursery.start_soon(actor.warm)
         return actor
 
@@ -182,13 +188,95 @@ class Runtime:
         bytes, ``model``, ``weight``, ``max_concurrent_calls``, ``limits``...). Its module is
         compiled and its instances built in the background; calls in flight finish on the old
         ones. Raises TenantUnavailable for a bad spec."""
-        self._specs[name] = self._spec(name, spec if spec is not None else keys)
+        new = self._spec(name, spec if spec is not None else keys)
+        adapters = self._load_adapters(name, new)
+        self._specs[name], self._adapters[name] = new, adapters
         self.reload_tenant(name)
 
     def remove_tenant(self, name: str) -> None:
         """Forget a tenant: new calls are refused; calls in flight finish first."""
         self._specs.pop(name, None)
+        self._adapters.pop(name, None)
         self._retire_later(name)
+
+    # --- LoRA adapters (docs/lora.md) ------------------------------------------------------
+
+    def _load_adapters(self, tenant: str, spec: TenantSpec) -> dict[str, Adapter]:
+        out: dict[str, Adapter] = {}
+        for name, a in spec.adapters.items():
+            out[name] = self._load_adapter(tenant, spec, name, a, out)
+        return out
+
+    def _load_adapter(
+        self, tenant: str, spec: TenantSpec | None, name: str, a: AdapterSpec,
+        held: Mapping[str, Adapter],
+    ) -> Adapter:  # fmt: skip
+        where = f"tenant {tenant!r}: adapter {name!r}"
+        names = self.registry.names()
+        if name in names:
+            raise TenantUnavailable(f"{where}: the name is a model's (adapters and models share "
+                                    "the names a call may give)")  # fmt: skip
+        model_name = a.model or (spec.model if spec is not None else None) or (names or [""])[0]
+        try:
+            model = self.registry.get(model_name)
+            adapter = load_adapter(a.path, model, scale=a.scale)
+        except RealmError as e:
+            raise TenantUnavailable(f"{where}: {e}") from None
+        cap = spec.max_adapter_bytes if spec is not None else None
+        used = sum(x.nbytes for n, x in held.items() if n != name)
+        if cap is not None and used + adapter.nbytes > cap:
+            raise TenantUnavailable(
+                f"{where}: {adapter.nbytes} bytes of adapter weights; {used} of the tenant's "
+                f"max_adapter_bytes {cap} are held"
+            )
+        return adapter
+
+    async def add_adapter(
+        self, tenant: str, name: str, path: str | os.PathLike[str], *, scale: float = 1.0,
+        model: str | None = None,
+    ) -> None:  # fmt: skip
+        """Load a LoRA adapter file (llama.cpp's GGUF adapter format) for ``tenant`` under
+        ``name`` (replacing one of that name): calls that start from now on may name it (the
+        default guest's ``adapter`` parameter, or as a model name). ``model`` is the model it
+        adapts (default: the tenant's). The file is read in a worker thread. Raises
+        TenantUnavailable naming what is wrong."""
+        if tenant not in self._specs and not self._open:
+            raise TenantUnavailable(f"unknown tenant {tenant[:MAX_TENANT_NAME_CHARS]!r}")
+        try:
+            a = AdapterSpec(path=path, scale=scale, model=model)
+            (name,) = _adapter_names({name: a})
+        except (ValueError, TypeError) as e:
+            raise TenantUnavailable(f"tenant {tenant!r}: adapter {name!r:.80}: {e}") from None
+        spec = self._specs.get(tenant)
+        held = self._adapters.setdefault(tenant, {})
+        adapter = await trio.to_thread.run_sync(self._load_adapter, tenant, spec, name, a, held)
+        held = self._adapters.setdefault(tenant, {})  # the tenant may have been replaced since
+        held[name] = adapter
+        spec = self._specs.get(tenant)
+        if spec is not None:
+            self._specs[tenant] = attrs.evolve(spec, adapters={**spec.adapters, name: a})
+
+    def remove_adapter(self, tenant: str, name: str) -> None:
+        """Forget a tenant's adapter: calls that start later cannot name it (sessions using it
+        now finish with it). Raises InvalidParams when the tenant has no such adapter."""
+        held = self._adapters.get(tenant, {})
+        if name not in held:
+            raise InvalidParams(f"tenant {tenant!r} has no adapter {str(name)[:128]!r}")
+        del held[name]
+        spec = self._specs.get(tenant)
+        if spec is not None:
+            rest = {n: a for n, a in spec.adapters.items() if n != name}
+            self._specs[tenant] = attrs.evolve(spec, adapters=rest)
+
+    def adapters(self, tenant: str) -> dict[str, dict[str, Any]]:
+        """A tenant's adapters: name -> {model, path, scale, alpha, rank, bytes}."""
+        out = {}
+        for name, a in self._adapters.get(tenant, {}).items():
+            model = next((n for n in self.registry.names() if self.registry.get(n) is a.model),
+                         None)  # fmt: skip
+            out[name] = {"model": model, "path": str(a.path), "scale": a.scale, "alpha": a.alpha,
+                         "rank": a.rank, "bytes": a.nbytes}  # fmt: skip
+        return out
 
     def reload_tenant(self, name: str) -> None:
         """A new guest module takes effect for new calls; calls in flight finish on the old."""
@@ -410,8 +498,11 @@ class Runtime:
         past = self._past.get(name, dict.fromkeys(_COUNTERS, 0))
         busy = past["busy_seconds"] + (actor.busy_seconds if actor is not None else 0.0)
         tokens = int(past["completion_tokens"]) + now.completion_tokens
+        held = self._adapters.get(name, {})
         return attrs.evolve(
             now,
+            adapters=len(held),
+            adapter_bytes=sum(a.nbytes for a in held.values()),
             calls=int(past["calls"]) + now.calls,
             errors=int(past["errors"]) + now.errors,
             completion_tokens=tokens,
@@ -451,6 +542,11 @@ class Runtime:
         inst = actor._instance()
         actor._idle.append(inst)
         return inst.functions()
+
+
+def _adapter_names(table: Mapping[str, AdapterSpec]) -> list[str]:
+    """The names of an adapter table, checked as a tenant spec checks them."""
+    return list(TenantSpec(adapters=dict(table)).adapters)
 
 
 def _deadline(timeout: float | None) -> float | None:

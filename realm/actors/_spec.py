@@ -44,6 +44,61 @@ def _guest(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(f"guest must be a wasm path or module bytes, not {type(value).__name__}")
 
 
+MAX_ADAPTER_NAME_CHARS: Final = 128
+
+
+def _adapter_path(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ValueError(f"an adapter's path must be a file path, not {value!r:.80}")
+
+
+def _adapter_model(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"an adapter's model must be a model name, not {value!r:.80}")
+
+
+@attrs.frozen(kw_only=True)
+class AdapterSpec:
+    """A LoRA adapter a tenant may name (docs/lora.md): a GGUF adapter file, its scale, and
+    the model it adapts (None: the tenant's default model)."""
+
+    path: str | os.PathLike[str] = attrs.field(validator=_adapter_path)
+    scale: float = attrs.field(default=1.0, validator=_number(-1e6, 1e6, integer=False))
+    model: str | None = attrs.field(default=None, validator=_adapter_model)
+
+    @classmethod
+    def of(cls, value: Any) -> AdapterSpec:
+        """An AdapterSpec, a path, or a mapping of its keys (``path``, ``scale``, ``model``)."""
+        if isinstance(value, AdapterSpec):
+            return value
+        if isinstance(value, str | os.PathLike):
+            return cls(path=value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"an adapter is a path or a table of path, scale, model, not "
+                             f"{value!r:.80}")  # fmt: skip
+        unknown = sorted(str(k) for k in value if k not in ("path", "scale", "model"))
+        if unknown:
+            raise ValueError(f"unknown adapter key {unknown[0]!r} (expected path, scale, model)")
+        if "path" not in value:
+            raise ValueError("an adapter needs a 'path'")
+        return cls(**value)
+
+
+def _adapter_table(value: Any) -> dict[str, AdapterSpec]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"adapters must map names to adapters, not {value!r:.80}")
+    out = {}
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_ADAPTER_NAME_CHARS:
+            raise ValueError(f"adapter name {name!r:.80} must be a string of 1 to "
+                             f"{MAX_ADAPTER_NAME_CHARS} characters")  # fmt: skip
+        try:
+            out[name] = AdapterSpec.of(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"adapters.{name}: {e}") from None
+    return out
+
+
 def _limits(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, GuestLimits):
         raise ValueError(f"limits must be a GuestLimits, not {type(value).__name__}")
@@ -71,6 +126,14 @@ class TenantSpec:
     # the first restart in the period waits this long, each next one twice as long (max 2 s)
     restart_backoff_seconds: float = attrs.field(
         default=0.05, validator=_number(0, 60, integer=False)
+    )
+    # LoRA adapters its calls may name (name -> AdapterSpec, a path or a mapping of its keys)
+    adapters: dict[str, AdapterSpec] = attrs.field(
+        factory=dict, converter=_adapter_table, hash=False
+    )
+    # bytes of adapter weights it may hold (None: no limit)
+    max_adapter_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_number(0, 1 << 50, integer=True))
     )
 
     def __attrs_post_init__(self) -> None:

@@ -4,13 +4,18 @@ One WebSocket connection carries any number of calls at once, multiplexed by ``i
 task hands each server message to its call's channel. A connection that has closed (the server's
 idle timeout, a restart) is opened again, with exponential backoff, when the next call starts;
 calls in flight when a connection drops fail with ``ConnectionLost`` (a call is not idempotent,
-so it is never silently sent twice).
+so it is never silently sent twice; the error's ``retryable`` says the caller may send it again).
+
+Behind a balancer (docs/deploy.md), ``tenant`` sends ``X-Realm-Tenant`` so that every key of a
+tenant is routed to the same server; ``server`` names the server of the open connection (its
+``X-Realm-Server`` handshake header).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import ssl
 import threading
 import urllib.parse
@@ -27,6 +32,7 @@ from trio_websocket import (
 )
 
 from .._protocol import (
+    SERVER_HEADER,
     CloseCode,
     ErrorCode,
     ServerMessage,
@@ -37,6 +43,7 @@ from .._protocol import (
 from .._util import single_error
 from ._errors import ConnectionLost, KeyRefused, RemoteError, error_from_wire
 
+_TENANT: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")  # an X-Realm-Tenant routing key
 CALL_BUFFER: Final = 4096  # messages buffered per call before the reader waits for its caller
 MAX_MESSAGE_BYTES: Final = 16 << 20
 DISCONNECT_SECONDS: Final = 2.0  # wait this long for the server to close a closed connection
@@ -65,6 +72,9 @@ def _split_url(url: str) -> tuple[str, int, str, str, bool]:
     return parts.hostname, port, parts.netloc.rpartition("@")[2], resource, tls
 
 
+RETRY_HINT: Final = "the call may not have finished: it may be retried"
+
+
 def _lost(e: ConnectionClosed) -> ConnectionLost:
     """The error of a call whose connection closed (carrying the close frame): KeyRefused (an
     Unauthorized too) for the server's 1008 UNAUTHORIZED, else ConnectionLost."""
@@ -74,7 +84,9 @@ def _lost(e: ConnectionClosed) -> ConnectionLost:
         f"{ErrorCode.UNAUTHORIZED}:"
     ):
         return KeyRefused(text, close_code=reason.code, reason=reason.reason or "")
-    return ConnectionLost(text, close_code=reason.code, reason=reason.reason or "")
+    return ConnectionLost(
+        f"{text}; {RETRY_HINT}", close_code=reason.code, reason=reason.reason or ""
+    )
 
 
 class _Call:
@@ -110,6 +122,7 @@ class AsyncClient:
         url: str,
         *,
         api_key: str | None = None,
+        tenant: str | None = None,
         connect_timeout: float = 10.0,
         retries: int = 5,
         backoff_seconds: float = 0.1,
@@ -117,6 +130,12 @@ class AsyncClient:
         self.url = url
         self._nursery = nursery
         self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        if tenant is not None:
+            if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+                raise ValueError(
+                    f"tenant: {tenant!r} is not a routing key (1-128 letters, digits, '._-')"
+                )
+            self._headers.append(("X-Realm-Tenant", tenant))
         self._connect_timeout = connect_timeout
         self._retries = retries
         self._backoff = backoff_seconds
@@ -124,6 +143,17 @@ class AsyncClient:
         self._lock = trio.Lock()
         self._calls: dict[str, _Call] = {}
         self._ids = itertools.count(1)
+
+    @property
+    def server(self) -> str | None:
+        """The server of the open connection (its ``X-Realm-Server`` header), or None."""
+        ws = self._ws
+        if ws is None:
+            return None
+        for name, value in ws.handshake_headers:
+            if name.decode("latin-1").lower() == SERVER_HEADER.lower():
+                return value.decode("latin-1")
+        return None
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -194,7 +224,7 @@ class AsyncClient:
         except Exception as e:
             if ws is None:
                 raise  # the handshake failed: an error of this attempt
-            self._drop(ws, ConnectionLost(f"connection to {self.url} failed: {e!r}"))
+            self._drop(ws, ConnectionLost(f"connection to {self.url} failed: {e!r}; {RETRY_HINT}"))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -246,7 +276,7 @@ class AsyncClient:
                 try:
                     msg = await call.recv.receive()
                 except trio.EndOfChannel:
-                    raise call.lost or ConnectionLost("connection lost") from None
+                    raise call.lost or ConnectionLost(f"connection lost; {RETRY_HINT}") from None
                 if msg.type == "stream":
                     yield Event("token", msg.data)
                 elif msg.type == "result":
@@ -303,17 +333,22 @@ async def connect(
     url: str,
     *,
     api_key: str | None = None,
+    tenant: str | None = None,
     connect_timeout: float = 10.0,
     retries: int = 5,
     backoff_seconds: float = 0.1,
 ) -> AsyncIterator[AsyncClient]:
-    """``async with realm.client.connect("ws://127.0.0.1:8080", api_key=...) as c``."""
+    """``async with realm.client.connect("ws://127.0.0.1:8080", api_key=...) as c``.
+
+    ``tenant``: a routing key sent as ``X-Realm-Tenant``, for a balancer that hashes on it
+    (docs/deploy.md); the server itself ignores it."""
     with single_error():
         async with trio.open_nursery() as nursery:
             client = AsyncClient(
                 nursery,
                 url,
                 api_key=api_key,
+                tenant=tenant,
                 connect_timeout=connect_timeout,
                 retries=retries,
                 backoff_seconds=backoff_seconds,
@@ -407,6 +442,11 @@ class Client:
     def cancel(self, call_id: str) -> None:
         assert self._client is not None
         self._run(self._client.cancel, call_id)
+
+    @property
+    def server(self) -> str | None:
+        """The server of the open connection (``X-Realm-Server``), or None."""
+        return None if self._client is None else self._client.server
 
     def metadata(self) -> dict[str, Any]:
         return self.call("system_metadata")

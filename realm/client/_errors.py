@@ -17,7 +17,7 @@ from .._errors import (
     TenantUnavailable,
     UnknownFunction,
 )
-from .._protocol import ErrorCode
+from .._protocol import SHUTDOWN_REASON, ErrorCode
 
 
 class RemoteError(RealmError):
@@ -29,6 +29,13 @@ class RemoteError(RealmError):
         super().__init__(message)
         self.message = message
         self.call_id = call_id
+
+    @property
+    def retryable(self) -> bool:
+        """True if the same call may be sent again (to this server or, through a balancer,
+        another): the server refused it before it ran (OVERLOADED, RATE_LIMITED after
+        ``retry_after``), or ended it because it is shutting down (CANCELLED)."""
+        return False
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -59,6 +66,7 @@ class RateLimited(RemoteError):
     to wait before the next call is admitted (None if the server did not say)."""
 
     code = ErrorCode.RATE_LIMITED
+    retryable = True  # type: ignore[assignment]  # after retry_after
 
     def __init__(
         self, message: str, *, call_id: Any = None, retry_after: float | None = None
@@ -69,6 +77,7 @@ class RateLimited(RemoteError):
 
 class RemoteOverloaded(RemoteError, Overloaded):
     code = ErrorCode.OVERLOADED
+    retryable = True  # type: ignore[assignment]  # refused before it ran
 
 
 class RemoteTenantUnavailable(RemoteError, TenantUnavailable):
@@ -82,6 +91,11 @@ class RemoteGuestTrap(RemoteError, GuestError):
 class RemoteCancelled(RemoteError, CallCancelled):
     code = ErrorCode.CANCELLED
 
+    @property
+    def retryable(self) -> bool:
+        """Ended by the server's shutdown (not by the client): it may be sent again."""
+        return self.message == SHUTDOWN_REASON
+
 
 class CallTimeout(RemoteError):
     code = ErrorCode.TIMEOUT
@@ -93,9 +107,14 @@ class ServerError(RemoteError):
 
 class ConnectionLost(RealmError):
     """The connection closed while a call was in flight (the call's outcome is unknown), or it
-    could not be opened. ``close_code`` and ``reason`` are the server's close frame, if any."""
+    could not be opened. ``close_code`` and ``reason`` are the server's close frame, if any.
+
+    ``retryable`` is True: the client never sends a call twice by itself, but the caller may
+    (the next call opens a new connection, which a balancer gives to a server that is up).
+    Generated text is not kept by the server, so a retried ``generate`` starts over."""
 
     code = ErrorCode.INTERNAL
+    retryable = True
 
     def __init__(self, message: str, *, close_code: int | None = None, reason: str = "") -> None:
         super().__init__(message)
@@ -108,6 +127,8 @@ class KeyRefused(Unauthorized, ConnectionLost):
     """The server closed the connection (1008 UNAUTHORIZED) because its API key is missing or
     unknown: both an ``Unauthorized`` and a ``ConnectionLost`` (the connection is gone);
     ``close_code`` is 1008 and ``reason`` the close frame's reason."""
+
+    retryable = False  # type: ignore[assignment]  # the same key fails again
 
     def __init__(self, message: str, *, close_code: int | None = None, reason: str = "") -> None:
         RemoteError.__init__(self, message)

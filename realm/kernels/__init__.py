@@ -1,10 +1,25 @@
 """Realm's native kernel library: checked numpy entry points to the C kernels.
 
 Weights use GGML's types and block layouts; activations are float32. See docs/kernels.md.
+The kernels take ``device="cpu"`` (default) or ``"cuda"``; the CUDA library is optional and
+loaded only when asked for (``cuda_status()`` says whether it can be used here).
 """
 
+from ._cuda import CudaDevice as CudaDevice
+from ._cuda import CudaUnavailable as CudaUnavailable
+from ._cuda import DeviceArray as DeviceArray
+from ._cuda import cuda_available as cuda_available
+from ._cuda import cuda_device as cuda_device
+from ._cuda import cuda_status as cuda_status
+from ._cuda import parse_device as parse_device
+from ._cuda import to_device as to_device
+from ._cuda_forward import CudaTransformer as CudaTransformer
+from ._cuda_forward import DeviceKV as DeviceKV
+from ._forward import LORA_ROLES as LORA_ROLES
 from ._forward import LayerWeights as LayerWeights
+from ._forward import LoraPair as LoraPair
 from ._forward import Matrix as Matrix
+from ._forward import NativeAdapter as NativeAdapter
 from ._forward import NativeTransformer as NativeTransformer
 from ._forward import SeqStep as SeqStep
 from ._forward import TransformerSpec as TransformerSpec

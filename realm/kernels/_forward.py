@@ -9,15 +9,15 @@ long as the native structures point at them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 import numpy as np
 
 from .._errors import KernelError
 from ._native import ffi, lib
-from ._ops import _array, _check, _int_arg, _row_elems, _weight_type
+from ._ops import _array, _check, _int_arg, _row_elems, _weight_type, dequantize
 from ._types import Activation, RopeMode, WeightType
 
 _K = "forward"
@@ -119,6 +119,110 @@ class SeqStep:
     kv: np.ndarray
     logits: np.ndarray | None = None
     embedding: np.ndarray | None = None  # (n_embd,) float32: mean final hidden state
+    adapter: NativeAdapter | None = None  # LoRA adapter of this sequence (None: base model)
+    exact: bool = False  # logits independent of the rest of the batch (the whole step pays)
+
+
+#: the projections of a block that may carry a LoRA pair, in ``realm_lora`` order
+LORA_ROLES: Final = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+_LORA_TYPES = (WeightType.F32, WeightType.F16, WeightType.Q8_0)
+
+
+@attrs.frozen
+class LoraPair:
+    """One weight's adapter: ``y += scale * b (a x)``; a ``(rank, n_in)``, b ``(n_out, rank)``."""
+
+    a: Matrix
+    b: Matrix
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.n_out
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.a.data.nbytes + self.b.data.nbytes)
+
+
+class NativeAdapter:
+    """A LoRA adapter in native form (``realm_adapter``): a sequence of a step that names it
+    (``SeqStep.adapter``) gets each pair's delta added to its own rows only.
+
+    ``layers[i]`` maps roles of ``LORA_ROLES`` to their pairs (missing roles: none);
+    ``output`` is the output projection's pair, or None. Read-only once built.
+    """
+
+    def __init__(
+        self,
+        spec: TransformerSpec,
+        layers: Sequence[Mapping[str, LoraPair]],
+        output: LoraPair | None = None,
+    ) -> None:
+        self.spec = spec
+        s = spec
+        if len(layers) != s.n_layers:
+            raise KernelError(f"{len(layers)} adapter layers for n_layers {s.n_layers}", kernel=_K)
+        qd, kvd = s.n_heads * s.head_dim, s.kv_dim
+        dims = {
+            "wq": (qd, s.n_embd), "wk": (kvd, s.n_embd), "wv": (kvd, s.n_embd),
+            "wo": (s.n_embd, qd), "w_gate": (s.n_ff, s.n_embd), "w_up": (s.n_ff, s.n_embd),
+            "w_down": (s.n_embd, s.n_ff),
+        }  # fmt: skip
+        self._keep: list[Any] = []
+        self._c_layers = ffi.new("realm_lora[]", s.n_layers * len(LORA_ROLES))
+        self.nbytes = 0
+        for i, pairs in enumerate(layers):
+            for role in pairs:
+                if role not in dims:
+                    raise KernelError(
+                        f"adapter layer {i}: {role!r} is not one of {', '.join(LORA_ROLES)}",
+                        kernel=_K,
+                    )
+            for j, role in enumerate(LORA_ROLES):
+                pair = pairs.get(role)
+                if pair is not None:
+                    self._fill(self._c_layers[i * len(LORA_ROLES) + j], pair,
+                               f"layers[{i}].{role}", *dims[role])  # fmt: skip
+        c = ffi.new("realm_adapter *")
+        c.n_layers, c.layers = s.n_layers, self._c_layers
+        if output is not None:
+            self._fill(c.output, output, "output", s.n_vocab, s.n_embd)
+        self._c = c
+
+    def _fill(self, c: Any, pair: LoraPair, name: str, n_out: int, n_in: int) -> None:
+        if not isinstance(pair, LoraPair):
+            raise KernelError(f"adapter {name} must be a LoraPair", kernel=_K)
+        for part, m in (("a", pair.a), ("b", pair.b)):
+            if not isinstance(m, Matrix) or m.wtype not in _LORA_TYPES:
+                raise KernelError(f"adapter {name}.{part} must be an F32, F16 or Q8_0 Matrix",
+                                  kernel=_K)  # fmt: skip
+        rank = pair.a.n_out
+        if pair.a.n_in != n_in or (pair.b.n_out, pair.b.n_in) != (n_out, rank):
+            raise KernelError(
+                f"adapter {name}: a is ({pair.a.n_out}, {pair.a.n_in}) and b "
+                f"({pair.b.n_out}, {pair.b.n_in}); expected (rank, {n_in}) and ({n_out}, rank)",
+                kernel=_K,
+            )
+        if not (isinstance(pair.scale, int | float) and np.isfinite(pair.scale)):
+            raise KernelError(f"adapter {name}: scale must be finite, got {pair.scale!r}",
+                              kernel=_K)  # fmt: skip
+        # B is kept transposed, (rank, n_out), so the kernel runs along output columns:
+        # F16 stays F16, anything else becomes F32 (a copy: a rank x n_out array)
+        if pair.b.wtype == WeightType.F16:
+            bt = np.ascontiguousarray(pair.b.data.T)
+        elif pair.b.wtype == WeightType.F32:
+            bt = np.ascontiguousarray(pair.b.data.T, dtype=np.float32)
+        else:
+            bt = np.ascontiguousarray(dequantize(pair.b.data, pair.b.wtype).T)
+        pa = ffi.from_buffer(pair.a.data, require_writable=False)
+        pb = ffi.from_buffer(bt, require_writable=False)
+        self._keep += [pa, pb, bt]
+        c.a, c.type_a = pa, int(pair.a.wtype)
+        c.b = pb
+        c.type_b = int(WeightType.F16 if pair.b.wtype == WeightType.F16 else WeightType.F32)
+        c.rank, c.scale = rank, float(pair.scale)
+        self.nbytes += int(pair.a.data.nbytes + bt.nbytes)
 
 
 class _NoLock:
@@ -415,6 +519,12 @@ class NativeTransformer:
             c.tokens = ffi.cast("int32_t *", ffi.from_buffer(tokens, require_writable=False))
             c.n_tokens, c.pos, c.n_logits = int(tokens.shape[0]), pos, n_logits
             c.kv, c.capacity = ffi.from_buffer(kv), capacity
+            if st.adapter is not None:
+                if not isinstance(st.adapter, NativeAdapter) or st.adapter.spec != s:
+                    raise KernelError(f"steps[{i}].adapter is not an adapter of this model",
+                                      kernel=_K)  # fmt: skip
+                c.adapter = st.adapter._c
+            c.exact = 1 if st.exact else 0
             keep += [tokens, kv]
         with self._lock:  # the paging hooks keep per-step state on self
             self._hook_error = None

@@ -9,6 +9,7 @@ the GIL for the duration of each native call, so kernels run in parallel with Py
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 from collections.abc import Iterator
@@ -145,6 +146,22 @@ def _row_elems(kernel: str, w: np.ndarray, wt: WeightType, name: str = "w") -> i
 _WEIGHT_DTYPES = (np.float32, np.float16, np.uint16, np.uint8)
 
 
+def _device_choice(fn: Any) -> Any:
+    """Give a kernel a keyword-only ``device``: "cpu" (default) runs it here; "cuda" or
+    "cuda:N" runs the CUDA twin (``_cuda``, imported only then) on host arrays."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, device: str = "cpu", **kwargs: Any) -> Any:
+        if device == "cpu":
+            return fn(*args, **kwargs)
+        from . import _cuda
+
+        _cuda.parse_device(device)
+        return _cuda.HOST_OPS[fn.__name__](*args, device=device, **kwargs)
+
+    return run
+
+
 # --- configuration ---------------------------------------------------------------------
 
 
@@ -230,6 +247,7 @@ def dequantize(data: np.ndarray, wtype: WeightType | int) -> np.ndarray:
 # --- linear algebra --------------------------------------------------------------------
 
 
+@_device_choice
 def matmul(
     w: np.ndarray,
     x: np.ndarray,
@@ -275,6 +293,7 @@ def matmul(
 # --- element-wise and row operations -----------------------------------------------------
 
 
+@_device_choice
 def rmsnorm(
     x: np.ndarray, weight: np.ndarray | None, eps: float, *, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -297,6 +316,7 @@ def rmsnorm(
     return out
 
 
+@_device_choice
 def rope(
     x: np.ndarray,
     positions: np.ndarray,
@@ -345,6 +365,7 @@ def rope(
     return x
 
 
+@_device_choice
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of float32 ``x``, in place (max-subtracted). Returns ``x``."""
     k = "softmax"
@@ -361,6 +382,7 @@ def _same_shape(k: str, a: np.ndarray, b: np.ndarray, names: str) -> None:
         raise _fail(k, f"{names} must have the same shape, got {a.shape} and {b.shape}")
 
 
+@_device_choice
 def swiglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``silu(gate) * up`` element-wise on float32 arrays of one shape."""
     k = "swiglu"
@@ -377,6 +399,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -
     return out
 
 
+@_device_choice
 def geglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``gelu(gate) * up`` element-wise (GELU's tanh form) on float32 arrays of one shape."""
     k = "geglu"
@@ -393,6 +416,7 @@ def geglu(gate: np.ndarray, up: np.ndarray, *, out: np.ndarray | None = None) ->
     return out
 
 
+@_device_choice
 def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     """``cap * tanh(x / cap)`` on float32 ``x``, in place (logit soft-capping). Returns ``x``."""
     k = "softcap"
@@ -403,6 +427,7 @@ def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     return x
 
 
+@_device_choice
 def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``a + b`` element-wise on float32 arrays of one shape (out may be ``a``: in place)."""
     k = "add"
@@ -417,6 +442,7 @@ def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.nd
     return out
 
 
+@_device_choice
 def get_rows(
     table: np.ndarray, ids: np.ndarray, *, wtype: WeightType | int | None = None
 ) -> np.ndarray:
@@ -449,6 +475,7 @@ def get_rows(
 # --- attention -------------------------------------------------------------------------
 
 
+@_device_choice
 def attention(
     q: np.ndarray,
     k: np.ndarray,

@@ -5,6 +5,9 @@ from ._default import default_model_path as default_model_path
 from ._detok import TokenStream as TokenStream
 from ._gguf import ModelInfo as ModelInfo
 from ._gguf import content_hash as content_hash
+from ._lora import Adapter as Adapter
+from ._lora import load_adapter as load_adapter
+from ._lora import save_adapter as save_adapter
 from ._model import Model as Model
 from ._model import Session as Session
 from ._model import load_model as load_model

@@ -8,6 +8,7 @@ across tenants.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -20,11 +21,14 @@ from ..kernels import LayerWeights, NativeTransformer, SeqStep, TransformerSpec
 from ._gguf import ModelFile, ModelInfo, layer_tensor_names, open_model_file, rope_mode
 
 if TYPE_CHECKING:
+    from ._lora import Adapter
     from ._pager import LayerPager, PagingBudget
     from ._tokenizer import Tokenizer
 
 KV_GROWTH: Final = 256  # positions: caches start this small and double up to capacity
-LogitsMode = Literal["last", "all", "none"]
+# "verify": every position's logits, computed so that they do not depend on the rest of the
+# batch: bit-identical to one-token steps of the same sequence (speculative decoding's check)
+LogitsMode = Literal["last", "all", "none", "verify"]
 
 
 class Model:
@@ -37,8 +41,11 @@ class Model:
         kv_dtype: type = np.float16,
         max_kv_bytes: int | None = None,
         max_resident_bytes: int | PagingBudget | None = None,
+        device: str = "cpu",
+        max_device_bytes: int | None = None,
     ) -> None:
         self._file = mf
+        self.device = _check_device(device, max_device_bytes)
         self.info: ModelInfo = mf.info
         i = mf.info
         self.spec = TransformerSpec(
@@ -50,9 +57,15 @@ class Model:
         tok_embd = mf.matrix("token_embd.weight")
         output = mf.matrix("output.weight") if mf.has("output.weight") else tok_embd
         self.pager: LayerPager | None = None
+        make: Any = NativeTransformer
+        if self.device != "cpu":  # weights uploaded once, shared by every session
+            from ..kernels import CudaTransformer
+
+            make = functools.partial(CudaTransformer, device=self.device,
+                                     max_device_bytes=max_device_bytes)  # fmt: skip
         if max_resident_bytes is None:
             layers = [self.layer_weights(n) for n in range(i.n_layers)]
-            self._native = NativeTransformer(
+            self._native = make(
                 self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
                 output=output, layers=layers,
             )  # fmt: skip
@@ -60,7 +73,7 @@ class Model:
             from ._pager import LayerPager
 
             self.pager = LayerPager(self, max_resident_bytes=max_resident_bytes)
-            self._native = NativeTransformer(
+            self._native = make(
                 self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
                 output=output, acquire=self.pager.acquire, release=self.pager.release,
             )  # fmt: skip
@@ -103,6 +116,12 @@ class Model:
     def path(self) -> str:
         return self.info.path
 
+    def load_adapter(self, path: str | os.PathLike[str], *, scale: float = 1.0) -> Adapter:
+        """Load a LoRA adapter GGUF file for this model (``realm.model.load_adapter``)."""
+        from ._lora import load_adapter
+
+        return load_adapter(path, self, scale=scale)
+
     @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer from the file's metadata (loaded on first use)."""
@@ -130,18 +149,36 @@ class Model:
                 )
             self._kv_bytes += n
 
+    def _new_kv(self, capacity: int) -> Any:
+        """A zeroed KV cache of ``capacity`` positions on this model's device."""
+        if self.device != "cpu":
+            return self._native.new_kv(capacity)
+        return np.zeros(self.spec.kv_shape(capacity), self.spec.kv_dtype)
+
+    def _copy_kv(self, dst: Any, src: Any, n: int) -> None:
+        """Copy the first ``n`` positions of every layer from cache ``src`` to ``dst``."""
+        if self.device != "cpu":
+            self._native.copy_kv(dst, src, n)
+        else:
+            dst[:, :, :n] = src[:, :, :n]
+
     def _free_kv(self, n: int) -> None:
         with self._kv_lock:
             self._kv_bytes -= n
 
     # --- sessions and steps -------------------------------------------------------------------
 
-    def open_session(self, *, capacity: int | None = None) -> Session:
-        """A new, empty sequence of up to ``capacity`` positions (default: the context)."""
+    def open_session(
+        self, *, capacity: int | None = None, adapter: Adapter | None = None
+    ) -> Session:
+        """A new, empty sequence of up to ``capacity`` positions (default: the context),
+        with a LoRA ``adapter`` of this model applied to its steps (None: the base model)."""
         cap = self.info.context_length if capacity is None else capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= (1 << 24):
             raise ModelError(f"capacity must be a positive int, got {capacity!r}")
-        return Session(self, cap)
+        session = Session(self, cap)
+        session.adapter = adapter
+        return session
 
     def step(
         self, work: Sequence[tuple[Session, Sequence[int] | np.ndarray, LogitsMode]]
@@ -149,8 +186,10 @@ class Model:
         """One forward step for many sessions in one native call.
 
         ``work`` holds (session, tokens, logits mode) triples; the sessions must be distinct.
-        Returns each session's logits: ``(n_tokens, vocab)`` for "all", ``(vocab,)`` for
-        "last", None for "none". On error no session changes.
+        Returns each session's logits: ``(n_tokens, vocab)`` for "all" and "verify",
+        ``(vocab,)`` for "last", None for "none". A "verify" sequence's logits are those its
+        tokens get one at a time in steps of their own (the whole step then takes the
+        row-invariant kernel path; docs/speculative.md). On error no session changes.
         """
         if not work:
             raise ModelError("step needs at least one session")
@@ -168,12 +207,17 @@ class Model:
                 session._acquire()
                 prepared.append((session, ids))
                 session._ensure_capacity(session.pos + len(ids))
-                n_logits = {"all": len(ids), "last": 1, "none": 0}.get(mode)
+                n_logits = {"all": len(ids), "verify": len(ids), "last": 1, "none": 0}.get(mode)
                 if n_logits is None:
-                    raise ModelError(f"logits must be 'last', 'all' or 'none', got {mode!r}")
+                    raise ModelError(
+                        f"logits must be 'last', 'all', 'verify' or 'none', got {mode!r}"
+                    )
                 out = np.empty((n_logits, self.spec.n_vocab), np.float32) if n_logits else None
                 outs.append(out)
-                steps.append(SeqStep(ids, session.pos, session._kv, out))
+                step = SeqStep(ids, session.pos, session._kv, out, exact=mode == "verify")
+                if session._adapter is not None:
+                    step.adapter = session._adapter.native
+                steps.append(step)
             self._native.forward(steps)
             for session, ids in prepared:
                 session._tokens.extend(int(t) for t in ids)
@@ -185,29 +229,35 @@ class Model:
             for o, (_, _, mode) in zip(outs, work, strict=True)
         ]
 
-    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 logits ``(len(ids), vocab)`` for every position of a fresh context."""
+    def logits(
+        self, ids: Sequence[int] | np.ndarray, *, adapter: Adapter | None = None
+    ) -> np.ndarray:
+        """float32 logits ``(len(ids), vocab)`` for every position of a fresh context (with
+        a LoRA ``adapter`` of this model applied, when given)."""
         n = len(ids)
         if n == 0:
             raise ModelError("logits needs at least one token")
-        with self.open_session(capacity=n) as s:
+        with self.open_session(capacity=n, adapter=adapter) as s:
             out = s.extend(ids, logits="all")
         assert out is not None
         return out
 
-    def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def embed(
+        self, ids: Sequence[int] | np.ndarray, *, adapter: Adapter | None = None
+    ) -> np.ndarray:
         """An embedding of a token sequence (fresh context): the mean over its positions of the
         final normalised hidden state (the output projection's input), L2-normalised; float32
-        ``(n_embd,)``."""
+        ``(n_embd,)``; with a LoRA ``adapter`` of this model applied, when given."""
         if len(ids) == 0:
             raise ModelError("embed needs at least one token")
-        with self.open_session(capacity=len(ids)) as s:
+        with self.open_session(capacity=len(ids), adapter=adapter) as s:
             tokens = s._check_tokens(ids)
             s._acquire()
             try:
                 s._ensure_capacity(len(tokens))
                 out = np.empty(self.spec.n_embd, np.float32)
-                self._native.forward([SeqStep(tokens, 0, s._kv, None, out)])
+                ad = None if adapter is None else adapter.native
+                self._native.forward([SeqStep(tokens, 0, s._kv, None, out, adapter=ad)])
             finally:
                 s._busy = False
         norm = float(np.linalg.norm(out))
@@ -215,7 +265,10 @@ class Model:
 
     def close(self) -> None:
         """Drop this model's references to the mapping (sessions must be closed first); a
-        paged model gives its resident blocks back and leaves its budget."""
+        paged model gives its resident blocks back and leaves its budget; a CUDA model frees
+        its device memory."""
+        if self.device != "cpu" and self._native is not None:
+            self._native.close()
         self._native = None  # type: ignore[assignment]
         if self.pager is not None:
             self.pager.close()
@@ -232,10 +285,31 @@ class Session:
         self.model = model
         self.capacity = capacity
         self._tokens: list[int] = []
-        self._kv = np.zeros(model.spec.kv_shape(0), model.spec.kv_dtype)
+        self._kv = model._new_kv(0)
         self._kv_reserved = 0
         self._busy = False
         self._closed = False
+        self._adapter: Adapter | None = None
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The LoRA adapter applied to this session's steps (None: the base model)."""
+        return self._adapter
+
+    @adapter.setter
+    def adapter(self, adapter: Adapter | None) -> None:
+        from ._lora import Adapter
+
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise ModelError(f"adapter must be an Adapter or None, not {type(adapter).__name__}")
+        if adapter is not None and adapter.model is not self.model:
+            raise ModelError("adapter: an adapter loaded for another model")
+        if adapter is not self._adapter and self.pos:
+            raise ModelError(
+                "a session's adapter can change only while it is empty (rewind it to 0): its "
+                "cache was computed with the other one"
+            )
+        self._adapter = adapter
 
     @property
     def pos(self) -> int:
@@ -286,15 +360,14 @@ class Session:
         if n <= have:
             return
         new = max(n, min(self.capacity, max(KV_GROWTH, 2 * have)))
-        spec = self.model.spec
         extra = (new - have) * self.model.kv_bytes_per_position()
         self.model._reserve_kv(extra)
         try:
-            kv = np.zeros(spec.kv_shape(new), spec.kv_dtype)
+            kv = self.model._new_kv(new)
         except MemoryError:
             self.model._free_kv(extra)
             raise KVMemoryExhausted(f"cannot allocate a KV cache of {new} positions") from None
-        kv[:, :, : self.pos] = self._kv[:, :, : self.pos]
+        self.model._copy_kv(kv, self._kv, self.pos)
         self._kv = kv
         self._kv_reserved += extra
 
@@ -319,9 +392,10 @@ class Session:
         if self._closed:
             raise ModelError("session is closed")
         child = Session(self.model, self.capacity)
+        child._adapter = self._adapter
         if self.pos:
             child._ensure_capacity(self.pos)
-            child._kv[:, :, : self.pos] = self._kv[:, :, : self.pos]
+            self.model._copy_kv(child._kv, self._kv, self.pos)
             child._tokens = list(self._tokens)
         return child
 
@@ -332,7 +406,7 @@ class Session:
         self._closed = True
         self.model._free_kv(self._kv_reserved)
         self._kv_reserved = 0
-        self._kv = np.zeros(self.model.spec.kv_shape(0), self.model.spec.kv_dtype)
+        self._kv = self.model._new_kv(0)
         self._tokens = []
 
     def __enter__(self) -> Session:
@@ -351,6 +425,8 @@ def load_model(
     max_resident_bytes: int | PagingBudget | None = None,
     max_kv_bytes: int | None = None,
     kv_dtype: Any = np.float16,
+    device: str = "cpu",
+    max_device_bytes: int | None = None,
 ) -> Model:
     """Open a GGUF model (memory-mapped) for inference.
 
@@ -361,6 +437,12 @@ def load_model(
             page.
         max_kv_bytes: cap on the KV cache memory of all sessions of this model.
         kv_dtype: float16 (default) or float32 KV caches.
+        device: "cpu" (default), or "cuda" / "cuda:N": weights uploaded once to that GPU and
+            shared by every session, KV caches in device memory (docs/kernels.md, "CUDA").
+            Raises ``CudaUnavailable`` naming why when it cannot be used (no CUDA build, a
+            driver error, no such device).
+        max_device_bytes: with a CUDA device, keep at most this many bytes of transformer
+            blocks on the GPU, the rest in host memory (docs/kernels.md, "CUDA").
     """
     if np.dtype(kv_dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise ModelError(f"kv_dtype must be float16 or float32, got {kv_dtype!r}")
@@ -369,4 +451,24 @@ def load_model(
         kv_dtype=np.dtype(kv_dtype).type,
         max_kv_bytes=max_kv_bytes,
         max_resident_bytes=max_resident_bytes,
+        device=device,
+        max_device_bytes=max_device_bytes,
     )
+
+
+def _check_device(device: Any, max_device_bytes: Any) -> str:
+    """The canonical device name ("cpu" or "cuda:N"); checks max_device_bytes goes with it."""
+    from ..kernels import parse_device
+
+    try:
+        index = parse_device(device)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if max_device_bytes is not None:
+        if index is None:
+            raise ModelError("max_device_bytes needs a CUDA device (device='cuda')")
+        if not isinstance(max_device_bytes, int) or isinstance(max_device_bytes, bool):
+            raise ModelError(f"max_device_bytes must be a positive int, got {max_device_bytes!r}")
+        if max_device_bytes <= 0:
+            raise ModelError(f"max_device_bytes must be a positive int, got {max_device_bytes!r}")
+    return "cpu" if index is None else f"cuda:{index}"

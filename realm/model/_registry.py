@@ -17,10 +17,14 @@ class ModelRegistry:
 
     With ``max_resident_bytes`` (an int, or a ``PagingBudget`` to share with models loaded
     elsewhere) every model it loads is paged under that one budget: together their resident
-    blocks stay within it (docs/models.md, "Layer paging").
+    blocks stay within it (docs/models.md, "Layer paging"). ``device`` ("cpu", "cuda",
+    "cuda:N") is where every model it loads runs unless a load names its own.
     """
 
-    def __init__(self, *, max_resident_bytes: int | PagingBudget | None = None) -> None:
+    def __init__(
+        self, *, max_resident_bytes: int | PagingBudget | None = None, device: str = "cpu"
+    ) -> None:
+        self.device = device
         self._lock = threading.Lock()
         self._by_name: dict[str, Model] = {}
         self._by_key: dict[tuple[Any, ...], Model] = {}
@@ -47,6 +51,8 @@ class ModelRegistry:
                     "max_resident_bytes cannot be given per model"
                 )
             options = {**options, "max_resident_bytes": self.budget}
+        if self.device != "cpu":
+            options = {"device": self.device, **options}
         with self._lock:
             if name in self._by_name:
                 raise ModelError(f"a model named {name!r} is loaded already")

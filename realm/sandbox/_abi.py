@@ -60,7 +60,11 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
     _imp("model_info", "model_ptr: i32, model_len: i32, out_ptr: i32, out_cap: i32", "i32",
          "JSON object describing a model (model_len 0: the default model): arch, vocab_size, "
          "context_length, bos_id, eos_id, eog_ids, add_bos, add_eos, has_chat_template, "
-         "max_tokens_per_forward, ... Returns bytes needed."),
+         "max_tokens_per_forward, max_verify_tokens, vocab_hash (equal for models whose "
+         "token ids mean the same: a speculative draft's check), ... Returns bytes needed. "
+         "Wherever an import takes a model's name, the name of one of the calling tenant's "
+         "LoRA adapters names its model with the adapter applied (`session_open` then runs "
+         "the session with it; here `model` is the base model and `adapter` the name)."),
     _imp("tokenize",
          "model_ptr: i32, model_len: i32, text_ptr: i32, text_len: i32, flags: i32, "
          "out_ptr: i32, out_cap: i32", "i32",
@@ -94,7 +98,10 @@ HOST_IMPORTS: Final[tuple[HostImport, ...]] = (
          "logits_cap: i32, mode: i32", "i32",
          "Append i32 tokens to the session and run the model: the one coarse call on the hot "
          "path, batched by the host with other tenants' steps. mode 0: no logits, 1: the last "
-         "position's, 2: every position's, written as f32 to logits_ptr (logits_cap floats). "
+         "position's, 2: every position's, written as f32 to logits_ptr (logits_cap floats); "
+         "3 (verify, for speculative decoding): every position's, bit-identical to what "
+         "one-token steps of this session would give whatever else the step batches (the "
+         "step takes the row-invariant kernel path), at most `max_verify_tokens` (17) tokens. "
          "Returns the number of floats written."),
     _imp("detokenize", "session: i32, token: i32, out_ptr: i32, out_cap: i32", "i32",
          "Streaming detokenizer of the session: push a token (token < 0: push nothing; -2: "
@@ -215,6 +222,20 @@ def render_markdown() -> str:
         '"params": <JSON schema>, "streams": bool}]}`. The host validates every call\'s params '
         "against the function's schema before entering the guest (INVALID_PARAMS otherwise) "
         "and builds `system_metadata` from it.",
+        "",
+        "## The default guest: log-probabilities",
+        "",
+        "`generate` and `chat` of the default guest (`guest/default_guest.c`) take the opt-in "
+        "params `logprobs` (boolean, default false) and `top_logprobs` (0..20, default 0). "
+        "With `logprobs`, the result has `logprobs`: one entry per generated token (an "
+        'end-of-generation token excluded), `{"id": token id, "logprob": its '
+        'log-probability, "top": [[id, logprob], ...]}`, the `top_logprobs` most likely '
+        "tokens first. Log-probabilities are the log-softmax of the model's raw logits at that "
+        "step (before penalties and temperature). Token events are unchanged (an event is a "
+        "piece of text, not always one token: `emit` carries text only). The entries stop at "
+        "768 KiB (the result stays under its 1 MiB limit; `logprobs_truncated: true` says so). "
+        "With `speculative`, the call runs without speculation (every step's logits are "
+        "needed). The cost: one pass over the vocabulary per token, only when asked.",
         "",
     ]
     return "\n".join(out)

@@ -12,7 +12,7 @@ import attrs
 import numpy as np
 
 from .._errors import CallCancelled, RealmError
-from ..model import Model, Session, TokenStream
+from ..model import Adapter, Model, Session, TokenStream
 from ._compute import COMPUTE
 
 MAX_SESSIONS: Final = 16  # per tenant
@@ -147,15 +147,27 @@ class TenantState:
         self.limits = limits or GuestLimits()
         self.forward = forward
         self.sessions: dict[int, SessionSlot] = {}
+        # LoRA adapters this tenant's calls may name wherever they name a model (a session
+        # opened with one runs its model with the adapter); set by the runtime
+        self.adapters: dict[str, Adapter] = {}
         self._next_handle = 0
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)  # a session was closed or released
 
     def model(self, name: str) -> tuple[str, Model]:
+        """(model name, model) of a model's name or of one of the tenant's adapters' names
+        (its base model); KeyError for neither."""
         key = name or self.default_model
+        if key is not None and key not in self.models and key in self.adapters:
+            base = self.adapters[key].model
+            key = next((k for k, m in self.models.items() if m is base), None)
         if key is None or key not in self.models:
             raise KeyError(name)
         return key, self.models[key]
+
+    def adapter(self, name: str) -> Adapter | None:
+        """The tenant's adapter called ``name`` (None: a model's name, or no such adapter)."""
+        return None if not name or name in self.models else self.adapters.get(name)
 
     def _may_wait(self, ctx: CallContext | None) -> bool:
         """At the session limit: whether a running call other than ``ctx`` holds a session it
@@ -197,7 +209,7 @@ class TenantState:
                         f"tenant {self.name!r}: a session of {cap} positions needs {need} bytes "
                         f"of KV memory; {held} of its {quota} are held"
                     )
-            session = model.open_session(capacity=cap)
+            session = model.open_session(capacity=cap, adapter=self.adapter(model_name))
             handle = self._next_handle
             self._next_handle += 1
             self.sessions[handle] = SessionSlot(session, key, model.tokenizer.stream(), owner=ctx)

@@ -63,6 +63,15 @@ def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
 
 
+def describe_type(ty: object) -> str:
+    """A wasm extern type as people write it: ``func(i32, i64) -> i32``, ``memory``, ..."""
+    if isinstance(ty, wasmtime.FuncType):
+        params, results = _signature(ty)
+        out = ", ".join(results)
+        return f"func({', '.join(params)}) -> {out or '()'}"
+    return type(ty).__name__.removesuffix("Type").lower() if ty is not None else "nothing"
+
+
 # --- the shape of a module, read from its binary -------------------------------------------------
 
 
@@ -195,7 +204,9 @@ class GuestModule:
             ty = imp.type
             want = host_func_type(imp.name)
             if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != _signature(want):
-                raise GuestABIError(f"{where} has type {ty}, expected {want}")
+                raise GuestABIError(
+                    f"{where} has type {describe_type(ty)}, expected {describe_type(want)}"
+                )
         exports = {e.name: e.type for e in self.module.exports}
         if not isinstance(exports.get("memory"), wasmtime.MemoryType):
             raise GuestABIError(f"{self.name}: the module does not export its memory as 'memory'")
@@ -204,15 +215,18 @@ class GuestModule:
             if not isinstance(ty, wasmtime.FuncType):
                 raise GuestABIError(f"{self.name}: missing export {fname!r}")
             if _signature(ty) != sig:
-                raise GuestABIError(f"{self.name}: export {fname!r} has type {ty}")
+                raise GuestABIError(
+                    f"{self.name}: export {fname!r} has type {describe_type(ty)}, expected "
+                    f"func({', '.join(sig[0])}) -> {', '.join(sig[1]) or '()'}"
+                )
         functions = []
         for n, ty in exports.items():
             if not n.startswith(FUNCTION_PREFIX):
                 continue
             if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != FUNCTION_SIGNATURE:
                 raise GuestABIError(
-                    f"{self.name}: export {n[:160]!r} has type {ty}; a callable function is "
-                    "(param i32 i32) (result i32)"
+                    f"{self.name}: export {n[:160]!r} has type {describe_type(ty)}; a callable "
+                    "function is func(i32, i32) -> i32"
                 )
             functions.append(n[len(FUNCTION_PREFIX) :])
         self.function_exports = sorted(functions)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import numpy as np
 
 from .._errors import CallCancelled, RealmError
+from ..model._speculative import MAX_DRAFT_TOKENS, vocab_fingerprint
 from ._abi import HOST_IMPORTS, Status
 from ._compute import (
     COMPUTE,
@@ -166,6 +167,11 @@ def imp_model_info(host: ImportHost, ctx: CallContext, mp: int, ml: int, out: in
     key, model = _model(host, mp, ml)
     info = model_json(key, model)
     info["max_tokens_per_forward"] = host.tenant.limits.max_tokens_per_forward
+    name = host.mem.text(mp, ml, limit=256) if ml else ""
+    if host.tenant.adapter(name) is not None:  # a LoRA adapter's name: its model, adapted
+        info["adapter"] = name
+    info["vocab_hash"] = vocab_fingerprint(model)  # a speculative draft must match it
+    info["max_verify_tokens"] = MAX_DRAFT_TOKENS + 1
     return host.mem.out(json.dumps(info).encode(), out, cap)
 
 
@@ -282,11 +288,13 @@ def imp_forward(
     limit = host.tenant.limits.max_tokens_per_forward
     if not 0 < n <= limit:
         raise Fail(Status.ELIMIT if n > 0 else Status.EINVAL, f"n_tokens {n} not in [1, {limit}]")
-    if mode not in (0, 1, 2):
-        raise Fail(Status.EINVAL, f"mode {mode} (0 none, 1 last, 2 all)")
+    if mode not in (0, 1, 2, 3):
+        raise Fail(Status.EINVAL, f"mode {mode} (0 none, 1 last, 2 all, 3 verify)")
+    if mode == 3 and n > MAX_DRAFT_TOKENS + 1:
+        raise Fail(Status.ELIMIT, f"a verify step takes at most {MAX_DRAFT_TOKENS + 1} tokens")
     model = slot.session.model
     vocab = model.info.vocab_size
-    need = {0: 0, 1: vocab, 2: n * vocab}[mode]
+    need = {0: 0, 1: vocab, 2: n * vocab, 3: n * vocab}[mode]
     if cap < need:
         raise Fail(Status.EINVAL, f"logits buffer of {cap} floats, {need} needed")
     if need:
@@ -295,7 +303,7 @@ def imp_forward(
     charge(ctx, host, n * model.info.n_params, "forward")
     try:
         (logits,) = host.tenant.forward(
-            model, [(slot.session, tokens, {0: "none", 1: "last", 2: "all"}[mode])]
+            model, [(slot.session, tokens, ("none", "last", "all", "verify")[mode])]
         )
     except RealmError as e:
         if e.code == "CANCELLED":  # the batcher's wait was cancelled with the call
@@ -382,6 +390,7 @@ def imp_embed(
     host: ImportHost, ctx: CallContext, mp: int, ml: int, tp: int, n: int, out: int, cap: int
 ) -> int:
     _, model = _model(host, mp, ml)
+    adapter = host.tenant.adapter(host.mem.text(mp, ml, limit=256) if ml else "")
     dim = model.info.n_embd
     if cap < dim:  # snprintf-style size query: no work
         if cap < 0:
@@ -397,7 +406,7 @@ def imp_embed(
         # one native pass (the model has no chunked embedding): a guest piece of the pool,
         # behind every forward step that waits
         with COMPUTE.guest_chunk(ctx):
-            vec = model.embed(tokens)
+            vec = model.embed(tokens, adapter=adapter)
     except CallCancelled:
         return int(Status.ECANCELLED)
     except RealmError as e:

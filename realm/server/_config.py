@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ import attrs
 
 from .._errors import RealmError
 from .._protocol import ErrorCode
+from ..actors import AdapterSpec
 from ..actors import TenantSpec as RuntimeTenantSpec
 
 _RUNTIME: Final = RuntimeTenantSpec()  # the runtime's defaults of a tenant's settings
@@ -73,6 +75,9 @@ class TenantSpec:
     calls_per_second: float | None = None  # bucket on calls started
     max_kv_bytes: int | None = None
     weight: float = _RUNTIME.weight  # share of batched steps under contention (fair queuing)
+    # LoRA adapters its calls may name: name -> AdapterSpec (docs/lora.md)
+    adapters: dict[str, AdapterSpec] = attrs.field(factory=dict, hash=False)
+    max_adapter_bytes: int | None = None
 
     def runtime_spec(self) -> RuntimeTenantSpec:
         """The runtime's ``TenantSpec`` of this tenant (every call running may hold a session,
@@ -89,6 +94,8 @@ class TenantSpec:
             max_concurrent_calls=self.max_concurrent_calls,
             max_queued_calls=self.max_queued_calls,
             limits=limits,
+            adapters=dict(self.adapters),
+            max_adapter_bytes=self.max_adapter_bytes,
         )
 
 
@@ -111,10 +118,27 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] | None = attrs.field(default=None, converter=_lowered)
     # Host headers accepted; None: loopback names when listening on loopback, else any
     allowed_hosts: tuple[str, ...] | None = attrs.field(default=None, converter=_lowered)
+    # this server's name in the X-Realm-Server header, /health and system_health (None: the
+    # machine's host name and the port, e.g. "web-1:8080")
+    server_id: str | None = attrs.field(default=None)
+    # balancers (addresses or networks) whose X-Forwarded-For names the client (login
+    # throttling and logs); empty: the peer's own address is the client's
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    # where the models run: "cpu", "cuda" or "cuda:N" (docs/kernels.md, "CUDA")
+    device: str = "cpu"
     # the open server's one tenant: a local user whose many connections share it
     open_tenant: TenantSpec = attrs.field(
         factory=lambda: TenantSpec(OPEN_TENANT, max_concurrent_calls=16, max_queued_calls=1024)
     )
+
+    @server_id.validator
+    def _check_server_id(self, attribute: Any, value: str | None) -> None:
+        if value is not None:
+            check_server_id("server_id", value)
+
+    @trusted_proxies.validator
+    def _check_trusted_proxies(self, attribute: Any, value: tuple[str, ...]) -> None:
+        proxy_networks("trusted_proxies", list(value))
 
     @property
     def open(self) -> bool:
@@ -199,6 +223,36 @@ def _hosts(where: str, v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _device(where: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", v):
+        raise ConfigError(f"{where}: must be 'cpu', 'cuda' or 'cuda:N', not {v!r:.60}")
+    return v
+
+
+def check_server_id(where: str, v: Any) -> str:
+    """``server_id``: 1-128 letters, digits and ``._:@-`` (it goes into a response header)."""
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9._:@-]{1,128}", v):
+        raise ConfigError(
+            f"{where}: must be 1-128 letters, digits or '._:@-' (a header value), not {v!r}"
+        )
+    return v
+
+
+def proxy_networks(where: str, v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies``: addresses or networks such as ``"10.0.0.5"``, ``"10.0.0.0/24"``."""
+    if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+        raise ConfigError(f"{where}: must be a list of addresses or networks such as '10.0.0.5'")
+    out = []
+    for i, a in enumerate(v):
+        try:
+            out.append(ipaddress.ip_network(a.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{where}[{i}]: {a!r:.60} is not an IP address or network (10.0.0.0/24)"
+            ) from None
+    return tuple(out)
+
+
 def _limits(table: Mapping[str, Any]) -> ServerLimits:
     fields = {f.name: f for f in attrs.fields(ServerLimits)}
     values: dict[str, Any] = {}
@@ -239,6 +293,7 @@ def _tenant(name: str, table: Any, base: Path, models: Mapping[str, str]) -> Ten
     model = table.get("model")
     if model is not None and _str(f"{where}.model", model) not in models:
         raise ConfigError(f"{where}.model: no model named {model!r} in [models]")
+    adapters = _adapters(where, table.get("adapters", {}), base, models)
     opt_num = {
         k: _num(f"{where}.{k}", table[k])
         for k in ("tokens_per_second", "burst_tokens", "calls_per_second", "weight")
@@ -266,8 +321,47 @@ def _tenant(name: str, table: Any, base: Path, models: Mapping[str, str]) -> Ten
             if "max_kv_bytes" in table
             else None
         ),
+        adapters=adapters,
+        max_adapter_bytes=(
+            _int(f"{where}.max_adapter_bytes", table["max_adapter_bytes"])
+            if "max_adapter_bytes" in table
+            else None
+        ),
         **opt_num,
     )
+
+
+def _adapter_names(table: dict[str, AdapterSpec]) -> None:
+    RuntimeTenantSpec(adapters=table)  # the runtime's checks of the names
+
+
+def _adapters(
+    where: str, table: Any, base: Path, models: Mapping[str, str]
+) -> dict[str, AdapterSpec]:
+    """A tenant's ``adapters`` table: name = "path" or name = {path, scale, model}; paths are
+    relative to the config file, models are names in [models]."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}.adapters: must be a table of name = path or name = table")
+    out = {}
+    for name, value in table.items():
+        at = f"{where}.adapters.{name}"
+        if name in models:
+            raise ConfigError(f"{at}: the name is a model's in [models]")
+        entry = {"path": value} if isinstance(value, str) else value
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ConfigError(f"{at}: must be a path or a table with a 'path'")
+        path = base / entry["path"]
+        if not path.is_file():
+            raise ConfigError(f"{at}.path: no such file {str(path)!r}")
+        model = entry.get("model")
+        if model is not None and model not in models:
+            raise ConfigError(f"{at}.model: no model named {model!r} in [models]")
+        try:
+            out[name] = AdapterSpec.of({**entry, "path": str(path)})
+            _adapter_names({name: out[name]})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{at}: {e}") from None
+    return out
 
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:
@@ -292,7 +386,8 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
     _check_keys(
         "server",
         server,
-        {"host", "port", "metrics_port", "allowed_origins", "allowed_hosts"}
+        {"host", "port", "metrics_port", "allowed_origins", "allowed_hosts", "server_id", "device"}
+        | {"trusted_proxies"}
         | {f.name for f in attrs.fields(ServerLimits)},
     )
     models_t = doc.get("models")
@@ -337,4 +432,15 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
             if "allowed_hosts" in server
             else None
         ),
+        trusted_proxies=tuple(
+            str(n) for n in proxy_networks("server.trusted_proxies", server["trusted_proxies"])
+        )
+        if "trusted_proxies" in server
+        else (),
+        server_id=(
+            check_server_id("server.server_id", server["server_id"])
+            if "server_id" in server
+            else None
+        ),
+        device=_device("server.device", server.get("device", "cpu")),
     )

@@ -259,6 +259,8 @@ class Connection:
         finally:
             self.calls.pop(call.id, None)
             self.server.calls_in_flight.remove()
+            if self.server.closing and not self.calls:  # draining: its last call has ended
+                self.close_when_sent(CloseCode.GOING_AWAY, "server shutting down")
 
     async def _call(self, call: Call, state: _CallState) -> None:
         server, metrics, tenant, scope = self.server, self.server.metrics, self.tenant, state.scope

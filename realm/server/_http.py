@@ -12,6 +12,7 @@ the port speaks) and by the metrics endpoint. One request per connection: every 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import http
 import urllib.parse
 from typing import Final
@@ -24,6 +25,11 @@ MAX_HEAD_BYTES: Final = 16 << 10  # a request head (request line and headers) at
 RECEIVE_BYTES: Final = 4096
 DRAIN_SECONDS: Final = 1.0  # after a response, read what the client still sends, this long ...
 DRAIN_BYTES: Final = 1 << 20  # ... or this much, so closing does not reset the connection
+#: headers every response of a server carries (its ``X-Realm-Server`` identity): set by the
+#: server in its serving task, inherited by every connection task it starts
+RESPONSE_HEADERS: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "realm_response_headers", default=()
+)
 
 
 @attrs.frozen
@@ -145,7 +151,7 @@ def response_bytes(response: HttpResponse) -> bytes:
         f"Content-Length: {len(response.body)}",
         "X-Content-Type-Options: nosniff",  # a body echoing a Host header is never run as HTML
         "Connection: close",
-        *(f"{k}: {v}" for k, v in response.headers),
+        *(f"{k}: {v}" for k, v in (*response.headers, *RESPONSE_HEADERS.get())),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
 
@@ -243,6 +249,7 @@ class HttpStream:
             ("X-Content-Type-Options", "nosniff"),
             ("Connection", "close"),
             *headers,
+            *RESPONSE_HEADERS.get(),
         ]
         await self._write(h11.Response(status_code=status, headers=all_headers))
 

@@ -4,8 +4,11 @@
 its ``generate`` and ``POST /v1/embeddings`` its ``embed``, through ``Server.dispatch``: the
 same API keys, tenants, rate buckets, max_tokens cap, queue and batching as a WebSocket call.
 ``stream: true`` answers with Server-Sent Events (``data: {chunk}`` lines, then
-``data: [DONE]``). Errors have OpenAI's shape, ``{"error": {"message", "type", "param",
-"code"}}``, with the HTTP status a client library expects. A client that closes its connection
+``data: [DONE]``). ``n`` choices are ``n`` calls of the tenant run at once (each under its
+limits); ``logprobs`` are the guest's opt-in ``logprobs`` params, named by the model's
+vocabulary. A tenant whose guest cannot run now gets 503 with ``Retry-After``. Errors have
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status a
+client library expects. A client that closes its connection
 cancels its call (the guest stops within one forward step); a server shutdown lets calls finish
 within its grace period, then ends each stream with an error event and ``[DONE]``.
 """
@@ -20,6 +23,7 @@ import math
 import struct
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -30,6 +34,21 @@ from ._access import credentials
 from ._config import OPEN_TENANT
 from ._connection import finite
 from ._http import BadRequest, HttpRequest, HttpResponse, HttpStream, read_body
+from ._openai_fields import MAX_CHOICES as MAX_CHOICES
+from ._openai_fields import STATUS as STATUS
+from ._openai_fields import OpenAIError as OpenAIError
+from ._openai_fields import (
+    _bad,
+    _boolean,
+    chat_params,
+    choice_params,
+    choices_count,
+    completion_params,
+    embedding_inputs,
+    from_realm,
+    json_response,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -37,242 +56,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("realm.server")
 
-#: the HTTP status of each protocol error code
-STATUS: Final = {
-    ErrorCode.INVALID_REQUEST: 400,
-    ErrorCode.INVALID_PARAMS: 400,
-    ErrorCode.UNKNOWN_FUNCTION: 404,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.OVERLOADED: 503,
-    ErrorCode.TENANT_UNAVAILABLE: 503,
-    ErrorCode.CANCELLED: 503,  # only a shutdown's cancel reaches a client
-    ErrorCode.TIMEOUT: 504,
-    ErrorCode.GUEST_TRAP: 500,
-    ErrorCode.INTERNAL: 500,
-}
 ROUTES: Final = {
     "/v1/chat/completions": ("POST", "chat"),
     "/v1/completions": ("POST", "generate"),
     "/v1/embeddings": ("POST", "embed"),
     "/v1/models": ("GET", None),
 }
-MAX_EMBEDDING_INPUTS: Final = 64
-
-
-class OpenAIError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
-
-    @property
-    def type(self) -> str:
-        if self.status == 401:
-            return "authentication_error"
-        if self.status == 403:
-            return "permission_error"
-        if self.status == 429:
-            return "rate_limit_error"
-        if self.status >= 500:
-            return "server_error"
-        return "invalid_request_error"
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> HttpResponse:
-        return json_response(self.status, self.body(), self.headers)
-
-
-def json_response(
-    status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()
-) -> HttpResponse:
-    return HttpResponse(status, (json.dumps(body) + "\n").encode(), "application/json", headers)
-
-
-def from_realm(code: str, message: str, retry_after: float | None = None) -> OpenAIError:
-    code = ErrorCode(code) if code in set(ErrorCode) else ErrorCode.INTERNAL
-    headers: tuple[tuple[str, str], ...] = ()
-    if retry_after is not None:
-        headers = (("Retry-After", str(max(1, math.ceil(retry_after)))),)
-    return OpenAIError(STATUS[code], message, code=code.lower(), headers=headers)
-
-
-def _bad(param: str, why: str) -> OpenAIError:
-    return OpenAIError(400, f"{param}: {why}", param=param, code="invalid_value")
-
-
-# --- request fields --------------------------------------------------------------------------
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise _bad(name, f"must be a number, got {json.dumps(v)[:40]}")
-    if not lo <= v <= hi:
-        raise _bad(name, f"must be between {lo:g} and {hi:g}, got {v:g}")
-    return float(v)
-
-
-def _integer(body: dict[str, Any], name: str, lo: int) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(name, f"must be an integer, got {json.dumps(v)[:40]}")
-    if v < lo:
-        raise _bad(name, f"must be at least {lo}, got {v}")
-    return v
-
-
-def _boolean(body: dict[str, Any], name: str) -> bool:
-    v = body.get(name)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise _bad(name, f"must be a boolean, got {json.dumps(v)[:40]}")
-    return v
-
-
-def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The guest's params for what OpenAI's chat and completions requests share."""
-    params: dict[str, Any] = {}
-    mt = _integer(body, "max_completion_tokens", 1)
-    if mt is None:
-        mt = _integer(body, "max_tokens", 1)
-    if mt is not None:
-        params["max_tokens"] = mt
-    for name, lo, hi in (
-        ("temperature", 0.0, 2.0),
-        ("top_p", 0.0, 1.0),
-        ("presence_penalty", -2.0, 2.0),
-        ("frequency_penalty", -2.0, 2.0),
-    ):
-        v = _number(body, name, lo, hi)
-        if v is not None:
-            params[name] = v
-    seed = body.get("seed")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _bad("seed", "must be an integer")
-        params["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise _bad("stop", "must be a string or a list of non-empty strings")
-        if len(stops) > 4:
-            raise _bad("stop", f"at most 4 sequences, got {len(stops)}")
-        if stops:
-            params["stop"] = stops
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad("n", "only n=1 is supported (one choice per request)")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise OpenAIError(
-            400, "logprobs: not supported by this server's guests",
-            param="logprobs", code="unsupported_value",
-        )  # fmt: skip
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("user", "must be a string")
-    return params
-
-
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _bad(where, "only text content parts are supported")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(where, "a text part needs a string 'text'")
-            parts.append(text)
-        return "".join(parts)
-    raise _bad(where, "must be a string or a list of text parts")
-
-
-def chat_params(body: dict[str, Any]) -> dict[str, Any]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "must be a non-empty array of {role, content}")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(where, "must be an object")
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise _bad(f"{where}.role", "must be a non-empty string")
-        out.append({"role": role, "content": _text_content(m.get("content"), f"{where}.content")})
-    # a conversation of its own: the request carries the whole history (OpenAI is stateless);
-    # the guest keeps a bounded number of conversations and drops the least recently used
-    return {
-        "messages": out,
-        "conversation": f"http-{uuid.uuid4().hex}",
-        **sampling_params(body),
-    }
-
-
-def completion_params(body: dict[str, Any]) -> dict[str, Any]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("prompt", "must be a string (or a list of one string; token ids are not "
-                   "supported)")  # fmt: skip
-    for name in ("echo",):
-        if body.get(name) not in (None, False):
-            raise OpenAIError(400, f"{name}: not supported", param=name, code="unsupported_value")
-    if body.get("suffix") not in (None, ""):
-        raise OpenAIError(400, "suffix: not supported", param="suffix", code="unsupported_value")
-    if body.get("best_of") not in (None, 1):
-        raise OpenAIError(400, "best_of: only 1 is supported", param="best_of",
-                          code="unsupported_value")  # fmt: skip
-    return {"prompt": prompt, **sampling_params(body)}
-
-
-def embedding_inputs(body: dict[str, Any]) -> list[str]:
-    inputs = body.get("input")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
-        raise _bad("input", "must be a string or a non-empty list of strings (token ids are "
-                   "not supported)")  # fmt: skip
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise _bad("input", f"at most {MAX_EMBEDDING_INPUTS} inputs, got {len(inputs)}")
-    fmt = body.get("encoding_format")
-    if fmt not in (None, "float", "base64"):
-        raise _bad("encoding_format", "must be 'float' or 'base64'")
-    if body.get("dimensions") is not None:
-        raise OpenAIError(400, "dimensions: not supported", param="dimensions",
-                          code="unsupported_value")  # fmt: skip
-    return inputs
 
 
 # --- one request -------------------------------------------------------------------------------
@@ -351,17 +140,34 @@ class Exchange:
 
     def model(self, body: dict[str, Any]) -> str:
         names = self.server.runtime.registry.names()
+        if not names:
+            raise unavailable("no model is loaded yet")
         model = body.get("model")
         if model is None:
             return names[0]
         if not isinstance(model, str):
             raise _bad("model", "must be a string")
-        if model not in names:
+        # a tenant's LoRA adapters are models to its clients (the host resolves the name)
+        if model not in names and model not in self.server.runtime.adapters(self.tenant):
             raise OpenAIError(
                 404, f"The model {model[:100]!r} does not exist (this server has: "
                 f"{', '.join(names)}; GET /v1/models)", param="model", code="model_not_found",
             )  # fmt: skip
         return model
+
+    async def has_function(self, function: str) -> bool:
+        """Whether the tenant's guest exports ``function``. Raises ``OpenAIError`` 503 (with
+        ``Retry-After``) when the guest cannot run now (it failed to load, or is failed past
+        its restart intensity): that is not the client's mistake, and may pass."""
+        if await self.server.function_label(self.tenant, function) == function:
+            return True
+        try:  # not among its functions, or its functions cannot be read: which?
+            await self.server.runtime.functions(self.tenant)
+        except RealmError as e:
+            raise unavailable(
+                f"tenant {self.tenant!r} cannot run now: {self.server.public_message(str(e))}"
+            ) from None
+        return False
 
     async def handle(self) -> HttpResponse | None:
         try:
@@ -390,12 +196,13 @@ class Exchange:
                 "data": [
                     {"id": n, "object": "model", "created": int(self.server.started_wall),
                      "owned_by": "realm"}
-                    for n in self.server.runtime.registry.names()
+                    for n in [*self.server.runtime.registry.names(),
+                              *self.server.runtime.adapters(self.tenant)]  # LoRA adapters too
                 ],
             })  # fmt: skip
         body = await self.body()
         model = self.model(body)
-        if await self.server.function_label(self.tenant, function) != function:
+        if not await self.has_function(function):
             raise OpenAIError(
                 404, f"{path}: this tenant's guest has no {function!r} function",
                 code="unsupported_endpoint",
@@ -409,17 +216,56 @@ class Exchange:
         if opts is not None and not isinstance(opts, dict):
             raise _bad("stream_options", "must be an object")
         usage = _boolean(opts or {}, "include_usage")
+        each = choice_params(params, choices_count(body))
         if stream:
-            await self.stream(function, params, model, usage)
+            await self.stream(function, each, model, usage)
             return None
-        result = await self.call(function, params, lambda _: None)
-        return json_response(200, self.complete(function, model, result))
+        results = await self.calls(function, each, lambda i, d: None)
+        return json_response(200, self.complete(function, model, results))
 
     # --- calls ---------------------------------------------------------------------------
 
     async def call(self, function: str, params: dict[str, Any], on_token: Any) -> dict[str, Any]:
-        """Run one guest call as the tenant; cancelled if the client hangs up. Raises
-        ``OpenAIError``."""
+        """Run one guest call as the tenant (``calls`` with one)."""
+        return (await self.calls(function, [params], lambda _, data: on_token(data)))[0]
+
+    async def calls(
+        self,
+        function: str,
+        params: Sequence[dict[str, Any]],
+        on_token: Callable[[int, Any], None],
+    ) -> list[dict[str, Any]]:
+        """Run ``len(params)`` guest calls of the tenant at once (each one call of the tenant,
+        under its limits), all cancelled if the client hangs up or one of them fails.
+        ``on_token(i, data)`` gets call ``i``'s token events. Raises ``OpenAIError``."""
+        results: list[dict[str, Any] | None] = [None] * len(params)
+        errors: list[OpenAIError] = []
+        # (raised past the nurseries, not in them: trio would wrap it in an ExceptionGroup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, nursery.cancel_scope)
+            async with trio.open_nursery() as group:
+                for i, p in enumerate(params):
+                    group.start_soon(self._one, i, function, p, on_token, results, errors, group)
+            nursery.cancel_scope.cancel()
+        if errors:
+            raise errors[0]
+        done = [r for r in results if r is not None]
+        if len(done) < len(results):  # the watcher cancelled them: nobody is left to answer
+            raise OpenAIError(499, "the client closed its connection", code="cancelled")
+        return done
+
+    async def _one(
+        self,
+        i: int,
+        function: str,
+        params: dict[str, Any],
+        on_token: Callable[[int, Any], None],
+        results: list[dict[str, Any] | None],
+        errors: list[OpenAIError],
+        group: trio.Nursery,
+    ) -> None:
+        """Call ``i`` of ``calls``: its result in ``results[i]``, or its error appended to
+        ``errors`` and its siblings cancelled."""
         server, tenant = self.server, self.tenant
         metrics = server.metrics
         tokens, bucket = metrics.tokens.labels(tenant), server.tenant_limits(tenant).tokens
@@ -430,48 +276,40 @@ class Exchange:
             tokens.inc()
             if bucket is not None:
                 bucket.spend(1)
-            on_token(ev.data)
+            on_token(i, ev.data)
 
         scope = trio.CancelScope()
         server.http_calls.scopes[scope] = ""
         server.calls_in_flight.add()
         error: OpenAIError | None = None
-        result: dict[str, Any] | None = None
         try:
-            # (raised past the nursery, not in it: trio would wrap it in an ExceptionGroup)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope)
-                try:
-                    with scope, trio.move_on_after(server.limits.call_timeout_seconds) as timer:
-                        call = Call(f"http-{uuid.uuid4().hex[:12]}", function, params)
-                        result = finite(await server.dispatch(tenant, call, on_event))
-                        outcome = "ok"
-                    if timer.cancelled_caught:
-                        outcome = "timeout"
-                        error = OpenAIError(
-                            504, f"the call took over {server.limits.call_timeout_seconds:g} s",
-                            code="timeout",
-                        )  # fmt: skip
-                    elif scope.cancelled_caught:
-                        error = from_realm(ErrorCode.CANCELLED, server.http_calls.scopes[scope])
-                except ProtocolError as e:
-                    outcome = e.code.lower()
-                    error = from_realm(e.code, server.public_message(e.message), e.retry_after)
-                except RealmError as e:
-                    outcome = str(e.code).lower()
-                    error = from_realm(e.code, server.public_message(str(e)))
-                except Exception:
-                    log.exception("HTTP call %s of tenant %r failed", function, tenant)
-                    outcome = "internal"
-                    error = OpenAIError(500, "internal error (logged on the server)",
-                                        code="internal")  # fmt: skip
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                with scope, trio.move_on_after(server.limits.call_timeout_seconds) as timer:
+                    call = Call(f"http-{uuid.uuid4().hex[:12]}", function, params)
+                    results[i] = finite(await server.dispatch(tenant, call, on_event))
+                    outcome = "ok"
+                if timer.cancelled_caught:
+                    outcome = "timeout"
+                    error = OpenAIError(
+                        504, f"the call took over {server.limits.call_timeout_seconds:g} s",
+                        code="timeout",
+                    )  # fmt: skip
+                elif scope.cancelled_caught:
+                    error = from_realm(ErrorCode.CANCELLED, server.http_calls.scopes[scope])
+            except ProtocolError as e:
+                outcome = e.code.lower()
+                error = from_realm(e.code, server.public_message(e.message), e.retry_after)
+            except RealmError as e:
+                outcome = str(e.code).lower()
+                error = from_realm(e.code, server.public_message(str(e)))
+            except Exception:
+                log.exception("HTTP call %s of tenant %r failed", function, tenant)
+                outcome = "internal"
+                error = OpenAIError(500, "internal error (logged on the server)",
+                                    code="internal")  # fmt: skip
             if error is not None:
-                raise error
-            if result is None:  # the watcher cancelled the nursery: nobody is left to answer
-                raise OpenAIError(499, "the client closed its connection", code="cancelled")
-            return result
+                errors.append(error)
+                group.cancel_scope.cancel()
         finally:
             server.http_calls.scopes.pop(scope, None)
             server.calls_in_flight.remove()
@@ -479,7 +317,7 @@ class Exchange:
             metrics.calls.labels(tenant, label, outcome).inc()
             metrics.call_seconds.labels(tenant, label).observe(time.perf_counter() - t0)
 
-    async def _watch_client(self, scope: trio.CancelScope) -> None:
+    async def _watch_client(self, scope: trio.CancelScope, what: str = "its call is") -> None:
         """Cancel ``scope`` when the client closes its connection (reads and drops anything it
         sends after its request)."""
         try:
@@ -487,7 +325,7 @@ class Exchange:
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-        log.info("HTTP client %s went away: its call is cancelled", self.request.peer)
+        log.info("HTTP client %s went away: %s cancelled", self.request.peer, what)
         scope.cancel()
 
     # --- answers ---------------------------------------------------------------------------
@@ -508,84 +346,159 @@ class Exchange:
         fr = result.get("finish_reason")
         return fr if fr in ("stop", "length") else "stop"
 
-    def complete(self, function: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, function: str, model: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         cid, obj = self._ids(function)
-        text = result.get("text") or ""
-        if function == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": self._finish(result),
-            }
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": self._finish(result)}  # fmt: skip
+        choices: list[dict[str, Any]] = []
+        for i, result in enumerate(results):
+            text = result.get("text") or ""
+            logprobs = self._logprobs(function, model, result)
+            if function == "chat":
+                choices.append({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": self._finish(result),
+                })  # fmt: skip
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs,
+                                "finish_reason": self._finish(result)})  # fmt: skip
         return {
             "id": cid, "object": obj, "created": self.created, "model": model,
-            "system_fingerprint": None, "choices": [choice], "usage": self._usage(result),
+            "system_fingerprint": None, "choices": choices, "usage": self._usages(results),
         }  # fmt: skip
 
+    def _piece(self, model: str) -> Callable[[int], bytes]:
+        """A token id's bytes under ``model`` (a LoRA adapter's: its base model's)."""
+        runtime = self.server.runtime
+        name: Any = model
+        if model not in runtime.registry:
+            name = (runtime.adapters(self.tenant).get(model) or {}).get("model")
+        if name not in runtime.registry:
+            return lambda _: b""
+        tokenizer = runtime.registry.get(name).tokenizer
+
+        def piece(token: int) -> bytes:
+            try:
+                return tokenizer.token_to_piece(token)
+            except (RealmError, ValueError, TypeError):
+                return b""
+
+        return piece
+
+    def _logprobs(self, function: str, model: str, result: dict[str, Any]) -> Any:
+        """The guest's ``logprobs`` (``[{id, logprob, top: [[id, logprob]...]}...]``, asked
+        for with its ``logprobs`` param) in OpenAI's shape for ``function``; None if absent."""
+        raw = result.get("logprobs")
+        if not isinstance(raw, list):
+            return None
+        piece = self._piece(model)
+        entries = []
+        for e in raw:
+            if not isinstance(e, dict) or not isinstance(e.get("id"), int):
+                continue
+            top = [t for t in e.get("top") or [] if isinstance(t, list) and len(t) == 2]
+            entries.append((e["id"], e.get("logprob"), top))
+        if function == "chat":
+            content = []
+            for token, lp, top in entries:
+                b = piece(token)
+                content.append({
+                    "token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b),
+                    "top_logprobs": [
+                        {"token": (tb := piece(t)).decode("utf-8", "replace"), "logprob": tl,
+                         "bytes": list(tb)}
+                        for t, tl in top
+                    ],
+                })  # fmt: skip
+            return {"content": content, "refusal": None}
+        tokens, offsets, offset = [], [], 0
+        for token, _, _ in entries:
+            text = piece(token).decode("utf-8", "replace")
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [
+                {piece(t).decode("utf-8", "replace"): tl for t, tl in top} for _, _, top in entries
+            ],
+            "text_offset": offsets,
+        }
+
+    @classmethod
+    def _usages(cls, results: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """The usage of a request's choices: the prompt counted once (as OpenAI does), the
+        completion tokens of every choice."""
+        each = [cls._usage(r) for r in results]
+        p = max((u["prompt_tokens"] for u in each), default=0)
+        c = sum(u["completion_tokens"] for u in each)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
     async def stream(
-        self, function: str, params: dict[str, Any], model: str, include_usage: bool
+        self, function: str, params: list[dict[str, Any]], model: str, include_usage: bool
     ) -> None:
         """Answer with SSE. The head is sent with the first token: an error before it is an
         ordinary error response; one after it is an ``error`` event, then ``[DONE]``."""
         cid, obj = self._ids(function)
         obj += ".chunk" if function == "chat" else ""
-        send, recv = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        send, recv = trio.open_memory_channel[tuple[str, int, Any]](math.inf)
 
         async def run() -> None:
             async with send:
                 try:
-                    result = await self.call(
-                        function, params, lambda d: send.send_nowait(("token", d))
+                    results = await self.calls(
+                        function, params, lambda i, d: send.send_nowait(("token", i, d))
                     )
                 except OpenAIError as e:
-                    send.send_nowait(("error", e))
+                    send.send_nowait(("error", 0, e))
                 else:
-                    send.send_nowait(("done", result))
+                    send.send_nowait(("done", 0, results))
 
-        def chunk(delta: Any, finish: str | None) -> dict[str, Any]:
+        def chunk(i: int, delta: Any, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
             if function == "chat":
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": finish}  # fmt: skip
             else:
-                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": delta, "logprobs": logprobs,
+                          "finish_reason": finish}  # fmt: skip
             out = {"id": cid, "object": obj, "created": self.created, "model": model,
                    "system_fingerprint": None, "choices": [choice]}  # fmt: skip
             if include_usage:
                 out["usage"] = None
             return out
 
+        def usage_chunk(results: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"id": cid, "object": obj, "created": self.created, "model": model,
+                    "system_fingerprint": None, "choices": [],
+                    "usage": self._usages(results)}  # fmt: skip
+
         out = HttpStream(self.wire, self.request, timeout=self.server.limits.send_timeout_seconds)
         # counted with the open connections: a shutdown waits for the stream's last event
         self.server.open_connections.add()
         try:
-            await self._stream(run, recv, out, function, chunk, include_usage, cid, obj, model)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                # a write that fails: the client went away (its calls are cancelled with it)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._write_events(
+                        recv, out, function, model, len(params), chunk,
+                        usage_chunk if include_usage else None,
+                    )  # fmt: skip
+                nursery.cancel_scope.cancel()
         finally:
             self.server.open_connections.remove()
 
-    async def _stream(
-        self, run: Any, recv: Any, out: HttpStream, function: str, chunk: Any,
-        include_usage: bool, cid: str, obj: str, model: str,
-    ) -> None:  # fmt: skip
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            # a write that fails: the client went away (its call is cancelled with it)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._write_events(recv, out, function, chunk, include_usage, cid, obj, model)
-            nursery.cancel_scope.cancel()
-
     async def _write_events(
-        self, recv: Any, out: HttpStream, function: str, chunk: Any, include_usage: bool,
-        cid: str, obj: str, model: str,
+        self, recv: Any, out: HttpStream, function: str, model: str, n: int, chunk: Any,
+        usage_chunk: Any,
     ) -> None:  # fmt: skip
         started = False
 
         async def event(data: Any) -> None:
             await out.send(f"data: {json.dumps(data)}\n\n".encode())
 
-        async for kind, data in recv:
+        async for kind, i, data in recv:
             if kind == "error" and not started:
                 resp = data.response()
                 await out.start(resp.status, resp.content_type, resp.headers)
@@ -596,18 +509,20 @@ class Exchange:
                 started = True
                 await out.start(200, "text/event-stream; charset=utf-8")
                 if function == "chat":
-                    await event(chunk({"role": "assistant", "content": ""}, None))
+                    for j in range(n):
+                        await event(chunk(j, {"role": "assistant", "content": ""}, None))
             if kind == "token":
                 text = data.get("token", "") if isinstance(data, dict) else ""
-                await event(chunk({"content": text} if function == "chat" else text, None))
+                await event(chunk(i, {"content": text} if function == "chat" else text, None))
             elif kind == "error":
                 await event(data.body())
-            else:
-                await event(chunk({} if function == "chat" else "", self._finish(data)))
-                if include_usage:
-                    await event({"id": cid, "object": obj, "created": self.created,
-                                 "model": model, "system_fingerprint": None,
-                                 "choices": [], "usage": self._usage(data)})  # fmt: skip
+            else:  # done: each choice's finish (and its logprobs), then the usage of all
+                for j, result in enumerate(data):
+                    logprobs = self._logprobs(function, model, result)
+                    delta = {} if function == "chat" else ""
+                    await event(chunk(j, delta, self._finish(result), logprobs))
+                if usage_chunk is not None:
+                    await event(usage_chunk(data))
         await out.send(b"data: [DONE]\n\n")
         await out.end()
 
@@ -626,7 +541,7 @@ class Exchange:
                 raise _bad("function", "system functions are not run as jobs")
             if not isinstance(params, dict):
                 raise _bad("params", "must be an object")
-            if await self.server.function_label(self.tenant, function) != function:
+            if not await self.has_function(function):
                 raise OpenAIError(404, f"no function {function[:100]!r}", param="function",
                                   code="unknown_function")  # fmt: skip
             try:
@@ -654,32 +569,38 @@ class Exchange:
                           headers=(("Allow", "GET, DELETE"),))  # fmt: skip
 
     async def job_events(self, job: Any) -> None:
-        """A job's tokens as SSE, from after ``Last-Event-ID``; then its end and [DONE]."""
+        """A job's tokens as SSE, from after ``Last-Event-ID``; then its end and [DONE]. A
+        client that leaves is noticed at once (its connection is read meanwhile), not at the
+        job's next event; the job itself runs on."""
         last = (self.request.header("last-event-id") or "").strip()
         start = int(last) + 1 if last.isdigit() else 0
         out = HttpStream(self.wire, self.request, timeout=self.server.limits.send_timeout_seconds)
         self.server.open_connections.add()
         try:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await out.start(200, "text/event-stream; charset=utf-8")
-                i = start
-                while True:
-                    while i < len(job.events):
-                        data = json.dumps(job.events[i])
-                        await out.send(f"id: {i}\ndata: {data}\n\n".encode())
-                        i += 1
-                    if job.finished is not None and i >= len(job.events):
-                        break
-                    changed = job.changed
-                    if i >= len(job.events) and job.finished is None:
-                        await changed.wait()
-                kind = "result" if job.status == "succeeded" else "error"
-                final = job.as_dict()
-                await out.send(f"event: {kind}\ndata: {json.dumps(final)}\n\n".encode())
-                await out.send(b"data: [DONE]\n\n")
-                await out.end()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, nursery.cancel_scope, "its job stream is")
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._write_job_events(job, start, out)
+                nursery.cancel_scope.cancel()
         finally:
             self.server.open_connections.remove()
+
+    @staticmethod
+    async def _write_job_events(job: Any, start: int, out: HttpStream) -> None:
+        await out.start(200, "text/event-stream; charset=utf-8")
+        i = start
+        while True:
+            while i < len(job.events):
+                data = json.dumps(job.events[i])
+                await out.send(f"id: {i}\ndata: {data}\n\n".encode())
+                i += 1
+            if job.finished is not None:
+                break
+            await job.changed.wait()
+        kind = "result" if job.status == "succeeded" else "error"
+        await out.send(f"event: {kind}\ndata: {json.dumps(job.as_dict())}\n\n".encode())
+        await out.send(b"data: [DONE]\n\n")
+        await out.end()
 
     async def embeddings(self, body: dict[str, Any], model: str) -> HttpResponse:
         inputs = embedding_inputs(body)

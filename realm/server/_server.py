@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import math
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -31,13 +33,21 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from .. import __version__
 from .._errors import ProtocolError, RealmError
-from .._protocol import PROTOCOL_VERSION, UNAUTHORIZED_REASON, Call, CloseCode, ErrorCode
+from .._protocol import (
+    PROTOCOL_VERSION,
+    SERVER_HEADER,
+    SHUTDOWN_REASON,
+    UNAUTHORIZED_REASON,
+    Call,
+    CloseCode,
+    ErrorCode,
+)
 from .._util import single_error
 from ..actors import Event, Runtime, RuntimeLimits, open_runtime
 from ._access import AccessPolicy, LoginThrottle, chosen_subprotocol, credentials, is_loopback_name
-from ._config import OPEN_TENANT, ConfigError, ServerConfig, TenantSpec
+from ._config import OPEN_TENANT, ConfigError, ServerConfig, TenantSpec, proxy_networks
 from ._connection import Connection, Tally, finite
-from ._http import HttpRequest, HttpResponse, text_response
+from ._http import RESPONSE_HEADERS, HttpRequest, HttpResponse, text_response
 from ._jobs import Jobs
 from ._limits import TokenBucket
 from ._metrics import UNKNOWN_FUNCTION_LABEL, ServerMetrics, serve_metrics
@@ -61,7 +71,6 @@ MESSAGE_QUEUE: Final = 8  # messages trio-websocket buffers before its reader wa
 MAX_FUNCTION_LABELS: Final = 64  # per tenant: functions past these are counted as unknown
 CANCEL_SECONDS: Final = 3.0  # at shutdown, cancelled calls get this long to send their errors
 CLOSE_SECONDS: Final = 3.0  # then connections get this long to close
-SHUTDOWN_REASON: Final = "the server is shutting down"
 #: what a plain HTTP request to the WebSocket port is told
 PORT_SPEAKS: Final = (
     "This port speaks Realm protocol v1 over WebSocket: connect a WebSocket client to "
@@ -103,6 +112,14 @@ class _TenantLimits:
             )
 
 
+def _is_in(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
 def _retry_after(seconds: float) -> float:
     """Seconds rounded up to the millisecond (a retry that waits this long is admitted)."""
     return max(0.001, math.ceil(seconds * 1000) / 1000)
@@ -140,7 +157,14 @@ class Server:
         self._paths = self._known_paths()
         self._serving = trio.CancelScope()
         self._shut_down = trio.Event()
+        self._proxies = proxy_networks("trusted_proxies", list(config.trusted_proxies))
         self._admitted = 0  # connections past the max_connections check, handshaking or open
+
+    @property
+    def server_id(self) -> str:
+        """This server's name (``X-Realm-Server``, ``/health``, ``system_health``): the
+        config's ``server_id``, else the machine's host name and the port."""
+        return self.config.server_id or f"{socket.gethostname()}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -170,6 +194,8 @@ class Server:
             disconnect_timeout=2.0,
             send_timeout=self.limits.send_timeout_seconds,
         )
+        # every response of this server names it (inherited by the tasks started below)
+        RESPONSE_HEADERS.set(((SERVER_HEADER, self.server_id),))
         async with trio.open_nursery() as nursery:
             self.jobs.nursery = nursery
             if self.config.metrics_port is not None:
@@ -214,6 +240,12 @@ class Server:
             "shutting down: %d connections, %d calls in flight",
             len(self.connections), self.calls_in_flight.value,
         )  # fmt: skip
+        # draining: a connection with nothing in flight goes now (1001), one with calls as soon
+        # as its calls end (``Connection``), so its client reconnects, through a balancer, to
+        # another server rather than sending this one calls it would refuse
+        for conn in list(self.connections):
+            if not conn.calls:
+                conn.close_when_sent(CloseCode.GOING_AWAY, "server shutting down")
         with trio.move_on_after(self.limits.shutdown_seconds):
             await self.calls_in_flight.wait_zero()
         if self.calls_in_flight.value:
@@ -233,8 +265,25 @@ class Server:
 
     # --- admission -----------------------------------------------------------------------------
 
+    def _client(self, head: HttpRequest) -> HttpRequest:
+        """``head`` with ``peer`` the client's address: behind a trusted balancer
+        (``trusted_proxies``), the last address of ``X-Forwarded-For`` that is not one."""
+        if not self._proxies or not _is_in(head.peer, self._proxies):
+            return head
+        peer = head.peer
+        for hop in reversed(head.header_values("x-forwarded-for")):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break  # not written by a balancer: the last trusted hop stands for the client
+            peer = hop
+            if not _is_in(hop, self._proxies):
+                break
+        return attrs.evolve(head, peer=peer)
+
     async def _handle_websocket(self, request: WebSocketRequest, head: HttpRequest) -> None:
         """One connection, from handshake to close. Never raises (the error boundary)."""
+        head = self._client(head)
         try:
             await self._handle_request(request, head)
         except ConnectionClosed:
@@ -252,7 +301,7 @@ class Server:
     ) -> None:
         """Refuse a handshake with HTTP ``status``, counted under ``reason``."""
         self.metrics.refused.labels(reason).inc()
-        extra = [(k.encode(), v.encode()) for k, v in headers]
+        extra = [(k.encode(), v.encode()) for k, v in (*headers, *RESPONSE_HEADERS.get())]
         await request.reject(status, extra_headers=extra, body=f"{why}\n".encode())
 
     async def _handle_request(self, request: WebSocketRequest, head: HttpRequest) -> None:
@@ -293,7 +342,10 @@ class Server:
                 self._login_failed(head.peer, creds.via)
             else:
                 self.throttle.succeeded(head.peer)
-        ws = await request.accept(subprotocol=chosen_subprotocol(head))
+        ws = await request.accept(
+            subprotocol=chosen_subprotocol(head),
+            extra_headers=[(k.encode(), v.encode()) for k, v in RESPONSE_HEADERS.get()],
+        )
         if tenant is None:
             await ws.aclose(CloseCode.POLICY, UNAUTHORIZED_REASON)
             return
@@ -326,6 +378,7 @@ class Server:
     # --- plain HTTP ----------------------------------------------------------------------------
 
     async def _handle_http(self, request: HttpRequest, wire: UncutStream) -> HttpResponse | None:
+        request = self._client(request)
         refusal = self.policy.refusal(request)
         if refusal is not None:
             self.metrics.refused.labels("forbidden").inc()
@@ -338,7 +391,10 @@ class Server:
             return await handle_openai(self, request, wire)
         if request.path == "/ready":
             ready = not self.closing and bool(self.runtime.registry.names())
-            body = {"status": "ready" if ready else "shutting_down" if self.closing else "loading"}
+            body = {
+                "status": "ready" if ready else "shutting_down" if self.closing else "loading",
+                "server": self.server_id,
+            }
             return HttpResponse(
                 200 if ready else 503, (json.dumps(body) + "\n").encode(), "application/json"
             )
@@ -348,6 +404,7 @@ class Server:
                 return text_response(405, f"405: GET only.\n{speaks}", (("Allow", "GET"),))
             health = {
                 "status": "shutting_down" if self.closing else "ok",
+                "server": self.server_id,
                 "version": __version__,
                 "protocol": PROTOCOL_VERSION,
                 "models": self.runtime.registry.names(),
@@ -439,6 +496,7 @@ class Server:
             connections, calls = self._own(tenant)
             return {
                 "status": "shutting_down" if self.closing else "ok",
+                "server": self.server_id,
                 "version": __version__,
                 "protocol": PROTOCOL_VERSION,
                 "uptime_seconds": round(time.monotonic() - self.started, 3),
@@ -507,9 +565,15 @@ async def open_server(config: ServerConfig) -> AsyncIterator[Server]:
         if config.tenants is None
         else {n: spec.runtime_spec() for n, spec in config.tenants.items()}
     )
-    async with open_runtime(
-        models=config.models, tenants=tenants, limits=runtime_limits(config)
-    ) as rt:
+    models: dict[str, Any] = dict(config.models)
+    if config.device != "cpu":  # loaded here so that the runtime shares them as they are
+        from ..model import ModelRegistry
+
+        registry = ModelRegistry(device=config.device)
+        for name, path in config.models.items():
+            registry.load(name, path)
+        models = {name: registry.get(name) for name in config.models}
+    async with open_runtime(models=models, tenants=tenants, limits=runtime_limits(config)) as rt:
         server = Server(config, rt)
         with single_error():  # an error of the caller's block comes out as itself
             async with trio.open_nursery() as nursery:

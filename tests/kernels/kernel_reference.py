@@ -96,14 +96,18 @@ def matmul(w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """On-the-fly activation quantization: codes ``(..., nb, 32)``, scales ``(..., nb)``.
+QK_K = 256  # elements per K-quant super-block, and per Q8_K activation block
 
-    Per 32-block: ``d = amax / 127`` and ``q = rint(x / d)`` computed as ``x * (1 / d)``,
-    all in float32, rounding to nearest even (``lrintf``); ``d = 0`` gives ``q = 0``.
+
+def quantize_activations(x: np.ndarray, block: int = QK) -> tuple[np.ndarray, np.ndarray]:
+    """On-the-fly activation quantization: codes ``(..., nb, block)``, scales ``(..., nb)``.
+
+    Per block (32, or QK_K for the weights of 256-element super-blocks): ``d = amax / 127``
+    and ``q = rint(x / d)`` computed as ``x * (1 / d)``, all in float32, rounding to nearest
+    even (``lrintf``); ``d = 0`` gives ``q = 0``.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    blocks = x.reshape(*x.shape[:-1], -1, QK)
+    blocks = x.reshape(*x.shape[:-1], -1, block)
     amax = np.abs(blocks).max(axis=-1)
     d = (amax / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):

@@ -5,11 +5,11 @@ Weights are random block bytes with sane half-precision scales (the block layout
 known offsets), so every bit pattern of the quantized fields occurs; the gguf package's
 dequantizer is the reference. Dequantization must be bit for bit the reference's (arbitrary
 bytes, NaN scales included, are also checked in test_formats.py). matmul quantizes the
-activations to 8 bits per 32-block below a batch of 16 (and at every batch on the scalar
-level), so it must equal the float64 product of the exact weights with those quantized
-activations up to float32 rounding; from a batch of 16 on the SIMD levels it dequantizes
-weight panels into the F32 GEMM, so it must equal the float64 product with the activations
-themselves.
+activations to 8 bits per 32-block (per 256 for the types of 256-element super-blocks, as
+ggml's Q8_K) below a batch of 16, so it must equal the float64 product of the exact weights
+with those quantized activations up to float32 rounding; from a batch of 16 it dequantizes
+weight panels into the F32 GEMM (the F32 dots on the scalar level), so it must equal the
+float64 product with the activations themselves.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ HALF_FIELDS = {
     WeightType.IQ4_XS: (0,),
 }
 GEMM_MIN_BATCH = 16  # native/matmul.c
+
+
+def activation_block(wt: WeightType) -> int:
+    """Elements per quantized activation block that ``wt``'s matmul uses (native/quants.c)."""
+    return reference.QK_K if wt.block_elems == reference.QK_K else reference.QK
 
 
 def random_weights(wt: WeightType, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
@@ -77,11 +82,30 @@ def test_matmul_matches_the_exact_product(wt: WeightType, batch: int, isa: Isa) 
     x = rng.standard_normal((batch, n_cols)).astype(np.float32)
     x[0, :32] *= 50.0  # an outlier block
     y = kernels.matmul(w, x, wtype=wt)
-    if batch >= GEMM_MIN_BATCH and isa != Isa.SCALAR:
+    if batch >= GEMM_MIN_BATCH:
         x_used = x.astype(np.float64)
     else:
-        codes, d = reference.quantize_activations(x)
+        # 256-element super-block weights meet activations quantized per 256 (Q8_K)
+        codes, d = reference.quantize_activations(x, activation_block(wt))
         x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
+    want = x_used @ values.T
+    bound = np.abs(x_used) @ np.abs(values).T
+    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("batch", [2, 5, 6, 15], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_matmul_odd_block_counts_and_row_groups(wt: WeightType, batch: int, isa: Isa) -> None:
+    """An odd number of blocks (7 of 32, or 3 super-blocks) and every remainder of the dots'
+    groups of activation rows: still the exact product with the quantized activations."""
+    n_rows, n_cols = 5, 7 * wt.block_elems if wt.block_elems == 32 else 3 * wt.block_elems
+    w = random_weights(wt, n_rows, n_cols, seed=int(wt) * 7 + batch)
+    values = reference.dequantize(w, wt).astype(np.float64)
+    x = np.random.default_rng(batch).standard_normal((batch, n_cols)).astype(np.float32)
+    x[-1, -40:] *= 30.0  # an outlier block at the end
+    y = kernels.matmul(w, x, wtype=wt)
+    codes, d = reference.quantize_activations(x, activation_block(wt))
+    x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
     want = x_used @ values.T
     bound = np.abs(x_used) @ np.abs(values).T
     reference.assert_within(y, want, 1e-5 * bound + 1e-30)

@@ -494,7 +494,7 @@ def test_forward_argument_errors(probe: Probe, model: Model) -> None:
         ((h, tp, -(1 << 31), lp, vocab, 1), EINVAL),
         ((h, tp, 4097, lp, vocab, 1), ELIMIT),  # over max_tokens_per_forward
         ((h, tp, 0x7FFFFFFF, lp, vocab, 1), ELIMIT),
-        ((h, tp, n, lp, vocab, 3), EINVAL),  # unknown mode
+        ((h, tp, n, lp, vocab, 4), EINVAL),  # unknown mode
         ((h, tp, n, lp, vocab, -1), EINVAL),
         ((h, tp + 2, n, lp, vocab, 1), EINVAL),  # tokens not 4-aligned
         ((h, tp, n, lp + 2, vocab, 1), EINVAL),  # logits not 4-aligned

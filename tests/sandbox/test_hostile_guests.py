@@ -648,11 +648,12 @@ def test_memory_exported_under_another_name(engine: SandboxEngine) -> None:
         ('(import "realm" "exec" (func (param i32 i32) (result i32)))', "not a Realm host import"),
         ('(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) '
          "(result i32)))", "not a Realm host import"),
-        ('(import "realm" "emit" (func (param i32) (result i32)))', "has type"),
+        ('(import "realm" "emit" (func (param i32) (result i32)))',
+         r"has type func\(i32\) -> i32, expected func\(i32, i32\) -> i32"),
         ('(import "realm" "emit" (func (param i64 i64) (result i32)))', "has type"),
         ('(import "realm" "emit" (func (param i32 i32)))', "has type"),
         ('(import "realm" "clock_ms" (func (result i32)))', "has type"),
-        ('(import "realm" "log" (memory 1))', "has type"),
+        ('(import "realm" "log" (memory 1))', "has type memory, expected func"),
         ('(import "realm" "log" (global i32))', "has type"),
     ],
 )  # fmt: skip

@@ -26,7 +26,10 @@ async def test_get_health(model_path: Path, tenants: object) -> None:
                 assert status == 200 and headers["content-type"] == "application/json"
                 assert int(headers["content-length"]) == len(body)
                 health = json.loads(body)
-                assert set(health) == {"status", "version", "protocol", "models", "uptime_seconds"}
+                assert set(health) == {
+                    "status", "server", "version", "protocol", "models", "uptime_seconds"
+                }  # fmt: skip
+                assert health["server"] == headers["x-realm-server"] == server.server_id
                 assert health["status"] == "ok" and health["protocol"] == 1
                 assert health["models"] == ["tiny"] and health["uptime_seconds"] >= 0
                 assert b"acme" not in body and b"local" not in body  # no tenant data

@@ -149,7 +149,7 @@ async def test_openai_client(chat_model_path: Path) -> None:
                 with pytest.raises(openai.NotFoundError):
                     c.completions.create(model="gpt-4", prompt="x")
                 with pytest.raises(openai.BadRequestError) as bad:
-                    c.chat.completions.create(model="tiny", messages=msgs, n=2)
+                    c.chat.completions.create(model="tiny", messages=msgs, n=9)
                 assert bad.value.body["param"] == "n"  # type: ignore[index]
 
             await trio.to_thread.run_sync(run)
@@ -190,7 +190,7 @@ async def test_raw_errors_are_openai_shaped(model_path: Path) -> None:
         (post("/v1/completions", '{"prompt": "x", "max_tokens": 0}'), 400, "max_tokens"),
         (post("/v1/completions", '{"prompt": "x", "temperature": "hot"}'), 400, "temperature"),
         (post("/v1/completions", '{"prompt": "x", "stream": "yes"}'), 400, "stream"),
-        (post("/v1/completions", '{"prompt": "x", "logprobs": 2}'), 400, "logprobs"),
+        (post("/v1/completions", '{"prompt": "x", "logprobs": 21}'), 400, "logprobs"),
         (post("/v1/chat/completions", '{"messages": []}'), 400, "messages"),
         (
             post("/v1/chat/completions", '{"messages": [{"content": "x"}]}'),
@@ -281,7 +281,7 @@ async def test_ready_and_playground(model_path: Path) -> None:
     with trio.fail_after(LIMIT):
         async with open_server(config(model_path, tenants=TENANTS)) as server:
             status, headers, body = await http_exchange(server.port, get("/ready"))
-            assert status == 200 and json.loads(body) == {"status": "ready"}
+            assert status == 200 and json.loads(body)["status"] == "ready"
             status, headers, body = await http_exchange(server.port, get("/"))
             assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
             assert body.lstrip().lower().startswith(b"<!doctype html")

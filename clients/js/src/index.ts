@@ -13,6 +13,10 @@
  * The API key goes in the `Sec-WebSocket-Protocol` list (`realm.v1, realm.bearer.KEY`): what a
  * browser can send, and never in the URL (proxies and logs keep URLs). A key that is not a
  * valid subprotocol token falls back to `?api_key=`, as does `keyInUrl: true`.
+ *
+ * Behind a balancer (docs/deploy.md) the key routes the connection, and `tenant` (sent as
+ * `?realm_tenant=`, since a browser cannot set headers on a WebSocket) routes every key of a
+ * tenant to the same server. An error's `retryable` says whether the call may be sent again.
  */
 
 // --- protocol -------------------------------------------------------------------------------
@@ -38,6 +42,11 @@ export const ErrorCode = {
   INTERNAL: "INTERNAL",
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** The message of the errors that end calls because the server is shutting down (retryable). */
+export const SHUTDOWN_REASON = "the server is shutting down";
+/** What a `ConnectionLost` of a call in flight adds to its message. */
+export const RETRY_HINT = "the call may not have finished: it may be retried";
 
 /** The WebSocket close codes a Realm server sends. */
 export const CloseCode = {
@@ -87,6 +96,13 @@ export function readServerMessage(text: string): ServerMessage | null {
 export class RealmError extends Error {
   code: ErrorCode = ErrorCode.INTERNAL;
   override name = "RealmError";
+  /** True if the same call may be sent again (the next call opens a new connection, which a
+   * balancer gives to a server that is up): the server refused it before it ran, ended it
+   * because it is shutting down, or the connection was lost. The client never resends a call
+   * by itself (a call is not idempotent). */
+  get retryable(): boolean {
+    return false;
+  }
 }
 
 /** The server answered a call with an error; `code` is the protocol's error code. */
@@ -131,9 +147,17 @@ export class RateLimited extends RemoteError {
     super(message, options);
     this.retryAfter = options.retryAfter ?? null;
   }
+  /** After `retryAfter` seconds. */
+  override get retryable(): boolean {
+    return true;
+  }
 }
+/** OVERLOADED: refused before it ran (retryable). */
 export class Overloaded extends RemoteError {
   static override readonly code = ErrorCode.OVERLOADED;
+  override get retryable(): boolean {
+    return true;
+  }
 }
 export class TenantUnavailable extends RemoteError {
   static override readonly code = ErrorCode.TENANT_UNAVAILABLE;
@@ -145,6 +169,10 @@ export class GuestTrap extends RemoteError {
  * (then `cause` is the signal's reason). */
 export class Cancelled extends RemoteError {
   static override readonly code = ErrorCode.CANCELLED;
+  /** Ended by the server's shutdown, not by the client. */
+  override get retryable(): boolean {
+    return this.serverMessage === SHUTDOWN_REASON;
+  }
 }
 export class CallTimeout extends RemoteError {
   static override readonly code = ErrorCode.TIMEOUT;
@@ -154,7 +182,8 @@ export class ServerError extends RemoteError {
 }
 
 /** The connection closed while a call was in flight (its outcome is unknown), or it could not
- * be opened. `closeCode` and `reason` are the server's close frame, if any. */
+ * be opened. `closeCode` and `reason` are the server's close frame, if any. Retryable: the
+ * next call opens a new connection. */
 export class ConnectionLost extends RealmError {
   override name = "ConnectionLost";
   readonly closeCode: number | null;
@@ -163,6 +192,9 @@ export class ConnectionLost extends RealmError {
     super(message);
     this.closeCode = options.closeCode ?? null;
     this.reason = options.reason ?? "";
+  }
+  override get retryable(): boolean {
+    return true;
   }
 }
 
@@ -243,6 +275,7 @@ async function findWebSocket(given?: WebSocketConstructor): Promise<WebSocketCon
 }
 
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token: what a subprotocol may be
+const ROUTING_KEY = /^[A-Za-z0-9._-]{1,128}$/; // a `tenant` routing key
 
 // --- client ---------------------------------------------------------------------------------
 
@@ -255,6 +288,9 @@ export interface ConnectOptions {
   model?: string;
   /** Put the key in the URL (`?api_key=`) instead of the subprotocol list. */
   keyInUrl?: boolean;
+  /** A routing key for a balancer that hashes on it (`?realm_tenant=`; docs/deploy.md): the
+   * same for every key of a tenant keeps them on one server. The server ignores it. */
+  tenant?: string;
   /** Milliseconds to wait for a handshake (default 10000). */
   connectTimeoutMs?: number;
   /** Connection attempts after the first one fails (default 5). */
@@ -322,6 +358,11 @@ export class RealmClient {
   #takesModel: Promise<Set<string>> | null = null;
 
   constructor(url: string, options: ConnectOptions = {}) {
+    if (options.tenant !== undefined && !ROUTING_KEY.test(options.tenant)) {
+      throw new TypeError(
+        `tenant: ${JSON.stringify(options.tenant)} is not a routing key (1-128 letters, digits, '._-')`,
+      );
+    }
     this.url = url;
     this.#options = options;
     this.defaultModel = options.model ?? null;
@@ -365,6 +406,11 @@ export class RealmClient {
     const key = this.#options.apiKey;
     const protocols = [SUBPROTOCOL];
     let url = this.url;
+    if (this.#options.tenant !== undefined) {
+      const u = new URL(url);
+      u.searchParams.set("realm_tenant", this.#options.tenant);
+      url = u.toString();
+    }
     if (key) {
       if (this.#options.keyInUrl || !TOKEN.test(key)) {
         const u = new URL(url);
@@ -513,7 +559,7 @@ export class RealmClient {
         if (abortedHere) throw aborted();
         const msg = call.queue.shift();
         if (!msg) {
-          if (call.failure) throw call.failure;
+          if (call.failure) throw call.failure; // (a ConnectionLost: retryable)
           await new Promise<void>((r) => (call.wake = r));
           call.wake = null;
           continue;
@@ -606,7 +652,7 @@ function lostError(code: number | null, reason: string): RealmError {
   if (code === CloseCode.POLICY && reason.startsWith(`${ErrorCode.UNAUTHORIZED}:`)) {
     return new KeyRefused(text, { closeCode: code, reason });
   }
-  return new ConnectionLost(text, { closeCode: code, reason });
+  return new ConnectionLost(`${text}; ${RETRY_HINT}`, { closeCode: code, reason });
 }
 
 /** Open a client: `const c = await connect("ws://127.0.0.1:8080", {apiKey})`. Fails fast on a

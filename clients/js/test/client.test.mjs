@@ -217,7 +217,11 @@ test("calls in flight fail with ConnectionLost on a restart; the next call recon
         (async () => {
           for await (const ev of long) if (ev.kind === "token" && ev.data.index === 0) await own.stop("SIGKILL");
         })(),
-        (e) => e instanceof ConnectionLost && !(e instanceof KeyRefused),
+        (e) =>
+          e instanceof ConnectionLost &&
+          !(e instanceof KeyRefused) &&
+          e.retryable === true &&
+          /may be retried/.test(e.message),
       );
       const dead = c.call("system_health"); // while no server listens: retried, then ...
       next = await startServer(own.port); // ... the server is back within the backoff
@@ -230,4 +234,38 @@ test("calls in flight fail with ConnectionLost on a restart; the next call recon
     await own.stop();
     await next?.stop();
   }
+});
+
+test("retryable: what may be sent again, and what may not", () => {
+  const wire = (code, message = "m") => errorFromWire({ code, message }, 1);
+  assert.equal(wire("OVERLOADED").retryable, true);
+  assert.equal(wire("RATE_LIMITED").retryable, true);
+  assert.equal(wire("CANCELLED", "the server is shutting down").retryable, true);
+  assert.equal(wire("CANCELLED", "cancelled by the client").retryable, false);
+  for (const code of ["INVALID_PARAMS", "UNKNOWN_FUNCTION", "GUEST_TRAP", "TIMEOUT", "INTERNAL"]) {
+    assert.equal(wire(code).retryable, false, code);
+  }
+  assert.equal(new ConnectionLost("gone").retryable, true);
+  assert.equal(new KeyRefused("no", { closeCode: 1008 }).retryable, false);
+});
+
+test("tenant: a routing key in the URL (the server ignores it); a bad one is refused", async () => {
+  const urls = [];
+  class Recording extends WebSocket {
+    constructor(url, ...rest) {
+      super(url, ...rest);
+      urls.push(String(url));
+    }
+  }
+  const c = await open({ WebSocket: Recording, tenant: "acme" });
+  try {
+    const health = await c.health();
+    assert.equal(health.status, "ok");
+    assert.equal(typeof health.server, "string");
+    assert.equal(new URL(urls[0]).searchParams.get("realm_tenant"), "acme");
+    assert.equal(new URL(urls[0]).searchParams.get("api_key"), null); // the key stays out
+  } finally {
+    c.close();
+  }
+  await assert.rejects(connect(server.url, { tenant: "no spaces" }), TypeError);
 });

@@ -1,5 +1,5 @@
 // Realm JavaScript client 0.1.0: a build of clients/js/src/index.ts (npm run bundle).
-// Do not edit: regenerate it. source-sha256: 657b9c25bfcabb0b4810ead3ae2290481ac221b3ba47dcbd2eacf1c1d336a8a0
+// Do not edit: regenerate it. source-sha256: 12bb5bf1e3bd30a97f1865c336c15e3a3f645511cfdac7637a22232908daa399
 /**
  * JavaScript/TypeScript client of Realm's WebSocket protocol v1 (docs/protocol.md), mirroring
  * the Python client `realm.client`.
@@ -15,6 +15,10 @@
  * The API key goes in the `Sec-WebSocket-Protocol` list (`realm.v1, realm.bearer.KEY`): what a
  * browser can send, and never in the URL (proxies and logs keep URLs). A key that is not a
  * valid subprotocol token falls back to `?api_key=`, as does `keyInUrl: true`.
+ *
+ * Behind a balancer (docs/deploy.md) the key routes the connection, and `tenant` (sent as
+ * `?realm_tenant=`, since a browser cannot set headers on a WebSocket) routes every key of a
+ * tenant to the same server. An error's `retryable` says whether the call may be sent again.
  */
 // --- protocol -------------------------------------------------------------------------------
 export const PROTOCOL_VERSION = 1;
@@ -36,6 +40,10 @@ export const ErrorCode = {
     TIMEOUT: "TIMEOUT",
     INTERNAL: "INTERNAL",
 };
+/** The message of the errors that end calls because the server is shutting down (retryable). */
+export const SHUTDOWN_REASON = "the server is shutting down";
+/** What a `ConnectionLost` of a call in flight adds to its message. */
+export const RETRY_HINT = "the call may not have finished: it may be retried";
 /** The WebSocket close codes a Realm server sends. */
 export const CloseCode = {
     NORMAL: 1000,
@@ -69,6 +77,13 @@ export function readServerMessage(text) {
 export class RealmError extends Error {
     code = ErrorCode.INTERNAL;
     name = "RealmError";
+    /** True if the same call may be sent again (the next call opens a new connection, which a
+     * balancer gives to a server that is up): the server refused it before it ran, ended it
+     * because it is shutting down, or the connection was lost. The client never resends a call
+     * by itself (a call is not idempotent). */
+    get retryable() {
+        return false;
+    }
 }
 /** The server answered a call with an error; `code` is the protocol's error code. */
 export class RemoteError extends RealmError {
@@ -108,9 +123,17 @@ export class RateLimited extends RemoteError {
         super(message, options);
         this.retryAfter = options.retryAfter ?? null;
     }
+    /** After `retryAfter` seconds. */
+    get retryable() {
+        return true;
+    }
 }
+/** OVERLOADED: refused before it ran (retryable). */
 export class Overloaded extends RemoteError {
     static code = ErrorCode.OVERLOADED;
+    get retryable() {
+        return true;
+    }
 }
 export class TenantUnavailable extends RemoteError {
     static code = ErrorCode.TENANT_UNAVAILABLE;
@@ -122,6 +145,10 @@ export class GuestTrap extends RemoteError {
  * (then `cause` is the signal's reason). */
 export class Cancelled extends RemoteError {
     static code = ErrorCode.CANCELLED;
+    /** Ended by the server's shutdown, not by the client. */
+    get retryable() {
+        return this.serverMessage === SHUTDOWN_REASON;
+    }
 }
 export class CallTimeout extends RemoteError {
     static code = ErrorCode.TIMEOUT;
@@ -130,7 +157,8 @@ export class ServerError extends RemoteError {
     static code = ErrorCode.INTERNAL;
 }
 /** The connection closed while a call was in flight (its outcome is unknown), or it could not
- * be opened. `closeCode` and `reason` are the server's close frame, if any. */
+ * be opened. `closeCode` and `reason` are the server's close frame, if any. Retryable: the
+ * next call opens a new connection. */
 export class ConnectionLost extends RealmError {
     name = "ConnectionLost";
     closeCode;
@@ -139,6 +167,9 @@ export class ConnectionLost extends RealmError {
         super(message);
         this.closeCode = options.closeCode ?? null;
         this.reason = options.reason ?? "";
+    }
+    get retryable() {
+        return true;
     }
 }
 /** The server closed the connection (1008 UNAUTHORIZED): the API key is missing or unknown.
@@ -202,6 +233,7 @@ async function findWebSocket(given) {
     }
 }
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token: what a subprotocol may be
+const ROUTING_KEY = /^[A-Za-z0-9._-]{1,128}$/; // a `tenant` routing key
 /** A streamed call: `for await (const ev of stream)`; `id` is its protocol id. */
 export class CallStream {
     id;
@@ -243,6 +275,9 @@ export class RealmClient {
     #closed = false;
     #takesModel = null;
     constructor(url, options = {}) {
+        if (options.tenant !== undefined && !ROUTING_KEY.test(options.tenant)) {
+            throw new TypeError(`tenant: ${JSON.stringify(options.tenant)} is not a routing key (1-128 letters, digits, '._-')`);
+        }
         this.url = url;
         this.#options = options;
         this.defaultModel = options.model ?? null;
@@ -286,6 +321,11 @@ export class RealmClient {
         const key = this.#options.apiKey;
         const protocols = [SUBPROTOCOL];
         let url = this.url;
+        if (this.#options.tenant !== undefined) {
+            const u = new URL(url);
+            u.searchParams.set("realm_tenant", this.#options.tenant);
+            url = u.toString();
+        }
         if (key) {
             if (this.#options.keyInUrl || !TOKEN.test(key)) {
                 const u = new URL(url);
@@ -431,7 +471,7 @@ export class RealmClient {
                 const msg = call.queue.shift();
                 if (!msg) {
                     if (call.failure)
-                        throw call.failure;
+                        throw call.failure; // (a ConnectionLost: retryable)
                     await new Promise((r) => (call.wake = r));
                     call.wake = null;
                     continue;
@@ -517,7 +557,7 @@ function lostError(code, reason) {
     if (code === CloseCode.POLICY && reason.startsWith(`${ErrorCode.UNAUTHORIZED}:`)) {
         return new KeyRefused(text, { closeCode: code, reason });
     }
-    return new ConnectionLost(text, { closeCode: code, reason });
+    return new ConnectionLost(`${text}; ${RETRY_HINT}`, { closeCode: code, reason });
 }
 /** Open a client: `const c = await connect("ws://127.0.0.1:8080", {apiKey})`. Fails fast on a
  * wrong URL or a refused handshake; a wrong API key is seen by the first call (`KeyRefused`:
