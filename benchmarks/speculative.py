@@ -24,6 +24,9 @@ Cases:
                 >= 1.3x.
     draft-q8    the same with a Q8_0 copy as the draft: it agrees with the target far more
                 often but costs more per step (no target; shows where the balance lies).
+    steps       bare ``Model.step`` times, no runtime: a one-token step of each draft and verify
+                steps of 2, 3, 5 and 9 rows, each against the target's one-token step timed
+                beside it (ratio): what a round of speculation costs here.
     tenants     three other tenants decode plain while a fourth decodes a repetition task
                 with and without prompt lookup: the other tenants' aggregate tokens/s in the
                 two cases (their ratio shows what one tenant's speculation costs the others).
@@ -326,10 +329,58 @@ async def run(
     return targets
 
 
+def step_costs(reporter: Reporter, paths: dict[str, Path], threads: int, reps: int) -> None:
+    """Bare ``Model.step`` times (no runtime): a one-token step of the target and of each
+    draft, and verify steps of 2..9 rows of the target, each against the target's one-token
+    step measured beside it: what a round of speculation costs on this machine."""
+    models = {name: realm.load_model(p) for name, p in paths.items()}
+    ids = list(range(1000, 1032))
+    sessions = {name: m.open_session() for name, m in models.items()}
+    for s in sessions.values():
+        s.extend(ids, logits="none")
+
+    def once(name: str, n: int, i: int) -> float:
+        s = sessions[name]
+        t0 = time.perf_counter()
+        s.model.step([(s, list(range(2000 + i, 2000 + i + n)), "verify" if n > 1 else "last")])
+        t = time.perf_counter() - t0
+        s.rewind(len(ids))
+        return t
+
+    cases = [(name, 1) for name in models if name != "target"] + [
+        ("target", n) for n in (2, 3, 5, 9)
+    ]
+    for name, n in cases:
+        base: list[float] = []
+        times: list[float] = []
+        for i in range(reps):  # interleaved: drift hits both alike
+            base.append(once("target", 1, i))
+            times.append(once(name, n, i))
+        b, t = statistics.median(base), statistics.median(times)
+        reporter.result(
+            Result(
+                case="steps",
+                kernel="Model.step" if n == 1 else "Model.step verify",
+                shape=f"{name}, {n} row{'s' if n > 1 else ''}",
+                wtype=models[name].info.file_type,
+                batch=n,
+                threads=threads,
+                timing=Timing(t, min(times), reps, 1),
+                limit=Limit("target one-token step, same run", "1 row", b, "s", (min(base),)),
+                ratio=t / b,
+                note="a draft step" if name != "target" else "a verify step",
+            )
+        )
+    for s in sessions.values():
+        s.close()
+    for m in models.values():
+        m.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argument_parser(SUITE, __doc__.splitlines()[0] if __doc__ else SUITE)
     args = parser.parse_args(argv)
-    cases = ("lookup", "lookup-code", "draft", "draft-q8", "tenants")
+    cases = ("lookup", "lookup-code", "draft", "draft-q8", "tenants", "steps")
     selected = {c for c in cases if args.only is None or args.only in c}
     threads = kernels.set_threads(args.threads)
     reporter = Reporter(json_lines=args.json)
@@ -357,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths["draft-q8"] = convert(src, Path(tmp) / "smollm2-135m-q8_0.gguf", "Q8_0")
         reporter.text(f"converted the model in {time.perf_counter() - t0:.1f} s")
         targets = trio.run(run, reporter, paths, threads, selected, args.quick)
+        if "steps" in selected:
+            reporter.section("step costs: bare Model.step, each against the target's 1-row step")
+            step_costs(reporter, paths, threads, 5 if args.quick else 15)
     reporter.text("")
     reporter.text(
         "rate = completion tokens / the guest's generation time (median of runs); limit = the "

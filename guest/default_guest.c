@@ -929,7 +929,10 @@ static int gen_run_spec(gen_cfg *g, int session, int capacity, rg_ivec *hist, fl
                 rg_ivec_push(hist, d[nd]);
             }
         }
-        if (hist->oom) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
+        if (hist->oom) {
+            st = REALM_ELIMIT, what = "memory";
+            goto fail;
+        }
         if (first && nd == 0) { /* nothing to check: draw from the prompt's logits */
             t = rg_sample(&g->sp, logits, V, ids, pw, &g->rng);
             continue;

@@ -79,6 +79,11 @@ AVX2_FLOAT_DOT(dot_f32, float, _mm256_loadu_ps, id_f32)
 AVX2_FLOAT_DOT(dot_f16, uint16_t, realm_load_f16x8, realm_f16_to_f32)
 AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
 
+/* bytes ahead in the weights that the quantized dots prefetch: a thread's rows are contiguous,
+ * and the hardware prefetcher restarts at every page (measured on a shared Sapphire Rapids:
+ * Q8_0 matvec 11008 x 4096 at 6.5 GB/s a thread without, against the AVX-512 level's 17 with) */
+#define PREFETCH 2048
+
 REALM_AVX2
 static inline __m256i load_signed_x(const uint8_t *q) {
     /* stored as q + 128: flipping the top bit gives the signed value */
@@ -93,6 +98,7 @@ static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x 
         const float *d = x->d + b * nb;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < nb; i++) {
+            _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
             const __m256i qw = _mm256_loadu_si256((const __m256i *)w[i].qs);
             const __m256i qx = load_signed_x(realm_q8x_block(x, b, i));
             /* |w| * (x * sign(w)): maddubs needs one unsigned operand */
@@ -114,6 +120,7 @@ static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x 
         __m256 acc = _mm256_setzero_ps();
         float offset = 0.0f;  /* sum over blocks of scale * 8 * sum(x) */
         for (int64_t i = 0; i < nb; i++) {
+            _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
             const __m128i qn = _mm_loadu_si128((const __m128i *)w[i].qs);
             const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
                                                 _mm_and_si128(qn, lo4));

@@ -67,7 +67,7 @@ typedef struct {
     float *d;         /* (batch, nb): block scales */
     float *d4;        /* (n_quads, batch, 4): block scales by group of four */
     int32_t *sum;     /* (batch, nb): sum of the signed q */
-    /* Activations for K-quant and IQ4_XS weights (256-element super-blocks), as ggml's
+    /* Activations for K-quant weights (Q2_K .. Q6_K, 256-element super-blocks), as ggml's
      * block_q8_K: one float scale per 256 elements (amax / 127) and the sums of every 16
      * codes, so that a super-block's dot runs on integers with the weights' sub-block scales
      * applied as integers too and one float multiply per super-block. Set by quantize_q8k into

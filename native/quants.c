@@ -48,7 +48,8 @@ int64_t realm_other_block_bytes(int type) {
 }
 
 int realm_uses_q8k(int type) {
-    return realm_is_other_quant(type) && realm_other_block_elems(type) == QK_K;
+    return type == REALM_TYPE_Q2_K || type == REALM_TYPE_Q3_K || type == REALM_TYPE_Q4_K ||
+           type == REALM_TYPE_Q5_K || type == REALM_TYPE_Q6_K;
 }
 
 /* ggml's block_q8_K, with Realm's rounding: per 256 elements d = amax / 127 and

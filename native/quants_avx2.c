@@ -9,7 +9,9 @@
  *
  * Blocks of 32 (Q4_1, Q5_0, Q5_1, IQ4_NL) meet the plain q8x activations (unsigned bytes
  * q + 128, xor 0x80 makes them signed; a float scale per 32): per block the int32 lanes are
- * converted and accumulated with the scales. Super-blocks of 256 (Q2_K .. Q6_K, IQ4_XS) meet
+ * converted and accumulated with the scales, and so are IQ4_XS's sub-blocks of 32 (each with
+ * its own scale, as llama.cpp's IQ4_XS dot uses one per 32 too). Super-blocks of 256 (Q2_K ..
+ * Q6_K) meet
  * the Q8_K activations (signed, one scale per 256, sums of 16): the whole super-block's dot is
  * integer, sub-block scales included, and takes one float multiply per activation row. The
  * results agree with the portable level to float32 rounding of the sums' order.
@@ -22,6 +24,7 @@
 
 #define F REALM_AVX2
 #define INLINE static inline __attribute__((always_inline)) REALM_AVX2
+#define PREFETCH 2048  /* bytes ahead in the weights: a thread's rows are contiguous */
 
 /* IQ4_NL / IQ4_XS's 16 levels (ggml's kvalues_iq4nl), twice: one copy per 128-bit lane */
 static const int8_t iq4_levels32[32] = {-127, -104, -83, -65, -49, -35, -22, -10, 1,  13, 25,
@@ -91,6 +94,9 @@ INLINE __m256i signed_x(const realm_q8x *x, int64_t b, int64_t i) {
 #define DEFINE_DOT32(T, BLOCK, SIGNED, Q, MIN)                                                    \
     INLINE __m256 step_##T(__m256 acc, const BLOCK *w, const realm_q8x *x, int64_t b,           \
                            int64_t i, const float *dx, const int32_t *sx) {                      \
+        /* ahead of the hardware prefetcher, which restarts at every page (measured: without   \
+         * it, these dots ran 3x slower once the weights left L2) */                             \
+        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);                              \
         const __m256i q = Q(i);                                                                   \
         const __m256i xs = signed_x(x, b, i);                                                     \
         (void)sx;                                                                                 \
@@ -126,6 +132,34 @@ DEFINE_DOT32(q4_1, block_q4_1, 0, Q4_1_Q, MIN_OF)
 DEFINE_DOT32(q5_0, block_q5_0, 1, Q5_0_Q, NO_MIN)
 DEFINE_DOT32(q5_1, block_q5_1, 0, Q5_1_Q, MIN_OF)
 DEFINE_DOT32(iq4_nl, block_iq4_nl, 1, IQ4_NL_Q, NO_MIN)
+/* IQ4_XS against the same activations: its sub-blocks of 32 each have their own scale
+ * d * (ls - 32), as a block of 32 would; sub-block i of the row is in super-block i / 8 */
+INLINE __m256 step_iq4_xs(__m256 acc, const block_iq4_xs *w, const realm_q8x *x, int64_t b,
+                          int64_t i, const float *dx) {
+    const block_iq4_xs *blk = w + i / 8;
+    const int ib = (int)(i % 8);
+    _mm_prefetch((const char *)blk + PREFETCH + 16 * ib, _MM_HINT_T0);
+    const int ls = ((blk->scales_l[ib / 2] >> 4 * (ib % 2)) & 0x0f) |
+                   (((blk->scales_h >> 2 * ib) & 3) << 4);
+    const __m256i q = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32),
+                                          nibbles(blk->qs + 16 * ib));
+    const __m256i xs = signed_x(x, b, i);
+    const __m256 p = dot_us(_mm256_abs_epi8(q), _mm256_sign_epi8(xs, q));
+    return _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk->d) * (float)(ls - 32) * dx[i]), p, acc);
+}
+
+F static void dot_iq4_xs(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,
+                         int64_t b0, int64_t nbat) {
+    const block_iq4_xs *w = (const block_iq4_xs *)row;
+    const int64_t nb = x->nb;
+    for (int64_t b = b0; b < b0 + nbat; b++) {
+        const float *dx = x->d + b * nb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) acc = step_iq4_xs(acc, w, x, b, i, dx);
+        y[b * ys] = realm_hsum8(acc);
+    }
+}
+
 #undef Q4_1_Q
 #undef Q5_0_Q
 #undef Q5_1_Q
@@ -134,7 +168,7 @@ DEFINE_DOT32(iq4_nl, block_iq4_nl, 1, IQ4_NL_Q, NO_MIN)
 #undef NO_MIN
 #undef DEFINE_DOT32
 
-/* ---- the super-block types (K-quants, IQ4_XS) against the Q8_K activations ----
+/* ---- the super-block types (K-quants) against the Q8_K activations ----
  *
  * Per super-block of 256 and activation row, everything up to one float multiply is integer:
  * vpmaddubsw multiplies the unsigned weight codes q' (q + off, off as above) by the signed
@@ -145,7 +179,7 @@ DEFINE_DOT32(iq4_nl, block_iq4_nl, 1, IQ4_NL_Q, NO_MIN)
  * sums. Then y += d_w * d_x * (that vector), and one horizontal sum per row at the end. */
 
 /* vpshufb controls broadcasting int16 lane k of a 128-bit lane: KSEL[k] for one scale over
- * 32 elements (Q4_K, Q5_K, IQ4_XS: sub-blocks of 32 with one scale), HSEL[j] for scale 2j in
+ * 32 elements (Q4_K, Q5_K: sub-blocks of 32 with one scale), HSEL[j] for scale 2j in
  * the low 128-bit lane and 2j + 1 in the high one (Q2_K, Q3_K, Q6_K: one scale per 16). */
 #define SEL16(a) (char)(2 * (a)), (char)(2 * (a) + 1)
 #define SEL8X(a) SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a), SEL16(a)
@@ -344,45 +378,8 @@ INLINE void sb_q2_K(const block_q2_K *b, const xsb *xs, const int n, __m256 *acc
         acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(w, xs->d[r]), _mm256_cvtepi32_ps(mins[r]), acc[r]);
 }
 
-INLINE void sb_iq4_xs(const block_iq4_xs *b, const xsb *xs, const int n, __m256 *acc) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0f);
-    const __m256i levels = _mm256_loadu_si256((const __m256i *)iq4_levels32);
-    /* the 8 6-bit scales minus 32: low nibbles from scales_l, 2 high bits from scales_h */
-    const uint32_t l = load_u32(b->scales_l);
-    const __m128i lo = _mm_unpacklo_epi8(_mm_cvtsi32_si128((int)(l & 0x0f0f0f0fu)),
-                                         _mm_cvtsi32_si128((int)((l >> 4) & 0x0f0f0f0fu)));
-    const __m256i hi = _mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32(b->scales_h), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-        _mm256_set1_epi32(3));
-    const __m256i ls = _mm256_sub_epi32(
-        _mm256_or_si256(_mm256_cvtepu8_epi32(lo), _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
-    const __m128i s8 = _mm_packs_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1));
-    const __m256i sc = _mm256_broadcastsi128_si256(s8);
-    __m256i sumi[4];
-    for (int r = 0; r < n; r++) sumi[r] = _mm256_setzero_si256();
-    for (int p = 0; p < 4; p++) {  /* sub-blocks 2p, 2p + 1: 16 bytes of nibbles each */
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * p));
-        const __m256i vl = _mm256_shuffle_epi8(levels, _mm256_and_si256(v, lo4));
-        const __m256i vh = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4));
-        const __m256i q0 = _mm256_permute2x128_si256(vl, vh, 0x20);  /* elements in order */
-        const __m256i q1 = _mm256_permute2x128_si256(vl, vh, 0x31);
-        const __m256i a0 = _mm256_abs_epi8(q0), a1 = _mm256_abs_epi8(q1);
-        const __m256i s0 = sel(sc, KSEL[2 * p]), s1 = sel(sc, KSEL[2 * p + 1]);
-        for (int r = 0; r < n; r++) {
-            /* |q| x (x with q's sign): signed levels through the unsigned operand */
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xs->q[r] + 64 * p));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xs->q[r] + 64 * p + 32));
-            const __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, q0)), s0);
-            const __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, q1)), s1);
-            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(d0, d1));
-        }
-    }
-    finish(acc, sumi, h2f(b->d), xs, n);
-}
-
 /* One weight row of a super-block type against batch rows [b0, b0 + nbat), 4 at a time. The
  * next rows' weights are prefetched PREFETCH bytes ahead: a thread's rows are contiguous. */
-#define PREFETCH 2048
 #define DEFINE_KDOT(T)                                                                            \
     INLINE void krows_##T(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,           \
                           int64_t g0, const int n) {                                              \
@@ -391,7 +388,8 @@ INLINE void sb_iq4_xs(const block_iq4_xs *b, const xsb *xs, const int n, __m256 
         for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();                                 \
         for (int64_t g = 0; g < nk; g++) {                                                        \
             const block_##T *blk = (const block_##T *)row + g;                                    \
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                              \
+            for (int off = 0; off < (int)sizeof(block_##T); off += 64)                            \
+                _mm_prefetch((const char *)blk + PREFETCH + off, _MM_HINT_T0);                    \
             xsb xs;                                                                               \
             for (int r = 0; r < n; r++) {                                                         \
                 const int64_t k = (g0 + r) * nk + g;                                              \
@@ -420,7 +418,6 @@ DEFINE_KDOT(q3_K)
 DEFINE_KDOT(q4_K)
 DEFINE_KDOT(q5_K)
 DEFINE_KDOT(q6_K)
-DEFINE_KDOT(iq4_xs)
 #undef DEFINE_KDOT
 
 /* internal.h's quantize_q8k, as realm_quantize_q8k_scalar (the same codes and scales) */

@@ -156,7 +156,8 @@ INLINE void sb_q6_K(const block_q6_K *b, const xsb *xs, const int n, __m256 *acc
         for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();                                 \
         for (int64_t g = 0; g < nk; g++) {                                                        \
             const block_##T *blk = (const block_##T *)row + g;                                    \
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                              \
+            for (int off = 0; off < (int)sizeof(block_##T); off += 64)                            \
+                _mm_prefetch((const char *)blk + PREFETCH + off, _MM_HINT_T0);                    \
             xsb xs;                                                                               \
             for (int r = 0; r < n; r++) {                                                         \
                 const int64_t k = (g0 + r) * nk + g;                                              \

@@ -190,6 +190,53 @@ async def test_greedy_identity_while_batched_with_other_tenants(
         assert rt.statistics().batcher.max_batch_size > 1
 
 
+async def test_streamed_tokens_add_up_to_the_result(models: dict[str, realm.model.Model]) -> None:
+    """Several tokens accepted in one verify step still stream one event per token chunk, in
+    order, and the chunks add up to the result's text."""
+    params = {
+        "prompt": "the cat sat on the mat the cat sat on the mat the cat",
+        "max_tokens": 48,
+        "temperature": 0,
+        "model": "target",
+        "speculative": {"mode": "lookup"},
+    }
+    async with realm.open_runtime(models=models) as rt:
+        with trio.fail_after(LIMIT):
+            chunks: list[str] = []
+            result: dict[str, Any] = {}
+            async with rt.stream("alice", "generate", params) as events:
+                async for ev in events:
+                    if ev.kind == "token":
+                        assert ev.data["index"] == len(chunks)
+                        chunks.append(ev.data["token"])
+                    else:
+                        result = ev.data
+            assert result["text"] == "".join(chunks)
+            assert result["speculative"]["steps"] <= result["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    "spec", [{"mode": "lookup"}, {"mode": "draft", "draft_model": "q4", "p_min": 0.0}]
+)
+def test_cancel_mid_stream_frees_both_sessions(guest: GuestInstance, spec: dict[str, Any]) -> None:
+    ctx = CallContext()
+    seen: list[str] = []
+
+    def on_emit(text: str) -> bool:
+        seen.append(text)
+        if len(seen) == 3:
+            ctx.cancel.set()
+        return True
+
+    ctx.on_emit = on_emit
+    params = {"prompt": "a b a b a b", "max_tokens": 200, "temperature": 0, "model": "target"}
+    res = guest.call("generate", {**params, "speculative": spec}, ctx)
+    assert res["finish_reason"] == "cancelled"
+    assert res["text"] == "".join(seen)
+    assert guest.tenant.sessions == {}  # the target's and the draft's
+    assert guest.call("count_tokens", {"text": "next call", "model": "target"})["count"] > 0
+
+
 # --- sampled: the distribution is the model's ------------------------------------------------
 
 TOP_K = 3  # few outcomes per position: a small table for the chi-square test

@@ -5,8 +5,8 @@ Weights are random block bytes with sane half-precision scales (the block layout
 known offsets), so every bit pattern of the quantized fields occurs; the gguf package's
 dequantizer is the reference. Dequantization must be bit for bit the reference's (arbitrary
 bytes, NaN scales included, are also checked in test_formats.py). matmul quantizes the
-activations to 8 bits per 32-block (per 256 for the types of 256-element super-blocks, as
-ggml's Q8_K) below a batch of 16, so it must equal the float64 product of the exact weights
+activations to 8 bits per 32-block (per 256 for the K-quants' super-blocks, as ggml's
+Q8_K) below a batch of 16, so it must equal the float64 product of the exact weights
 with those quantized activations up to float32 rounding; from a batch of 16 it dequantizes
 weight panels into the F32 GEMM (the F32 dots on the scalar level), so it must equal the
 float64 product with the activations themselves.
@@ -40,9 +40,13 @@ HALF_FIELDS = {
 GEMM_MIN_BATCH = 16  # native/matmul.c
 
 
+#: weights whose matmuls quantize activations per 256 (ggml's Q8_K; native/quants.c)
+K_QUANTS = {WeightType.Q2_K, WeightType.Q3_K, WeightType.Q4_K, WeightType.Q5_K, WeightType.Q6_K}
+
+
 def activation_block(wt: WeightType) -> int:
-    """Elements per quantized activation block that ``wt``'s matmul uses (native/quants.c)."""
-    return reference.QK_K if wt.block_elems == reference.QK_K else reference.QK
+    """Elements per quantized activation block that ``wt``'s matmul uses."""
+    return reference.QK_K if wt in K_QUANTS else reference.QK
 
 
 def random_weights(wt: WeightType, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
@@ -85,7 +89,7 @@ def test_matmul_matches_the_exact_product(wt: WeightType, batch: int, isa: Isa) 
     if batch >= GEMM_MIN_BATCH:
         x_used = x.astype(np.float64)
     else:
-        # 256-element super-block weights meet activations quantized per 256 (Q8_K)
+        # K-quant weights meet activations quantized per 256 (Q8_K)
         codes, d = reference.quantize_activations(x, activation_block(wt))
         x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
     want = x_used @ values.T

@@ -275,9 +275,12 @@ class RefModel:
             for t in reader.tensors
             if t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2
         }
-        #: None, or a function applied to the input of every product with a quantized weight:
-        #: a test sets it to model the 8-bit activations that quantized matmuls use
-        self.activation_rounding: Callable[[np.ndarray], np.ndarray] | None = None
+        #: GGML type name of every tensor as stored
+        self.types = {t.name: t.tensor_type.name for t in reader.tensors}
+        #: None, or a function of (input, the weight's GGML type name) applied to the input of
+        #: every product with a quantized weight: a test sets it to model the 8-bit
+        #: activations that quantized matmuls use
+        self.activation_rounding: Callable[[np.ndarray, str], np.ndarray] | None = None
 
     def new_cache(self) -> KVCache:
         hp = self.hparams
@@ -299,7 +302,7 @@ class RefModel:
 
         def linear(x: np.ndarray, name: str) -> np.ndarray:
             if self.activation_rounding is not None and f"{name}.weight" in self.quantized:
-                x = self.activation_rounding(x)
+                x = self.activation_rounding(x, self.types[f"{name}.weight"])
             y = x @ w[f"{name}.weight"].T
             bias = w.get(f"{name}.bias")
             return y if bias is None else y + bias
@@ -353,7 +356,7 @@ class RefModel:
         x = rms_norm(x, w["output_norm.weight"], hp.rms_eps)
         out = "output.weight" if "output.weight" in w else "token_embd.weight"
         if self.activation_rounding is not None and out in self.quantized:
-            x = self.activation_rounding(x)
+            x = self.activation_rounding(x, self.types[out])
         logits = x @ w[out].T
         if hp.final_softcap > 0:
             logits = hp.final_softcap * np.tanh(logits / hp.final_softcap)

@@ -314,3 +314,45 @@ def test_verify_steps_are_row_invariant(
         t.close()
     assert together is not None
     np.testing.assert_array_equal(together, alone)
+
+
+def test_paged_model_and_partial_adapter(f32_model: realm.model.Model, tmp_path: Path) -> None:
+    """An adapter on one layer only, on a model whose blocks are paged under a byte budget."""
+    pairs = {k: v for k, v in random_pairs(f32_model, 4, seed=13).items() if k.startswith("blk.1.")}
+    path = save_adapter(tmp_path / "one.gguf", pairs, arch="llama", alpha=4, wtype="F32")
+    ref = merged_logits(f32_model, stored(pairs, "F32"), 1.0)
+    paged = realm.load_model(f32_model.path, max_resident_bytes=1)
+    assert paged.pager is not None
+    ad = paged.load_adapter(path)
+    assert ad.tensors == tuple(sorted(pairs))
+    assert rel(paged.logits(IDS, adapter=ad), ref) < 1e-4
+
+
+def test_fused_phi3_weights(tmp_path: Path) -> None:
+    """phi3's attn_qkv and double-height ffn_up: one A, B's rows split as the weight's."""
+    m = realm.load_model(write_test_model(tmp_path / "phi3.gguf", arch="phi3", wtype="F32"))
+    s = m.spec
+    qd, kvd, ff = s.n_heads * s.head_dim, s.kv_dim, s.n_ff
+    rng = np.random.default_rng(17)
+    pairs = {}
+    for layer in range(s.n_layers):
+        pairs[f"blk.{layer}.attn_qkv.weight"] = (
+            rng.normal(0, 0.1, (4, s.n_embd)), rng.normal(0, 0.1, (qd + 2 * kvd, 4))
+        )  # fmt: skip
+        pairs[f"blk.{layer}.ffn_up.weight"] = (
+            rng.normal(0, 0.1, (4, s.n_embd)), rng.normal(0, 0.1, (2 * ff, 4))
+        )  # fmt: skip
+    ad = m.load_adapter(save_adapter(tmp_path / "a.gguf", pairs, arch="phi3", wtype="F32"))
+    split = {}  # the same deltas on the parts, as merged_logits names them
+    for layer in range(s.n_layers):
+        a, b = pairs[f"blk.{layer}.attn_qkv.weight"]
+        for name, (lo, hi) in (("attn_q", (0, qd)), ("attn_k", (qd, qd + kvd)),
+                               ("attn_v", (qd + kvd, qd + 2 * kvd))):  # fmt: skip
+            split[f"blk.{layer}.{name}.weight"] = (a, b[lo:hi])
+        a, b = pairs[f"blk.{layer}.ffn_up.weight"]
+        split[f"blk.{layer}.ffn_gate.weight"] = (a, b[:ff])
+        split[f"blk.{layer}.ffn_up.weight"] = (a, b[ff:])
+    ref = merged_logits(m, split, 1.0)
+    ours = m.logits(IDS, adapter=ad)
+    assert rel(ours, m.logits(IDS)) > 1e-2
+    assert rel(ours, ref) < 1e-4

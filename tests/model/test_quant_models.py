@@ -25,6 +25,10 @@ from realm.testing import write_test_model
 
 LOGITS_RTOL = 5e-2  # relative to max |logit|: what 8-bit activations cost these models
 ROUNDING_RTOL = 2e-3  # the same computation in float32 (F32 KV cache) against float64
+#: decode against the model of its 8-bit activations: float32 rounding upstream can move an
+#: activation across a rounding boundary of its block, and with the K-quants' blocks of 256
+#: (one scale for 256 values, as llama.cpp's Q8_K) one such step moved the logits by 2.3e-3
+STEP_RTOL = 5e-3
 IDS = [1, 5, 9, 200, 17, 3, 42, 300, 7, 11, 13, 99, 4, 250, 8, 21, 2, 77, 6, 120]
 QK_SPREAD = 0.3  # q and k projections' spread, relative to 1/sqrt(n_in)
 #: byte offsets of each block's half-precision scale fields (ggml-common.h)
@@ -146,10 +150,16 @@ def test_the_models_are_well_conditioned(files: dict[str, Path], name: str) -> N
     assert _rel(model.logits(IDS), base) < MAX_SENSITIVITY
 
 
-def q8_roundtrip(x: np.ndarray) -> np.ndarray:
-    """x through the kernels' 8-bit activation blocks (32 values, d = amax / 127, float32)."""
+#: the K-quants, whose matmuls quantize activations per 256 (Q8_K)
+SUPER_BLOCK_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def q8_roundtrip(x: np.ndarray, wtype: str) -> np.ndarray:
+    """x through the kernels' 8-bit activation blocks for weights of GGML type ``wtype`` (32
+    values, or 256 for the K-quants; d = amax / 127, float32)."""
     shape = x.shape
-    blocks = np.asarray(x, np.float32).reshape(*shape[:-1], -1, 32)
+    block = 256 if wtype in SUPER_BLOCK_TYPES else 32
+    blocks = np.asarray(x, np.float32).reshape(*shape[:-1], -1, block)
     d = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
@@ -175,13 +185,13 @@ def test_prefill_and_decode_match_reference(
 ) -> None:
     model = realm.load_model(files[name], kv_dtype=np.float32)
     exact, rounded = references[name]
-    # one step of 20 tokens: the batched path (dequantized weight panels into the F32 GEMM at
-    # the SIMD levels: exact activations; 8-bit activations at the scalar level)
+    # one step of 20 tokens: the batched path (dequantized weight panels into the F32 GEMM, or
+    # the F32 dots at the scalar level: exact activations)
     prefill = model.logits(IDS)
-    assert _rel(prefill, rounded if isa == Isa.SCALAR else exact) < ROUNDING_RTOL
+    assert _rel(prefill, exact) < ROUNDING_RTOL
     with model.open_session() as s:  # one token a step: the matvec path, 8-bit activations
         steps = np.stack([s.extend([t]) for t in IDS])
-    assert _rel(steps, rounded) < ROUNDING_RTOL
+    assert _rel(steps, rounded) < STEP_RTOL
     # and the 8-bit activations cost what they cost llama.cpp: a few percent at most
     assert _rel(rounded, exact) < LOGITS_RTOL
 
@@ -200,4 +210,4 @@ def test_a_gemma3_file_in_k_quants(tmp_path: Path) -> None:
     model.activation_rounding = q8_roundtrip
     with realm.load_model(path, kv_dtype=np.float32).open_session() as s:
         steps = np.stack([s.extend([t]) for t in IDS])
-    assert _rel(steps, model.logits(IDS)) < ROUNDING_RTOL
+    assert _rel(steps, model.logits(IDS)) < STEP_RTOL
