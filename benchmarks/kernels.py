@@ -165,6 +165,10 @@ class Bench:
             self._weights[wt] = rotated_copies(_encode(self._base, wt), self.l3_bytes)
         return self._weights[wt]
 
+    def drop(self, wt: WeightType) -> None:
+        """Forget ``wt``'s weights (GBs of copies) once no later case needs them."""
+        self._weights.pop(wt, None)
+
     def release(self) -> None:
         self._base = None
         self._weights.clear()
@@ -239,6 +243,8 @@ def _matvec(wt: WeightType) -> Case:
         timing, limit = bracket(b.probes[READ], lambda: time_call(call, b.profile.budget))
         bad = _check_matmul(copies[0], wt, x, y)
         nbytes = copies[0].nbytes
+        if wt not in BATCHED_TYPES:  # every type's copies together would not fit in memory
+            b.drop(wt)
         yield rate_result(
             case=name,
             kernel="matmul",

@@ -133,29 +133,31 @@ DEFINE_DOT32(q5_0, block_q5_0, 1, Q5_0_Q, NO_MIN)
 DEFINE_DOT32(q5_1, block_q5_1, 0, Q5_1_Q, MIN_OF)
 DEFINE_DOT32(iq4_nl, block_iq4_nl, 1, IQ4_NL_Q, NO_MIN)
 /* IQ4_XS against the same activations: its sub-blocks of 32 each have their own scale
- * d * (ls - 32), as a block of 32 would; sub-block i of the row is in super-block i / 8 */
-INLINE __m256 step_iq4_xs(__m256 acc, const block_iq4_xs *w, const realm_q8x *x, int64_t b,
-                          int64_t i, const float *dx) {
-    const block_iq4_xs *blk = w + i / 8;
-    const int ib = (int)(i % 8);
-    _mm_prefetch((const char *)blk + PREFETCH + 16 * ib, _MM_HINT_T0);
-    const int ls = ((blk->scales_l[ib / 2] >> 4 * (ib % 2)) & 0x0f) |
-                   (((blk->scales_h >> 2 * ib) & 3) << 4);
-    const __m256i q = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32),
-                                          nibbles(blk->qs + 16 * ib));
-    const __m256i xs = signed_x(x, b, i);
-    const __m256 p = dot_us(_mm256_abs_epi8(q), _mm256_sign_epi8(xs, q));
-    return _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk->d) * (float)(ls - 32) * dx[i]), p, acc);
-}
-
+ * d * (ls - 32), as a block of 32 would; super-block g holds sub-blocks 8g .. 8g + 7 */
 F static void dot_iq4_xs(float *y, int64_t ys, const uint8_t *row, const realm_q8x *x,
                          int64_t b0, int64_t nbat) {
     const block_iq4_xs *w = (const block_iq4_xs *)row;
     const int64_t nb = x->nb;
+    const __m256i levels = _mm256_loadu_si256((const __m256i *)iq4_levels32);
     for (int64_t b = b0; b < b0 + nbat; b++) {
         const float *dx = x->d + b * nb;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < nb; i++) acc = step_iq4_xs(acc, w, x, b, i, dx);
+        for (int64_t g = 0; g < nb / 8; g++) {
+            const block_iq4_xs *blk = w + g;
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+            const float d = h2f(blk->d);
+            const uint32_t sl = load_u32(blk->scales_l), sh = blk->scales_h;
+            for (int ib = 0; ib < 8; ib++) {
+                const int64_t i = 8 * g + ib;
+                const int ls = (int)(((sl >> 4 * ib) & 0x0f) | (((sh >> 2 * ib) & 3) << 4));
+                const __m256i q = _mm256_shuffle_epi8(levels, nibbles(blk->qs + 16 * ib));
+                const __m256i xs = signed_x(x, b, i);
+                const __m256 p = dot_us(_mm256_abs_epi8(q), _mm256_sign_epi8(xs, q));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)(ls - 32) * dx[i]), p, acc);
+            }
+        }
         y[b * ys] = realm_hsum8(acc);
     }
 }
