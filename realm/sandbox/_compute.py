@@ -204,9 +204,12 @@ class ComputeGate:
         state = [start, 0]
         limit = self.slice_seconds
 
-        def hook(_frame: Any, _event: str, _arg: Any) -> None:
+        def hook(frame: Any, _event: str, _arg: Any) -> None:
             state[1] += 1
             if state[1] % HOOK_EVERY:
+                return
+            if _in_finalizer(frame):  # never raise or block inside a __del__ run by the GC
+                state[1] -= 1  # check again at the next call
                 return
             if ctx.cancelled():
                 raise Interrupted
@@ -335,3 +338,14 @@ def chunked_attention(
         budget = float(_next_size(done, took, gate.slice_seconds, int(ends[-1])))
         i0 = i1
     return True
+
+
+def _in_finalizer(frame: Any, depth: int = 12) -> bool:
+    """Whether ``frame`` runs inside an object's ``__del__`` (the garbage collector can run one
+    in any thread at any call): an exception raised there is lost and the object leaks."""
+    while frame is not None and depth > 0:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+        depth -= 1
+    return False

@@ -313,6 +313,27 @@ def test_guest_python_is_sliced_and_interrupted() -> None:
     assert gate.statistics().guest_slices > 5  # it gave the gate back between slices
 
 
+def test_a_finalizer_inside_guest_python_is_never_interrupted() -> None:
+    # the garbage collector may run any object's __del__ in the guest's thread while the call
+    # is cancelled: raising there would be lost (an unraisable exception), leak the object and
+    # remove the profile hook (CPython drops a hook that raises), so nothing interrupts later
+    gate = ComputeGate(share=1.0, slice_seconds=0.005)
+    ctx = _Ctx()
+    ctx.cancel.set()
+    finished: list[int] = []
+
+    class Resource:
+        def __del__(self) -> None:
+            finished.append(sum(int(i) for i in range(5000)))  # many profiled calls
+
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted), gate.guest_python(ctx):  # type: ignore[arg-type]
+        Resource()  # dropped at once: its finalizer runs under the hook
+        while time.monotonic() - t0 < BOUND:  # the hook must still be there to interrupt
+            sum(range(100))
+    assert finished == [sum(range(5000))]
+
+
 def test_a_bystanders_steps_are_not_queued_behind_a_huge_matmul(
     engine: SandboxEngine, model: Model
 ) -> None:
