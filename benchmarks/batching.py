@@ -27,12 +27,21 @@ Cases, for each weight type:
                 alone gives on this machine, the ceiling of the runtime's. Runs interleave
                 runtime and reference, N = 1, 2, 4, 8, so that drift hits all alike.
     fairness    the 8-tenant run: per-tenant decode tok/s, slowest / fastest (median of runs).
+                Peer rows (llama.cpp, when llama-cpp-python imports): llama.cpp's own batched
+                decode on the same file through the low-level API (``llama_batch_init``,
+                ``llama_decode``; one context with ``n_seq_max`` = 8, llama.cpp's default context
+                settings otherwise, its threads = ``--threads``): the same prompt ids prefilled
+                for N = 1 and 8 sequences, then ``max_tokens - 1`` greedy steps, each one
+                ``llama_decode`` of one token per sequence (own seq_id and position, logits
+                for each); only those steps are timed. Interleaved with the runtime's runs.
+                llama.cpp keeps its own kernels: ``--isa`` sets Realm's level only.
     overhead    one stream: ``rt.call`` versus the bare model loop doing the same work
                 (``open_session``, ``extend(prompt ids)``, then argmax and ``extend([t])``
                 until the same number of tokens), timed interleaved; ratio = runtime / bare
                 time of the whole call. The note also gives the decode phase alone.
 
-Targets: 8 tenants' aggregate >= 4x one tenant's; fairness >= 0.8; runtime / bare <= 1.10.
+Targets: 8 tenants' aggregate >= 4x one tenant's; fairness >= 0.8; runtime / bare <= 1.10;
+8 tenants' aggregate >= 1.25x llama.cpp's 8-sequence batch (skipped without llama-cpp-python).
 A target's caveat says when its samples varied more than 1.25x or the scaling came out
 superlinear (other load on a shared machine), or when the bare ``Model.step`` alone falls short.
 """
@@ -40,10 +49,12 @@ superlinear (other load on a shared machine), or when the bare ``Model.step`` al
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -68,11 +79,14 @@ from ._common import (
     describe_machine,
 )
 from .models import (
+    PEER_CTX,
+    PEER_INSTALL,
     SEED,
     TINYLLAMA,
     _log,
     _wtypes,
     ensure_model,
+    import_peer,
     weight_bytes_per_token,
 )
 
@@ -89,6 +103,8 @@ SCALING_TENANTS: Final = 8
 SCALING_MIN: Final = 4.0  # aggregate(8) / aggregate(1)
 FAIRNESS_MIN: Final = 0.8  # slowest / fastest tenant, 8 tenants
 OVERHEAD_MAX: Final = 1.10  # runtime / bare model loop, one stream
+PEER_MIN: Final = 1.25  # aggregate(8 tenants) / llama.cpp's 8-sequence batched decode
+PEER_SEQS: Final = (1, SCALING_TENANTS)  # llama.cpp's batch sizes
 
 
 @attrs.frozen
@@ -295,6 +311,99 @@ def _median_run(rounds: Sequence[Round], key: Any) -> Round:
     return ordered[(len(ordered) - 1) // 2]
 
 
+# --- the peer: llama.cpp's batched decode ----------------------------------------------
+
+
+class BatchPeer:
+    """llama.cpp's own batched decode of the same file, through llama-cpp-python's low-level
+    API: one context of ``n_seq`` sequences, one ``llama_batch`` reused for every call."""
+
+    def __init__(self, llama_cpp: Any, path: Path, threads: int, n_seq: int) -> None:
+        self.lib = llama_cpp
+        # quiet, as Llama(verbose=False) is: its log callback prints at this level and above
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        self.ctx: Any = None
+        self.batch: Any = None
+        self.model: Any = llama_cpp.llama_model_load_from_file(
+            str(path).encode(), llama_cpp.llama_model_default_params()
+        )
+        if not self.model:
+            raise RuntimeError(f"llama_model_load_from_file failed for {path}")
+        try:
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = n_seq * PEER_CTX
+            params.n_seq_max = n_seq
+            params.n_threads = threads
+            params.n_threads_batch = threads
+            self.n_seq = n_seq
+            self.n_batch = int(params.n_batch)
+            self.flash_attn_type = int(params.flash_attn_type)
+            self.kv_unified = bool(params.kv_unified)
+            self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+            if not self.ctx:
+                raise RuntimeError("llama_init_from_model failed")
+            vocab = llama_cpp.llama_model_get_vocab(self.model)
+            self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+            self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (seq_id, token, position, logits?) entries."""
+        batch = self.batch
+        for i, (seq, token, pos, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if logits else 0
+        batch.n_tokens = len(entries)
+        rc = self.lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _argmax(self, i: int) -> int:
+        """The greedy token of the batch's ``i``-th entry (its logits were requested)."""
+        ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError(f"llama_get_logits_ith({i}) returned NULL")
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+
+    def run(self, ids: Sequence[int], n: int, max_tokens: int) -> tuple[float, np.ndarray]:
+        """(seconds of the decode steps, the ``(n, max_tokens)`` greedy tokens) of ``n``
+        sequences: the prompt prefilled for each in one call (untimed), its logits giving
+        the first token, then ``max_tokens - 1`` calls of one token per sequence."""
+        p = len(ids)
+        if not 1 <= n <= self.n_seq or n * p > self.n_batch or p + max_tokens > PEER_CTX:
+            raise ValueError(f"{n} x {p}+{max_tokens} does not fit the peer's context")
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        self._decode([(s, int(t), i, i == p - 1) for s in range(n) for i, t in enumerate(ids)])
+        out = np.empty((n, max_tokens), np.int64)
+        out[:, 0] = [self._argmax(s * p + p - 1) for s in range(n)]
+        t0 = time.perf_counter()
+        for k in range(1, max_tokens):
+            self._decode([(s, int(out[s, k - 1]), p + k - 1, True) for s in range(n)])
+            out[:, k] = [self._argmax(s) for s in range(n)]
+        return time.perf_counter() - t0, out
+
+    def valid(self, tokens: np.ndarray) -> bool:
+        return bool(np.all((tokens >= 0) & (tokens < self.n_vocab)))
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+
 # --- cases -----------------------------------------------------------------------------
 
 
@@ -311,6 +420,7 @@ class Bench:
     fairness: dict[str, float] = attrs.field(factory=dict)
     overhead: dict[str, float] = attrs.field(factory=dict)
     ceiling: dict[str, float] = attrs.field(factory=dict)
+    vs_peer: dict[str, float] = attrs.field(factory=dict)  # set when the peer was tried
     caveats: dict[str, list[str]] = attrs.field(factory=dict)  # "case wtype" -> why
 
     def emit(self, r: Result) -> None:
@@ -383,14 +493,36 @@ async def concurrency(
     counts: Sequence[int],
     do_aggregate: bool,
     do_fairness: bool,
+    peer: BatchPeer | None = None,
 ) -> None:
     p = b.profile
     params = gen_params(p.max_tokens)
     ids = np.asarray(model.tokenizer.encode(PROMPT, add_special=True), np.int32)
+    peer_counts = tuple(n for n in PEER_SEQS if n in counts) if do_aggregate else ()
+    peer_runs: dict[int, list[tuple[float, np.ndarray]]] = {n: [] for n in peer_counts}
+    peer_error = ""
+
+    def run_peer(n: int, max_tokens: int) -> None:
+        """One llama.cpp run; the first failure drops the peer for the rest of the case."""
+        nonlocal peer, peer_error
+        if peer is None:
+            return
+        try:
+            run = peer.run(ids, n, max_tokens)
+        except Exception as e:
+            peer_error = f"{type(e).__name__}: {e}"
+            b.reporter.error(f"aggregate {wtype} llama.cpp", peer_error)
+            peer = None
+            return
+        if max_tokens == p.max_tokens:
+            peer_runs[n].append(run)
+
     # Warm-up: every tenant's actor and guest instance exists before any timing.
     await run_round(rt, max(counts), gen_params(p.warmup_tokens))
     if do_aggregate:
         bare_steps(model, ids, max(counts), p.warmup_tokens)
+        if peer_counts:
+            run_peer(max(peer_counts), p.warmup_tokens)
     await trio.sleep(IDLE_SECONDS)
 
     bw_before = b.probe.measure() if do_aggregate else math.nan
@@ -402,6 +534,9 @@ async def concurrency(
             await trio.sleep(IDLE_SECONDS)
             if do_aggregate:
                 bare[n].append(bare_steps(model, ids, n, p.max_tokens) / (p.max_tokens - 1))
+                await trio.sleep(IDLE_SECONDS)
+            if peer is not None and n in peer_counts:
+                run_peer(n, p.max_tokens)
                 await trio.sleep(IDLE_SECONDS)
     bw_after = b.probe.measure() if do_aggregate else math.nan
 
@@ -503,6 +638,9 @@ async def concurrency(
                     scaling_vs_1=bare_rate(n) / bare_rate(1),
                 )
             )
+        if peer_counts and (peer is not None or peer_error):
+            realm = {n: [r.aggregate for r in rounds[n]] for n in peer_counts}
+            emit_peer(b, wtype, ids, peer, peer_runs, peer_error, realm, ok, bound)
         top = max(counts)
         if 1 in counts and top > 1:
             b.scaling[wtype] = agg(top) / agg1 if ok[top] and ok[1] else math.nan
@@ -572,6 +710,84 @@ async def concurrency(
                 tenant_decode_seconds={t.name: t.decode_seconds for t in mid.tenants},
             )
         )
+
+
+def emit_peer(
+    b: Bench,
+    wtype: str,
+    ids: np.ndarray,
+    peer: BatchPeer | None,
+    runs: dict[int, list[tuple[float, np.ndarray]]],
+    error: str,
+    realm: dict[int, list[float]],
+    ok: dict[int, bool],
+    bound: Limit,
+) -> None:
+    """llama.cpp's rows (N sequences in one batch per step) and Realm / llama.cpp at 8.
+
+    ``realm``: the runtime's aggregate decode tok/s per run, for each tenant count.
+    """
+    p = b.profile
+    steps = p.max_tokens - 1
+    top = max(PEER_SEQS)
+    b.vs_peer[wtype] = math.nan
+    if peer is None or any(not runs[n] for n in runs):
+        return  # the failure was reported as it happened
+    rate: dict[int, float] = {
+        n: statistics.median(n * steps / seconds for seconds, _ in rs) for n, rs in runs.items()
+    }
+    for n, rs in runs.items():
+        tokens = [t for _, t in rs]
+        valid = all(peer.valid(t) for t in tokens)
+        # same prompt in every sequence: greedy tokens agree unless batching changes rounding
+        agree = all(np.array_equal(t, t[:1].repeat(n, 0)) for t in tokens)
+        vs_realm = statistics.median(realm[n]) / rate[n]
+        single = Limit("llama.cpp tok/s of 1 sequence", "1 seq", rate[1], "tok/s")
+        note = (
+            f"peer: llama_decode of {n} seq x 1 token per step, step "
+            f"{statistics.median(s for s, _ in rs) / steps * 1e3:.1f} ms; "
+            f"Realm runtime / llama.cpp {vs_realm:.2f}x; sequences' tokens "
+            f"{'agree' if agree else 'differ'}"
+        )
+        if not valid:
+            note = f"greedy token ids out of [0, {peer.n_vocab}); {note}"
+        b.emit(
+            _row(
+                f"aggregate {wtype}",
+                "llama.cpp",
+                f"{n} x {len(ids)}+{p.max_tokens}",
+                wtype,
+                b,
+                _timing([s for s, _ in rs]),
+                rate[n],
+                bound if n == 1 or 1 not in rate else single,
+                batch=n,
+                ok=valid,
+                note=note,
+                engine="llama.cpp",
+                sequences=n,
+                max_tokens=p.max_tokens,
+                prompt_tokens=len(ids),
+                decoded_tokens=steps,
+                aggregate_tok_s=rate[n],
+                aggregate_runs=[n * steps / s for s, _ in rs],
+                step_seconds=statistics.median(s for s, _ in rs) / steps,
+                scaling_vs_1=rate[n] / rate[1] if 1 in rate else None,
+                runtime_vs_llama_cpp=vs_realm,
+                tokens_valid=valid,
+                sequences_agree=agree,
+                flash_attn_type=peer.flash_attn_type,
+                kv_unified=peer.kv_unified,
+            )
+        )
+        if n == top and valid and ok.get(top, False):
+            b.vs_peer[wtype] = vs_realm
+            for who, xs in (("Realm", realm[n]), ("llama.cpp", [n * steps / s for s, _ in rs])):
+                spread = _spread(xs)
+                if spread > NOISY_SPREAD:
+                    b.caveats.setdefault(f"peer {wtype}", []).append(
+                        f"{who} {n}-way runs vary {spread:.2f}x (noisy machine)"
+                    )
 
 
 async def overhead(b: Bench, rt: Runtime, model: Model, wtype: str) -> None:
@@ -699,6 +915,17 @@ def targets(b: Bench, ran: set[str], wtypes: Sequence[str]) -> list[Target]:
                     caveat(f"aggregate {wt}"),
                 )
             )
+        if wt in b.vs_peer:
+            out.append(
+                Target(
+                    f"{wt} Realm aggregate decode tok/s, {SCALING_TENANTS} tenants / llama.cpp "
+                    f"{SCALING_TENANTS}-sequence batch",
+                    b.vs_peer[wt],
+                    ">=",
+                    PEER_MIN,
+                    caveat(f"peer {wt}"),
+                )
+            )
         if f"fairness {wt}" in ran:
             out.append(
                 Target(
@@ -722,7 +949,12 @@ def targets(b: Bench, ran: set[str], wtypes: Sequence[str]) -> list[Target]:
 
 
 async def run_weight_type(
-    b: Bench, wt: str, model: Model, bytes_per_token: int, selected: set[str]
+    b: Bench,
+    wt: str,
+    model: Model,
+    bytes_per_token: int,
+    selected: set[str],
+    peer: BatchPeer | None = None,
 ) -> None:
     do_aggregate = f"aggregate {wt}" in selected
     do_fairness = f"fairness {wt}" in selected
@@ -731,7 +963,7 @@ async def run_weight_type(
         if do_aggregate or do_fairness:
             try:
                 await concurrency(
-                    b, rt, model, wt, bytes_per_token, counts, do_aggregate, do_fairness
+                    b, rt, model, wt, bytes_per_token, counts, do_aggregate, do_fairness, peer
                 )
             except Exception as e:  # the runtime may be mid-change: report, go on
                 b.reporter.error(f"aggregate/fairness {wt}", f"{type(e).__name__}: {e!r}")
@@ -761,6 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads = kernels.set_threads(args.threads)
     profile = QUICK if args.quick else FULL
+    llama_cpp, peer_version = import_peer()
     shape = TINYLLAMA
     paths = {wt: ensure_model(shape, wt, SEED, _log) for wt in wtypes}
 
@@ -775,26 +1008,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_tokens": profile.max_tokens,
         "reps": f"{profile.reps} per tenant count, {profile.overhead_reps} overhead",
         "runtime": f"default limits (gather {limits.gather_seconds * 1e3:g} ms)",
+        "peer": f"llama-cpp-python {peer_version}, llama_decode batches (its own kernels)"
+        if llama_cpp is not None
+        else f"skipped ({peer_version}); install it with `{PEER_INSTALL}`",
     }
     reporter.machine(describe_machine(SUITE, threads, settings, numpy_limit=False))
     probe = ReadBandwidth(profile.bandwidth_bytes, profile.bandwidth_iters)
     b = Bench(profile, threads, probe, reporter)
     reporter.section("machine limits at the start (the aggregate case measures its own around it)")
     reporter.result(probe.row(probe.measure(), threads))
+    if llama_cpp is None:
+        reporter.text(
+            f"peer llama.cpp skipped: llama_cpp does not import ({peer_version}); "
+            f"install it with `{PEER_INSTALL}`"
+        )
 
     for wt in wtypes:
         path = paths[wt]
         per_token, n_bytes = weight_bytes_per_token(path)
         model = load_model(path)
+        peer = None
         try:
             reporter.section(
                 f"{wt}: {n_bytes / GB:.2f} GB of weights, {per_token / GB:.3f} GB read per "
                 f"decoded token; {path.name}"
             )
-            trio.run(run_weight_type, b, wt, model, per_token, selected)
+            if llama_cpp is not None and f"aggregate {wt}" in selected:
+                try:
+                    peer = BatchPeer(llama_cpp, path, threads, max(PEER_SEQS))
+                except Exception as e:  # e.g. an old llama.cpp that cannot read the file
+                    reporter.error(f"llama.cpp load {wt}", f"{type(e).__name__}: {e}")
+                    b.vs_peer[wt] = math.nan
+            trio.run(run_weight_type, b, wt, model, per_token, selected, peer)
         finally:
+            if peer is not None:
+                peer.close()
             model.close()
-            del model
+            del model, peer
             gc.collect()
 
     reporter.section("read bandwidth again, at the end (drift check)")
@@ -805,7 +1055,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter.text(
         "aggregate: rate = decoded tokens of all tenants / decode window (prefill excluded; "
         "times per run, median and min); limit = 1 tenant's aggregate (ratio = scaling), for "
-        "1 tenant the decode bound = read bandwidth / weight bytes per token. fairness: rate = "
+        "1 tenant the decode bound = read bandwidth / weight bytes per token; llama.cpp rows: "
+        "the same for N sequences in one llama_decode per step (limit: its 1 sequence). "
+        "fairness: rate = "
         "slowest tenant, limit = fastest, ratio = slowest / fastest. overhead: times per call; "
         "ratio = rt.call time / bare loop time."
     )
