@@ -138,6 +138,12 @@ def _boolean(body: dict[str, Any], name: str) -> bool:
     return v
 
 
+# Fields OpenAI's API does not have that go to the guest unchanged when a request carries them
+# (llama.cpp's server takes the first three too): the default guest's sampling parameters and
+# its speculative decoding (docs/speculative.md). A guest without one refuses it by name.
+EXTENSION_FIELDS = ("top_k", "min_p", "repeat_penalty", "speculative")
+
+
 def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
     """The guest's params for what OpenAI's chat and completions requests share."""
     params: dict[str, Any] = {}
@@ -172,6 +178,9 @@ def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("user", "must be a string")
+    for name in EXTENSION_FIELDS:  # Realm's own (the openai client's extra_body): as given
+        if body.get(name) is not None:
+            params[name] = body[name]  # the guest's params schema checks them: a 400 if wrong
     return params
 
 

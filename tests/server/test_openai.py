@@ -155,6 +155,42 @@ async def test_openai_client(chat_model_path: Path) -> None:
             await trio.to_thread.run_sync(run)
 
 
+async def test_realm_fields_reach_the_guest(model_path: Path) -> None:
+    # extra_body: the default guest's top_k / min_p / repeat_penalty and speculative decoding
+    with trio.fail_after(LIMIT):
+        async with open_server(config(model_path, tenants=TENANTS)) as server:
+
+            def run() -> None:
+                c = client(server)
+                plain = c.completions.create(
+                    model="tiny", prompt="a b a b a b a b", max_tokens=12, temperature=0
+                )
+                fast = c.completions.create(
+                    model="tiny",
+                    prompt="a b a b a b a b",
+                    max_tokens=12,
+                    temperature=0,
+                    extra_body={"speculative": {"mode": "lookup", "k": 4}, "top_k": 5},
+                )
+                assert fast.choices[0].text == plain.choices[0].text  # greedy: identical
+                sampled = c.completions.create(
+                    model="tiny",
+                    prompt="x",
+                    max_tokens=4,
+                    seed=3,
+                    extra_body={"top_k": 1, "min_p": 0.1, "repeat_penalty": 1.1},
+                )
+                assert sampled.usage is not None and sampled.usage.completion_tokens == 4
+                for bad in ({"top_k": "many"}, {"speculative": {"mode": "psychic"}}):
+                    with pytest.raises(openai.BadRequestError) as info:
+                        c.completions.create(model="tiny", prompt="x", extra_body=bad)
+                    assert next(iter(bad)) in info.value.message
+                # still serving
+                assert c.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+            await trio.to_thread.run_sync(run)
+
+
 async def test_async_client_streams(chat_model_path: Path) -> None:
     with trio.fail_after(LIMIT):
         async with open_server(config(chat_model_path)) as server:
