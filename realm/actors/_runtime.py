@@ -562,6 +562,8 @@ async def open_runtime(
     models: Mapping[str, str | os.PathLike[str] | Model] | None = None,
     tenants: Mapping[str, TenantSpec | Mapping[str, Any]] | None = None,
     limits: RuntimeLimits | None = None,
+    *,
+    max_resident_bytes: int | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open an embedded Realm runtime.
 
@@ -574,13 +576,17 @@ async def open_runtime(
             missing keys come from ``limits``). None: an open, local runtime where any tenant
             name gets the default guest and ``limits``' defaults.
         limits: runtime-wide limits and defaults.
+        max_resident_bytes: one layer-paging budget shared by every model the runtime loads
+            from a path (``PagingBudget``, docs/models.md): their weights together keep at most
+            this many bytes resident (0: none between steps), the rest paged in per step.
+            None: no paging.
 
     Raises:
         ModelError: no model, or one that cannot be loaded.
         TenantUnavailable: a tenant spec with a bad value (named).
     """
     limits = limits or RuntimeLimits()
-    registry = ModelRegistry()
+    registry = ModelRegistry(max_resident_bytes=max_resident_bytes)  # checks it (ModelError)
     for name, m in (models or {}).items():
         if isinstance(m, Model):
             registry._by_name[name] = m  # an already loaded model, shared as it is

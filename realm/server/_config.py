@@ -126,6 +126,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     # where the models run: "cpu", "cuda" or "cuda:N" (docs/kernels.md, "CUDA")
     device: str = "cpu"
+    # one layer-paging budget for every model's weights (bytes resident at most; None: all)
+    max_resident_bytes: int | None = None
     # the open server's one tenant: a local user whose many connections share it
     open_tenant: TenantSpec = attrs.field(
         factory=lambda: TenantSpec(OPEN_TENANT, max_concurrent_calls=16, max_queued_calls=1024)
@@ -387,7 +389,7 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
         "server",
         server,
         {"host", "port", "metrics_port", "allowed_origins", "allowed_hosts", "server_id", "device"}
-        | {"trusted_proxies"}
+        | {"trusted_proxies", "max_resident_bytes"}
         | {f.name for f in attrs.fields(ServerLimits)},
     )
     models_t = doc.get("models")
@@ -443,4 +445,9 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
             else None
         ),
         device=_device("server.device", server.get("device", "cpu")),
+        max_resident_bytes=(
+            _int("server.max_resident_bytes", server["max_resident_bytes"], 0, 1 << 50)
+            if "max_resident_bytes" in server
+            else None
+        ),
     )

@@ -569,11 +569,17 @@ async def open_server(config: ServerConfig) -> AsyncIterator[Server]:
     if config.device != "cpu":  # loaded here so that the runtime shares them as they are
         from ..model import ModelRegistry
 
-        registry = ModelRegistry(device=config.device)
+        registry = ModelRegistry(device=config.device, max_resident_bytes=config.max_resident_bytes)
         for name, path in config.models.items():
             registry.load(name, path)
         models = {name: registry.get(name) for name in config.models}
-    async with open_runtime(models=models, tenants=tenants, limits=runtime_limits(config)) as rt:
+    budget = config.max_resident_bytes if config.device == "cpu" else None  # else: loaded above
+    async with open_runtime(
+        models=models,
+        tenants=tenants,
+        limits=runtime_limits(config),
+        max_resident_bytes=budget,
+    ) as rt:
         server = Server(config, rt)
         with single_error():  # an error of the caller's block comes out as itself
             async with trio.open_nursery() as nursery:

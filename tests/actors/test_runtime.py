@@ -171,6 +171,27 @@ async def test_open_runtime_needs_a_model() -> None:
             pass
 
 
+async def test_one_paging_budget_for_every_model(model_path: Path, tmp_path: Path) -> None:
+    other = write_test_model(tmp_path / "other.gguf", n_layers=2, seed=5)
+    with trio.fail_after(LIMIT):
+        async with realm.open_runtime(models={"tiny": model_path}) as rt:
+            plain = await rt.call("alice", "generate", GEN)
+            assert rt.statistics().models == {}  # no budget: nothing paged
+        models = {"tiny": model_path, "other": other}
+        async with realm.open_runtime(models=models, max_resident_bytes=0) as rt:
+            paged = await rt.call("alice", "generate", {**GEN, "model": "tiny"})
+            assert paged["text"] == plain["text"]  # paging changes where weights are, not them
+            await rt.call("bob", "generate", {**GEN, "model": "other"})
+            stats = rt.statistics().models
+            assert set(stats) == {"tiny", "other"} and stats["tiny"].max_resident_bytes == 0
+            assert stats["tiny"].misses > 0 and stats["other"].misses > 0
+            assert rt.registry.get("tiny").pager.budget is rt.registry.get("other").pager.budget
+    for bad in (-1, 1.5, "1GB", True):
+        with pytest.raises(realm.ModelError, match="max_resident_bytes"):
+            async with realm.open_runtime(models={"tiny": model_path}, max_resident_bytes=bad):
+                pass
+
+
 def test_the_trio_app_example_runs() -> None:
     import subprocess
 

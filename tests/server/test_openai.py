@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import attrs
 import openai
 import pytest
 import trio
@@ -189,6 +190,21 @@ async def test_realm_fields_reach_the_guest(model_path: Path) -> None:
                 assert c.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
             await trio.to_thread.run_sync(run)
+
+
+async def test_a_paging_budget_from_the_config(model_path: Path) -> None:
+    cfg = attrs.evolve(config(model_path, tenants=TENANTS), max_resident_bytes=0)
+    with trio.fail_after(LIMIT):
+        async with open_server(cfg) as server:
+            pager = server.runtime.registry.get("tiny").pager
+            assert pager is not None and pager.budget.max_resident_bytes == 0
+
+            def run() -> None:
+                c = client(server)
+                assert c.completions.create(model="tiny", prompt="x", max_tokens=3).choices
+
+            await trio.to_thread.run_sync(run)
+            assert server.runtime.statistics().models["tiny"].misses > 0
 
 
 async def test_async_client_streams(chat_model_path: Path) -> None:

@@ -335,6 +335,16 @@ def test_a_config_without_tenants_is_open(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
+def test_the_paging_budget_key(tmp_path: Path) -> None:
+    models = '[models]\ntiny = "m.gguf"\n'
+    assert load_config(_write(tmp_path, models)).max_resident_bytes is None
+    cfg = load_config(_write(tmp_path, "[server]\nmax_resident_bytes = 1073741824\n" + models))
+    assert cfg.max_resident_bytes == 1 << 30
+    for bad in ("-1", '"1GB"', "1.5", "true"):
+        with pytest.raises(ConfigError, match=r"server\.max_resident_bytes"):
+            load_config(_write(tmp_path, f"[server]\nmax_resident_bytes = {bad}\n" + models))
+
+
 def _replace(old: str, new: str) -> str:
     assert old in GOOD
     return GOOD.replace(old, new)
