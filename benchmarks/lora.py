@@ -53,7 +53,8 @@ from ._common import (
     argument_parser,
     describe_machine,
 )
-from .batching import BatcherTotals, Round, TenantRun, gen_params
+from .batching import Round, gen_params
+from .batching import run_round as batching_round
 from .models import SEED, TINYLLAMA, _log, cache_dir, ensure_model, weight_bytes_per_token
 
 SUITE: Final = "lora"
@@ -106,21 +107,7 @@ def ensure_adapter(model: Model, i: int, rank: int, wtype: str) -> Path:
 
 async def run_round(rt: Runtime, params: dict[str, Any]) -> Round:
     """The 8 tenants' ``generate`` calls, started together."""
-    names = [f"tenant{i}" for i in range(TENANTS)]
-    runs: dict[str, TenantRun] = {}
-
-    async def one(name: str) -> None:
-        t0 = time.perf_counter()
-        result = await rt.call(name, "generate", params)
-        runs[name] = TenantRun.of(name, result, t0, time.perf_counter())
-
-    before = BatcherTotals.of(rt.statistics().batcher)
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            nursery.start_soon(one, name)
-    after = BatcherTotals.of(rt.statistics().batcher)
-    return Round(TENANTS, start, tuple(runs[n] for n in names), after - before)
+    return await batching_round(rt, TENANTS, params)
 
 
 async def aggregate(
