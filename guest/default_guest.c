@@ -658,6 +658,27 @@ static void record_logprobs(const gen_cfg *g, gen_out *o, const float *raw, int 
     rg_buf_puts(&o->lp, "]}");
 }
 
+/* The end of a generation: the text held back by the detokenizer is emitted (or, after a stop
+ * string, dropped with what follows it). Returns 0, or a negative status with *what naming the
+ * import that failed. */
+static int finish_text(const gen_cfg *g, int session, gen_out *o, const char **what) {
+    int st;
+    if (o->stop_hit) {
+        discard_detok(session);
+        return 0;
+    }
+    if ((st = take_text(session, REALM_DETOK_FLUSH, &o->text)) < 0) {
+        *what = "detokenize";
+        return st;
+    }
+    if ((st = settle(g, o, 1)) < 0) {
+        *what = "emit";
+        return st;
+    }
+    if (st == 1) o->finish = "stop";
+    return 0;
+}
+
 static int gen_run(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *logits,
                    gen_out *o) {
     rg_call *c = g->c;
@@ -716,19 +737,7 @@ static int gen_run(gen_cfg *g, int session, int capacity, rg_ivec *hist, float *
         rg_ivec_push(hist, tok);
         if (hist->oom) return rg_fail(c, REALM_ELIMIT, "%s: out of memory", c->fn->name);
     }
-    if (o->stop_hit) {
-        discard_detok(session); /* what follows the stop string is dropped */
-    } else {
-        if ((st = take_text(session, REALM_DETOK_FLUSH, &o->text)) < 0) {
-            what = "detokenize";
-            goto fail;
-        }
-        if ((st = settle(g, o, 1)) < 0) {
-            what = "emit";
-            goto fail;
-        }
-        if (st == 1) o->finish = "stop";
-    }
+    if ((st = finish_text(g, session, o, &what)) < 0) goto fail;
     return 0;
 fail:
     if (st == REALM_ECANCELLED) {
@@ -999,19 +1008,7 @@ static int gen_run_spec(gen_cfg *g, int session, int capacity, rg_ivec *hist, fl
     }
     close_session(ds);
     ds = -1;
-    if (o->stop_hit) {
-        discard_detok(session);
-    } else {
-        if ((st = take_text(session, REALM_DETOK_FLUSH, &o->text)) < 0) {
-            what = "detokenize";
-            goto fail;
-        }
-        if ((st = settle(g, o, 1)) < 0) {
-            what = "emit";
-            goto fail;
-        }
-        if (st == 1) o->finish = "stop";
-    }
+    if ((st = finish_text(g, session, o, &what)) < 0) goto fail;
     return 0;
 fail:
     close_session(ds);
