@@ -28,6 +28,8 @@ SOURCES = [
     "gemm_avx512.c",
     "gemm_q8_avx512.c",
     "gemm_q8_avx2.c",
+    "gemm_kq_avx512.c",
+    "gemm_kq_avx2.c",
     "quants.c",
     "quants_avx2.c",
     "quants_avx512.c",

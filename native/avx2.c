@@ -218,5 +218,8 @@ const realm_isa_ops realm_ops_avx2 = {
     .dot_other = realm_dot_other_avx2,
     .quantize_q8x_plain = quantize_q8x,
     .quantize_q8k = realm_quantize_q8k_avx2,
+    .gemm_kq = realm_gemm_kq_avx2,
+    .gemm_kq_supports = realm_gemm_kq_avx2_supports,
+    .gemm_kq_min_batch = 16,
 };
 #endif

@@ -470,5 +470,8 @@ const realm_isa_ops realm_ops_avx512 = {
      * the two meet at 10; Q4_0's nibble unpacking makes them meet at 8 */
     .gemm_q8_min_batch = 11,
     .gemm_q4_min_batch = 8,
+    .gemm_kq = realm_gemm_kq_avx512,
+    .gemm_kq_supports = realm_gemm_kq_avx512_supports,
+    .gemm_kq_min_batch = 16,
 };
 #endif

@@ -177,6 +177,13 @@ typedef struct {
                    int64_t n_cols, int64_t batch);
     /* the smallest batches of Q8_0 / Q4_0 weights that take gemm_q8 (measured per level) */
     int64_t gemm_q8_min_batch, gemm_q4_min_batch;
+    /* the same in integers for the types of quants.c (gemm_kq.inc), with activations quantized
+     * per 32 elements, for the types gemm_kq_supports takes (may be NULL: the dequantizing
+     * path), from a batch of gemm_kq_min_batch */
+    int (*gemm_kq)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                   int64_t n_cols, int64_t batch);
+    int (*gemm_kq_supports)(int wtype);
+    int64_t gemm_kq_min_batch;
     /* dot_q8_0's contract for the types of quants.c (Q4_1, Q5_0, Q5_1, Q2_K..Q6_K), against
      * activations in the plain q8x layout whatever the level (quantized by quantize_q8x_plain) */
     void (*dot_other)(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,
@@ -206,6 +213,12 @@ void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t
 void realm_quantize_q8k_avx2(const realm_q8x *x, const float *src, int64_t b);
 int realm_gemm_q8_avx2(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                        int64_t n_cols, int64_t batch);
+int realm_gemm_kq_avx2(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                       int64_t n_cols, int64_t batch);
+int realm_gemm_kq_avx2_supports(int wtype);
+int realm_gemm_kq_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                         int64_t n_cols, int64_t batch);
+int realm_gemm_kq_avx512_supports(int wtype);
 void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
                                const float *q, int32_t group, int32_t d, float scale);
 void realm_attn_values_f16_avx2(float *o, const uint16_t *v, int64_t vs, int64_t n,

@@ -76,6 +76,14 @@ int realm_dequantize(float *out, const void *src, int type, int64_t n);
  */
 int realm_matmul(float *y, const void *w, int wtype, const float *x,
                  int64_t n_rows, int64_t n_cols, int64_t batch);
+/* The kernel path realm_matmul takes for wtype at a batch on the active level (tests,
+ * benchmarks), and so what it multiplies the weights with: */
+#define REALM_PATH_ROWS 0      /* row-streaming; quantized weights: activations per 32 (Q8_0) */
+#define REALM_PATH_ROWS_Q8K 1  /* row-streaming, activations per 256 (ggml's Q8_K) */
+#define REALM_PATH_GEMM_F32 2  /* float GEMM on the activations themselves */
+#define REALM_PATH_GEMM_DQ 3   /* dequantized weight panels, float GEMM / dots, the same */
+#define REALM_PATH_GEMM_Q 4    /* integer GEMM, activations per 32 */
+int realm_matmul_path(int wtype, int64_t batch);  /* < 0: a bad type or batch */
 
 /* ---- element-wise and row operations (all f32) ---- */
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; weight may be NULL (no scale). */

@@ -197,6 +197,23 @@ static void dq_task(void *p, int ith, int nth) {
 
 _Thread_local int realm_matmul_rowwise;
 
+int realm_matmul_path(int wtype, int64_t batch) {
+    if (batch <= 0 || realm_row_bytes(wtype, 256) < 0) return REALM_EINVAL;
+    const realm_isa_ops *ops = realm_ops();
+    const int gemm_ok = !realm_matmul_rowwise;
+    if (wtype == REALM_TYPE_F32 || wtype == REALM_TYPE_F16 || wtype == REALM_TYPE_BF16)
+        return gemm_ok && batch >= GEMM_MIN_BATCH && ops->gemm_f32 ? REALM_PATH_GEMM_F32
+                                                                  : REALM_PATH_ROWS;
+    if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
+        const int64_t min = wtype == REALM_TYPE_Q8_0 ? ops->gemm_q8_min_batch : ops->gemm_q4_min_batch;
+        return gemm_ok && ops->gemm_q8 && batch >= min ? REALM_PATH_GEMM_Q : REALM_PATH_ROWS;
+    }
+    if (gemm_ok && ops->gemm_kq && batch >= ops->gemm_kq_min_batch && ops->gemm_kq_supports(wtype))
+        return REALM_PATH_GEMM_Q;
+    if (gemm_ok && batch >= GEMM_MIN_BATCH) return REALM_PATH_GEMM_DQ;
+    return realm_uses_q8k(wtype) ? REALM_PATH_ROWS_Q8K : REALM_PATH_ROWS;
+}
+
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                  int64_t n_cols, int64_t batch) {
     if (!y || !w || !x || n_rows <= 0 || n_cols <= 0 || batch <= 0) return REALM_EINVAL;
@@ -225,6 +242,10 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
     const int other = realm_is_other_quant(wtype);
+    /* the other types, large batch: integer GEMM (gemm_kq.inc) where the level takes the type */
+    if (gemm_ok && other && ops->gemm_kq && batch >= ops->gemm_kq_min_batch &&
+        ops->gemm_kq_supports(wtype))
+        return ops->gemm_kq(y, w, wtype, x, n_rows, n_cols, batch);
     if (gemm_ok && other && batch >= GEMM_MIN_BATCH) {
         /* levels without a GEMM (the portable one) dot the dequantized rows with the float
          * batch: prefill multiplies the activations themselves at every level */

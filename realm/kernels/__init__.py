@@ -32,6 +32,7 @@ from ._ops import detected_isa as detected_isa
 from ._ops import geglu as geglu
 from ._ops import get_rows as get_rows
 from ._ops import matmul as matmul
+from ._ops import matmul_path as matmul_path
 from ._ops import quantize as quantize
 from ._ops import read_bandwidth as read_bandwidth
 from ._ops import rmsnorm as rmsnorm

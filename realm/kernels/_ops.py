@@ -290,6 +290,29 @@ def matmul(
     return out
 
 
+#: realm_matmul_path's answers (native/kernels.h)
+_MATMUL_PATHS = {
+    0: "rows",  # row-streaming; quantized weights meet activations quantized per 32
+    1: "rows-q8k",  # row-streaming, activations quantized per 256 (ggml's Q8_K)
+    2: "gemm-f32",  # float GEMM on the activations themselves
+    3: "gemm-dequant",  # dequantized weight panels, float GEMM: the activations themselves
+    4: "gemm-int",  # integer GEMM, activations quantized per 32
+}
+
+
+def matmul_path(wtype: WeightType | int, batch: int) -> str:
+    """The kernel path :func:`matmul` takes for ``wtype`` weights and ``batch`` activation rows
+    on the active ISA level: ``rows``, ``rows-q8k``, ``gemm-f32``, ``gemm-dequant`` or
+    ``gemm-int`` (what each multiplies the weights with: native/kernels.h)."""
+    k = "matmul_path"
+    try:
+        wt = WeightType(wtype)
+    except ValueError:
+        raise _fail(k, f"wtype {wtype!r} is not a weight type") from None
+    b = _int_arg(k, "batch", batch, 1, 2**31 - 1)
+    return _MATMUL_PATHS[lib.realm_matmul_path(int(wt), b)]
+
+
 # --- element-wise and row operations -----------------------------------------------------
 
 

@@ -7,9 +7,11 @@ dequantizer is the reference. Dequantization must be bit for bit the reference's
 bytes, NaN scales included, are also checked in test_formats.py). matmul quantizes the
 activations to 8 bits per 32-block (per 256 for the K-quants' super-blocks, as ggml's
 Q8_K) below a batch of 16, so it must equal the float64 product of the exact weights
-with those quantized activations up to float32 rounding; from a batch of 16 it dequantizes
-weight panels into the F32 GEMM (the F32 dots on the scalar level), so it must equal the
-float64 product with the activations themselves.
+with those quantized activations up to float32 rounding; from a batch of 16 the SIMD levels
+take an integer GEMM with activations quantized per 32 (the same check with those), and the
+types a level's GEMM does not take (and every type on the scalar level) dequantize weight
+panels into the F32 GEMM or dots, so they must equal the float64 product with the
+activations themselves. ``kernels.matmul_path`` says which.
 """
 
 from __future__ import annotations
@@ -37,16 +39,31 @@ HALF_FIELDS = {
     WeightType.IQ4_NL: (0,),
     WeightType.IQ4_XS: (0,),
 }
-GEMM_MIN_BATCH = 16  # native/matmul.c
 
 
 #: weights whose matmuls quantize activations per 256 (ggml's Q8_K; native/quants.c)
 K_QUANTS = {WeightType.Q2_K, WeightType.Q3_K, WeightType.Q4_K, WeightType.Q5_K, WeightType.Q6_K}
 
 
-def activation_block(wt: WeightType) -> int:
-    """Elements per quantized activation block that ``wt``'s matmul uses."""
-    return reference.QK_K if wt in K_QUANTS else reference.QK
+def activation_block(wt: WeightType, batch: int) -> int | None:
+    """Elements per quantized activation block that ``wt``'s matmul of ``batch`` rows uses on
+    the active level (None: the activations themselves)."""
+    path = kernels.matmul_path(wt, batch)
+    if path in ("gemm-f32", "gemm-dequant"):
+        return None
+    if path == "rows-q8k":
+        assert wt in K_QUANTS
+        return reference.QK_K
+    return reference.QK
+
+
+def used_activations(x: np.ndarray, wt: WeightType) -> np.ndarray:
+    """What ``wt``'s matmul multiplies the weights with, in float64."""
+    block = activation_block(wt, x.shape[0])
+    if block is None:
+        return x.astype(np.float64)
+    codes, d = reference.quantize_activations(x, block)
+    return (codes * d[..., None].astype(np.float64)).reshape(x.shape)
 
 
 def random_weights(wt: WeightType, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
@@ -86,15 +103,37 @@ def test_matmul_matches_the_exact_product(wt: WeightType, batch: int, isa: Isa) 
     x = rng.standard_normal((batch, n_cols)).astype(np.float32)
     x[0, :32] *= 50.0  # an outlier block
     y = kernels.matmul(w, x, wtype=wt)
-    if batch >= GEMM_MIN_BATCH:
-        x_used = x.astype(np.float64)
-    else:
-        # K-quant weights meet activations quantized per 256 (Q8_K)
-        codes, d = reference.quantize_activations(x, activation_block(wt))
-        x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
+    x_used = used_activations(x, wt)
     want = x_used @ values.T
     bound = np.abs(x_used) @ np.abs(values).T
     reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_large_batch_over_many_packed_blocks(wt: WeightType, isa: Isa) -> None:
+    """More blocks per row than one packed weight panel holds (the integer GEMMs pack 32 or 64
+    blocks at a time and take the outputs up again), rows that leave a short last panel and a
+    batch that leaves a short last register tile."""
+    n_rows, n_cols, batch = 21, 9 * 256, 19
+    w = random_weights(wt, n_rows, n_cols, seed=int(wt) + 5)
+    values = reference.dequantize(w, wt).astype(np.float64)
+    x = np.random.default_rng(11).standard_normal((batch, n_cols)).astype(np.float32)
+    x[3, 1000:1032] *= 40.0
+    y = kernels.matmul(w, x, wtype=wt)
+    x_used = used_activations(x, wt)
+    want = x_used @ values.T
+    bound = np.abs(x_used) @ np.abs(values).T
+    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
+def test_simd_levels_take_the_integer_gemm_at_a_large_batch(wt: WeightType, simd_isa: Isa) -> None:
+    """Prefill on the types of published files is integer work at the SIMD levels (IQ4 at the
+    AVX2 level excepted: its levels overflow vpmaddubsw's int16 pairs)."""
+    with kernels.use_isa(simd_isa):
+        want = "gemm-dequant" if simd_isa == Isa.AVX2 and wt.name.startswith("IQ4") else "gemm-int"
+        assert kernels.matmul_path(wt, 64) == want
+        assert kernels.matmul_path(wt, 1) in ("rows", "rows-q8k")
 
 
 @pytest.mark.parametrize("batch", [2, 5, 6, 15], ids=lambda b: f"b{b}")
@@ -108,8 +147,7 @@ def test_matmul_odd_block_counts_and_row_groups(wt: WeightType, batch: int, isa:
     x = np.random.default_rng(batch).standard_normal((batch, n_cols)).astype(np.float32)
     x[-1, -40:] *= 30.0  # an outlier block at the end
     y = kernels.matmul(w, x, wtype=wt)
-    codes, d = reference.quantize_activations(x, activation_block(wt))
-    x_used = (codes * d[..., None].astype(np.float64)).reshape(batch, n_cols)
+    x_used = used_activations(x, wt)
     want = x_used @ values.T
     bound = np.abs(x_used) @ np.abs(values).T
     reference.assert_within(y, want, 1e-5 * bound + 1e-30)
