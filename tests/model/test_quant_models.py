@@ -80,8 +80,8 @@ def random_blocks(
     raw = raw.reshape(n_out, nb, wt.block_bytes)
     for off in HALF_FIELDS[wt]:
         half = raw[:, :, off : off + 2].copy().view(np.float16)
-        raw[:, :, off : off + 2] = (half.astype(np.float32) * factor).astype(np.float16).view(
-            np.uint8
+        raw[:, :, off : off + 2] = (
+            (half.astype(np.float32) * factor).astype(np.float16).view(np.uint8)
         )
     return raw.reshape(n_out, nb * wt.block_bytes)
 
@@ -194,7 +194,9 @@ _PREFILL_REFERENCES: dict[tuple, np.ndarray] = {}
 def prefill_reference(path: Path, name: str) -> tuple[np.ndarray, bool]:
     """The float64 logits of a batched prefill at the active level, and whether any matrix
     takes 8-bit activations there."""
-    paths = tuple(kernels.matmul_path(WeightType[t], len(IDS)) for t in sorted(set(MIXES[name].values())))
+    paths = tuple(
+        kernels.matmul_path(WeightType[t], len(IDS)) for t in sorted(set(MIXES[name].values()))
+    )
     key = (name, paths)
     if key not in _PREFILL_REFERENCES:
         model = ref.RefModel(path)
