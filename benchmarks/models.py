@@ -1,14 +1,18 @@
 """Model benchmarks: a TinyLlama-1.1B-shaped model end to end, against llama.cpp and the machine.
 
     python -m benchmarks.models [--quick] [--json] [--threads N] [--only SUBSTRING]
-                                [--wtype Q8_0,Q4_0,F16]
+                                [--wtype Q8_0,Q4_0,F16,Q4_K_M] [--shape tinyllama|smollm2]
 
 The model is a llama with TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 query heads over
-4 KV heads, FFN 5632, vocabulary 32000, context 2048) and random weights, written once per
-weight type and cached under ``~/.cache/realm/bench/`` (``$XDG_CACHE_HOME/realm/bench``), keyed
-by shape, type and seed; a missing file is regenerated (progress on stderr). Weights are
+4 KV heads, FFN 5632, vocabulary 32000, context 2048; ``--shape smollm2``: SmolLM2-135M's, 30
+layers, hidden 576, 9 heads over 3, FFN 1536, vocabulary 49152) and random weights, written
+once per weight type and cached under ``~/.cache/realm/bench/`` (``$XDG_CACHE_HOME/realm/bench``),
+keyed by shape, type and seed; a missing file is regenerated (progress on stderr). Weights are
 quantized by ``realm.kernels.quantize`` (bit for bit GGML's) and written one tensor at a time,
-so generating never holds more than one tensor in memory.
+so generating never holds more than one tensor in memory. ``Q4_K_M`` mixes types per tensor as
+llama.cpp's Q4_K_M does (Q4_K; Q6_K for attn_v, ffn_down and the output; rows whose length is
+not a multiple of 256 fall back to Q5_0 / Q8_0 as llama.cpp's do) with random blocks of the
+right spread (``realm.testing.quant_blocks``): speed is what it measures, the values are noise.
 
 Cases, for each weight type (``--quick``: Q8_0 only, unless ``--wtype`` says otherwise):
     prefill   a prompt of 128 tokens (``--quick``: 64) into a fresh session, logits of the
@@ -58,6 +62,7 @@ from realm.model import Model, Session, load_model
 from realm.model._gguf_reader import open_gguf
 from realm.testing._vocab import spm_vocab
 from realm.testing.models import QUANTIZATION_VERSION, WEIGHT_TYPES
+from realm.testing.quant_blocks import random_blocks
 
 from ._common import (
     GB,
@@ -79,7 +84,7 @@ SUITE: Final = "models"
 SEED: Final = 20240601
 FORMAT_VERSION: Final = 1  # bump when the generated file changes: it is part of the cache key
 
-ALL_WTYPES: Final = ("Q8_0", "Q4_0", "F16")
+ALL_WTYPES: Final = ("Q8_0", "Q4_0", "F16", "Q4_K_M")
 QUICK_WTYPES: Final = ("Q8_0",)
 DECODE_PROMPT: Final = 16  # tokens in the session before decoding
 BATCHES: Final = (1, 4, 8)
@@ -125,6 +130,10 @@ class ModelShape:
 TINYLLAMA: Final = ModelShape(
     n_layers=22, n_embd=2048, n_heads=32, n_kv_heads=4, n_ff=5632, vocab=32000, context=2048
 )
+SMOLLM2: Final = ModelShape(
+    n_layers=30, n_embd=576, n_heads=9, n_kv_heads=3, n_ff=1536, vocab=49152, context=2048
+)
+SHAPES: Final = {"tinyllama": (TINYLLAMA, "TinyLlama-1.1B"), "smollm2": (SMOLLM2, "SmolLM2-135M")}
 
 
 @attrs.frozen
@@ -201,6 +210,26 @@ def _tensor_specs(s: ModelShape) -> list[_TensorSpec]:
     return out
 
 
+#: Q4_K_M's mix (llama.cpp's): Q6_K for these, Q4_K for the other matrices; a row length that
+#: is not a multiple of 256 takes the fallback type of llama.cpp's quantizer instead
+_Q4_K_M_HIGH: Final = ("attn_v.weight", "ffn_down.weight", "output.weight")
+_K_FALLBACK: Final = {WeightType.Q4_K: WeightType.Q5_0, WeightType.Q6_K: WeightType.Q8_0}
+
+
+def _tensor_type(spec: _TensorSpec, wtype: str) -> WeightType:
+    """The weight type of one matrix of a ``wtype`` file."""
+    if wtype != "Q4_K_M":
+        return WeightType[wtype]
+    wt = WeightType.Q6_K if spec.name.endswith(_Q4_K_M_HIGH) else WeightType.Q4_K
+    return _K_FALLBACK[wt] if spec.n_in % 256 else wt
+
+
+def _file_types(wtype: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]:
+    if wtype == "Q4_K_M":
+        return gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M
+    return WEIGHT_TYPES[wtype]
+
+
 def _encoded_layout(spec: _TensorSpec, wt: WeightType) -> tuple[tuple[int, ...], np.dtype]:
     """numpy shape and dtype of a tensor's data as written."""
     if not spec.n_out:
@@ -218,6 +247,8 @@ def _generate(spec: _TensorSpec, index: int, seed: int, wt: WeightType) -> np.nd
         v *= spec.std
         v += 1.0
         return v
+    if wt.quantized and not wt.writable:  # K-quants and the like: random blocks
+        return random_blocks(wt, spec.n_out, spec.n_in, spec.std, rng)
     w = rng.standard_normal((spec.n_out, spec.n_in), dtype=np.float32)
     w *= spec.std
     if wt.quantized:
@@ -235,8 +266,7 @@ def write_model(
     The tensor table is written first (every size is known from the shapes), then each
     tensor is drawn, encoded and appended, and dropped.
     """
-    ggml_type, file_type = WEIGHT_TYPES[wtype]
-    wt = WeightType[wtype]
+    _, file_type = _file_types(wtype)
     specs = _tensor_specs(shape)
     writer = gguf.GGUFWriter(path, "llama")
     try:
@@ -255,9 +285,10 @@ def write_model(
         writer.add_vocab_size(shape.vocab)
         spm_vocab(shape.vocab).write(writer)  # llama.cpp needs a tokenizer to load the file
         for spec in specs:
+            wt = _tensor_type(spec, wtype)
             np_shape, dtype = _encoded_layout(spec, wt)
             nbytes = math.prod(np_shape) * dtype.itemsize
-            raw = ggml_type if spec.n_out and wt.quantized else None
+            raw = gguf.GGMLQuantizationType(int(wt)) if spec.n_out and wt.quantized else None
             writer.add_tensor_info(spec.name, np_shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -265,7 +296,7 @@ def write_model(
         start = time.perf_counter()
         written = 0
         for i, spec in enumerate(specs):
-            data = _generate(spec, i, seed, wt)
+            data = _generate(spec, i, seed, _tensor_type(spec, wtype))
             writer.write_tensor_data(data)
             written += data.nbytes
             if spec.name.endswith("ffn_down.weight") or i == len(specs) - 1:
@@ -312,12 +343,28 @@ def weight_bytes_per_token(path: Path) -> tuple[int, int]:
 
 
 def import_peer() -> tuple[Any, str]:
-    """(the llama_cpp module or None, its version or why it is missing)."""
+    """(the llama_cpp module or None, its version and the ISA level its CPU backend was built
+    for, or why it is missing). ``LLAMA_CPP_LIB_PATH`` points llama-cpp-python at another
+    build of the library (e.g. one built for AVX2 only, to compare at that level)."""
     try:
         import llama_cpp
     except Exception as e:  # ImportError, or an OSError from its shared library
         return None, f"{type(e).__name__}: {e}"
-    return llama_cpp, str(getattr(llama_cpp, "__version__", "unknown version"))
+    version = str(getattr(llama_cpp, "__version__", "unknown version"))
+    return llama_cpp, f"{version} ({peer_isa(llama_cpp)} build)"
+
+
+def peer_isa(llama_cpp: Any) -> str:
+    """The best x86 level llama.cpp's CPU backend was built with (from its system info)."""
+    try:
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    except Exception:  # an older binding without it
+        return "unknown ISA"
+    flags = {part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")}
+    for level in ("AVX512", "AVX2", "AVX"):
+        if level in flags:
+            return level
+    return "scalar"
 
 
 class Peer:
@@ -720,6 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"weight types, comma-separated (default: {','.join(ALL_WTYPES)}; --quick: "
         f"{','.join(QUICK_WTYPES)})",
     )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="tinyllama",
+        help="the model's shape (default: tinyllama, TinyLlama-1.1B's; smollm2: SmolLM2-135M's)",
+    )
     args = parser.parse_args(argv)
     wtypes = args.wtype or (QUICK_WTYPES if args.quick else ALL_WTYPES)
     names = [f"{c} {wt}" for wt in wtypes for c in CASES]
@@ -731,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = kernels.set_threads(args.threads)
     profile = QUICK if args.quick else FULL
     llama_cpp, peer_version = import_peer()
-    shape = TINYLLAMA
+    shape, shape_name = SHAPES[args.shape]
     # Generate (or find) every file before any measurement: writing one takes a while.
     paths = {wt: ensure_model(shape, wt, SEED, _log) for wt in wtypes}
 
@@ -740,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "only": args.only,
         "wtypes": ",".join(wtypes),
-        "model": f"llama {shape.key} (TinyLlama-1.1B shape), random weights, seed {SEED}",
+        "model": f"llama {shape.key} ({shape_name} shape), random weights, seed {SEED}",
         "peer": f"llama-cpp-python {peer_version}"
         if llama_cpp is not None
         else f"skipped ({peer_version}); install it with `{PEER_INSTALL}`",

@@ -91,6 +91,85 @@ FLOAT_DOT(dot_f32, float, load_f32x16, load_f32x16_tail)
 FLOAT_DOT(dot_f16, uint16_t, load_f16x16, load_f16x16_tail)
 FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
 
+/* Up to 4 weight rows (ws elements apart) against up to 4 batch rows at a time: each loaded activation vector meets several weight rows and each weight vector (loaded
+ * and converted once) several activation rows, so the activations (several times the weights'
+ * bytes at a few batch rows, read from L1/L2) are loaded a quarter as often as by the one-row
+ * kernels above, which makes small float batches (batched decode, speculative verify rows)
+ * cost about what one row does. Every (weight row,
+ * batch row) pair is one accumulator summed in the same order whatever R and G, so a row's
+ * result does not depend on the rows computed beside it. */
+#define FLOAT_TILE_CASE(NAME, R, G)                                                              \
+    case R * 16 + G: NAME##_tile(y + r, ys, w + r * ws, ws, xp, n, batch, b, R, G); break;
+#define FLOAT_TILE(NAME, WT, LOAD, LOAD_TAIL)                                                    \
+    INLINE void NAME##_tile(float *y, int64_t ys, const WT *w, int64_t ws, const float *xp,    \
+                            int64_t n, int64_t batch, int64_t b0, const int R, const int G) {  \
+        __m512 acc[4][4];                                                                        \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int k = 0; k < G; k++) acc[r][k] = _mm512_setzero_ps();                         \
+        const int64_t full = n / 16;                                                             \
+        for (int64_t c = 0; c < full; c++) {                                                     \
+            const float *x0 = xp + (c * batch + b0) * 16;                                        \
+            __m512 xv[4];                                                                        \
+            for (int k = 0; k < G; k++) xv[k] = _mm512_loadu_ps(x0 + k * 16);                    \
+            for (int r = 0; r < R; r++) {                                                        \
+                const __m512 wv = LOAD(w + r * ws + c * 16);                                     \
+                for (int k = 0; k < G; k++) acc[r][k] = _mm512_fmadd_ps(wv, xv[k], acc[r][k]);   \
+            }                                                                                    \
+        }                                                                                        \
+        if (full * 16 < n) {                                                                     \
+            const float *x0 = xp + (full * batch + b0) * 16;                                     \
+            const __mmask16 m = tail16(n - full * 16);                                           \
+            for (int r = 0; r < R; r++) {                                                        \
+                const __m512 wv = LOAD_TAIL(w + r * ws + full * 16, m);                          \
+                for (int k = 0; k < G; k++)                                                      \
+                    acc[r][k] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + k * 16), acc[r][k]);    \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int k = 0; k < G; k++) y[(b0 + k) * ys + r] = _mm512_reduce_add_ps(acc[r][k]);  \
+    }                                                                                            \
+    REALM_AVX512_VNNI                                                                            \
+    static void NAME##_rows(float *y, int64_t ys, const WT *w, int64_t ws, int nr,             \
+                            const float *xp, int64_t n, int64_t batch, int64_t b0,             \
+                            int64_t nbat) {                                                      \
+        /* groups of at most 4 batch rows, as even as can be (5 = 3 + 2); a group meets 4      \
+         * weight rows at once (the 4 rows' weights, 8-16 KiB, stay in L1 for the next group) */ \
+        const int64_t groups = (nbat + 3) / 4;                                                   \
+        for (int64_t i = 0, b = b0; i < groups; i++) {                                           \
+            const int g = (int)((nbat - (b - b0) + (groups - i) - 1) / (groups - i));           \
+            const int rstep = 4;                                                                 \
+            for (int r = 0; r < nr; r += rstep) {                                                \
+                const int rr = nr - r < rstep ? nr - r : rstep;                                  \
+                switch (rr * 16 + g) {                                                           \
+                FLOAT_TILE_CASE(NAME, 1, 1) FLOAT_TILE_CASE(NAME, 1, 2)                          \
+                FLOAT_TILE_CASE(NAME, 1, 3) FLOAT_TILE_CASE(NAME, 1, 4)                          \
+                FLOAT_TILE_CASE(NAME, 2, 1) FLOAT_TILE_CASE(NAME, 2, 2)                          \
+                FLOAT_TILE_CASE(NAME, 2, 3) FLOAT_TILE_CASE(NAME, 2, 4)                          \
+                FLOAT_TILE_CASE(NAME, 3, 1) FLOAT_TILE_CASE(NAME, 3, 2)                          \
+                FLOAT_TILE_CASE(NAME, 3, 3) FLOAT_TILE_CASE(NAME, 3, 4)                          \
+                FLOAT_TILE_CASE(NAME, 4, 1) FLOAT_TILE_CASE(NAME, 4, 2)                          \
+                FLOAT_TILE_CASE(NAME, 4, 3) FLOAT_TILE_CASE(NAME, 4, 4)                          \
+                default: break;                                                                  \
+                }                                                                                \
+            }                                                                                    \
+            b += g;                                                                              \
+        }                                                                                        \
+    }
+
+FLOAT_TILE(rows_f32, float, load_f32x16, load_f32x16_tail)
+FLOAT_TILE(rows_f16, uint16_t, load_f16x16, load_f16x16_tail)
+FLOAT_TILE(rows_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
+
+REALM_AVX512_VNNI
+static void dot_rows_float(float *y, int64_t ys, const void *w, int wtype, int64_t ws, int nr,
+                           const float *xp, int64_t n, int64_t batch, int64_t b0, int64_t nbat) {
+    switch (wtype) {
+    case REALM_TYPE_F32: rows_f32_rows(y, ys, w, ws, nr, xp, n, batch, b0, nbat); break;
+    case REALM_TYPE_F16: rows_f16_rows(y, ys, w, ws, nr, xp, n, batch, b0, nbat); break;
+    default: rows_bf16_rows(y, ys, w, ws, nr, xp, n, batch, b0, nbat); break;
+    }
+}
+
 REALM_AVX512_VNNI
 static float vdot_f32(int64_t n, const float *a, const float *b) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -452,6 +531,7 @@ const realm_isa_ops realm_ops_avx512 = {
     .dot_f32 = dot_f32,
     .dot_f16 = dot_f16,
     .dot_bf16 = dot_bf16,
+    .dot_rows_float = dot_rows_float,
     .dot_q8_0 = dot_q8_0,
     .dot_q4_0 = dot_q4_0,
     .quantize_q8x = quantize_q8x,

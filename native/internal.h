@@ -145,6 +145,11 @@ typedef struct {
                     int64_t batch, int64_t b0, int64_t nbat);
     void (*dot_bf16)(float *y, int64_t ys, const uint16_t *w, const float *xp, int64_t n,
                      int64_t batch, int64_t b0, int64_t nbat);
+    /* the same for nr <= 4 float weight rows of wtype (F32, F16, BF16), ws elements apart, the
+     * result of row r at y + r: may be NULL (the one-row dots, row by row). A (weight row,
+     * batch row) pair's result must not depend on nr or on the other batch rows. */
+    void (*dot_rows_float)(float *y, int64_t ys, const void *w, int wtype, int64_t ws, int nr,
+                           const float *xp, int64_t n, int64_t batch, int64_t b0, int64_t nbat);
     /* the same for quantized weights against quantized activations (x->nb blocks) */
     void (*dot_q8_0)(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
                      int64_t nbat);

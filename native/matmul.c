@@ -43,7 +43,17 @@ static void mm_rows(const mm_ctx *c, int64_t r0, int64_t r1) {
       const int64_t s1 = s0 + CHUNK_ROWS < r1 ? s0 + CHUNK_ROWS : r1;
       for (int64_t b0 = 0; b0 < batch; b0 += slice) {
         const int64_t nbat = batch - b0 < slice ? batch - b0 : slice;
-        for (int64_t r = s0; r < s1; r++) {
+        int64_t r = s0;
+        if (ops->dot_rows_float && (c->wtype == REALM_TYPE_F32 || c->wtype == REALM_TYPE_F16 ||
+                                    c->wtype == REALM_TYPE_BF16)) {
+            const int64_t es = c->wtype == REALM_TYPE_F32 ? 4 : 2;
+            for (; r < s1; r += 4) {
+                const int nr = s1 - r < 4 ? (int)(s1 - r) : 4;
+                ops->dot_rows_float(c->y + r, ys, c->w + r * c->row_bytes, c->wtype,
+                                    c->row_bytes / es, nr, c->x, n, batch, b0, nbat);
+            }
+        }
+        for (; r < s1; r++) {
             const void *row = c->w + r * c->row_bytes;
             float *y = c->y + r;
             switch (c->wtype) {

@@ -401,3 +401,24 @@ def test_concurrent_python_threads_get_their_own_results() -> None:
     with ThreadPoolExecutor(N_CALLERS) as pool:
         results = list(pool.map(caller, range(N_CALLERS)))
     assert all(all(ok) for ok in results)
+
+
+@pytest.mark.parametrize("wt", [WeightType.F32, WeightType.F16, WeightType.BF16], ids=lambda w: w.name)
+def test_float_rows_below_the_gemm_batch_do_not_depend_on_their_neighbours(
+    wt: WeightType, isa: Isa
+) -> None:
+    """Below the GEMM batch a row's result is the same bits alone or beside up to 15 others,
+    and whatever the number of weight rows (the multi-row tiles sum each pair in one order):
+    what speculative verify steps and batched decode rely on."""
+    rng = np.random.default_rng(int(wt))
+    n_rows, n_cols = 11, 1000  # a short last group of weight rows, a masked tail
+    w32 = (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
+    w = {WeightType.F32: w32, WeightType.F16: w32.astype(np.float16)}.get(wt)
+    if w is None:  # BF16 as uint16, the top half of the float32 bits
+        w = (w32.view(np.uint32) >> 16).astype(np.uint16)
+    x = rng.standard_normal((15, n_cols)).astype(np.float32)
+    alone = np.stack([kernels.matmul(w, x[i], wtype=wt) for i in range(15)])
+    for batch in (2, 3, 4, 5, 7, 8, 9, 15):
+        np.testing.assert_array_equal(kernels.matmul(w, x[:batch], wtype=wt), alone[:batch])
+    # fewer weight rows: the first rows' results are unchanged
+    np.testing.assert_array_equal(kernels.matmul(w[:5], x[:6], wtype=wt), alone[:6, :5])
