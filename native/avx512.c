@@ -112,6 +112,9 @@ FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
             __m512 xv[4];                                                                        \
             for (int k = 0; k < G; k++) xv[k] = _mm512_loadu_ps(x0 + k * 16);                    \
             for (int r = 0; r < R; r++) {                                                        \
+                /* the next tile's rows (R rows on), at the same column: rows are short (a few    \
+                 * KiB at hidden 576-2048), too short for the hardware prefetchers to ramp up */ \
+                _mm_prefetch((const char *)(w + (R + r) * ws + c * 16), _MM_HINT_T0);            \
                 const __m512 wv = LOAD(w + r * ws + c * 16);                                     \
                 for (int k = 0; k < G; k++) acc[r][k] = _mm512_fmadd_ps(wv, xv[k], acc[r][k]);   \
             }                                                                                    \
