@@ -18,7 +18,7 @@
 #define NR 32   /* rows of b (columns of y) per register tile: two zmm */
 #define KC 256  /* depth of a packed panel */
 #define MC 112  /* rows of a per packed block (multiple of MR) */
-#define NC 1024 /* rows of b per packed panel (multiple of NR) */
+#define NC 512  /* rows of b per packed panel (multiple of NR): 512 KiB at KC, half of a Zen 4 L2 */
 
 /* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded.
  * Each source row is read contiguously: rows of b lie ldb floats apart (often a power of two),
