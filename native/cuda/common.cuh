@@ -2,7 +2,7 @@
  *
  * GGML's block layouts bit for bit (the same structs as native/internal.h), IEEE half and
  * bfloat16 conversions with the CPU's rounding, error plumbing, and the per-32-element
- * unpackers of every block type: the device twins of native/quants_dot.inc, with the same
+ * unpackers of every block type: the device twins of native/quants_unpack.inc, with the same
  * weight = a * q + b decomposition per half of 16, so the CUDA and CPU libraries read the same
  * numbers out of every block.
  */
@@ -139,7 +139,7 @@ __host__ __device__ __forceinline__ uint32_t ld_u32(const uint8_t *p) {
 
 /* ---- the unpackers: 32-element block i of a row ----
  * q[32] integers and (a, b) per half of 16, weight = a * q + b; the same arithmetic, in the
- * same order, as native/quants_dot.inc and quants.c's dequantization. */
+ * same order, as native/quants_unpack.inc and quants.c's dequantization. */
 
 #define REALM_IQ4_LEVELS {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113}
 __constant__ static const int8_t realm_cu_iq4_levels_dev[16] = REALM_IQ4_LEVELS;
