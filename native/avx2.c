@@ -79,38 +79,43 @@ AVX2_FLOAT_DOT(dot_f32, float, _mm256_loadu_ps, id_f32)
 AVX2_FLOAT_DOT(dot_f16, uint16_t, realm_load_f16x8, realm_f16_to_f32)
 AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
 
-/* Up to 4 weight rows (ws elements apart) against up to 2 batch rows at a time, as avx512.c's
- * float tiles: each activation vector meets 4 weight rows, each weight vector (loaded and
+/* Up to 2 weight rows (ws elements apart) against up to 2 batch rows at a time, as avx512.c's
+ * float tiles: each activation vector meets 2 weight rows, each weight vector (loaded and
  * converted once) 2 activation rows, and the next tile's rows are prefetched. Every (weight
- * row, batch row) pair is one accumulator summed in the same order whatever R and G (then the
- * scalar tail), so a row's result does not depend on the rows computed beside it. */
+ * row, batch row) pair is summed exactly as the one-row dot above sums it (the low and high
+ * halves of each 16 into two accumulators, then one horizontal sum and the scalar tail), and a
+ * lone batch row (decode) takes that dot itself, so a row's result does not depend on the rows
+ * computed beside it. */
 #define AVX2_TILE_CASE(NAME, R, G)                                                               \
     case R * 4 + G: NAME##_tile(y + r, ys, w + r * ws, ws, xp, n, batch, b, R, G); break;
-#define AVX2_FLOAT_TILE(NAME, WT, LOAD, TO_F32)                                                  \
+#define AVX2_FLOAT_TILE(NAME, DOT, WT, LOAD, TO_F32)                                             \
     static inline __attribute__((always_inline)) REALM_AVX2 void NAME##_tile(                    \
         float *y, int64_t ys, const WT *w, int64_t ws, const float *xp, int64_t n,             \
         int64_t batch, int64_t b0, const int R, const int G) {                                   \
-        __m256 acc[4][2];                                                                        \
+        __m256 a0[2][2], a1[2][2];                                                               \
         for (int r = 0; r < R; r++)                                                              \
-            for (int k = 0; k < G; k++) acc[r][k] = _mm256_setzero_ps();                         \
+            for (int k = 0; k < G; k++) a0[r][k] = a1[r][k] = _mm256_setzero_ps();               \
         const int64_t full = n / 16;                                                             \
         for (int64_t c = 0; c < full; c++) {                                                     \
             const float *x0 = xp + (c * batch + b0) * 16;                                        \
-            for (int h = 0; h < 2; h++) {                                                        \
-                __m256 xv[2];                                                                    \
-                for (int k = 0; k < G; k++) xv[k] = _mm256_loadu_ps(x0 + k * 16 + 8 * h);        \
-                for (int r = 0; r < R; r++) {                                                    \
-                    if (h == 0) _mm_prefetch((const char *)(w + (R + r) * ws + c * 16), _MM_HINT_T0); \
-                    const __m256 wv = LOAD(w + r * ws + c * 16 + 8 * h);                         \
-                    for (int k = 0; k < G; k++) acc[r][k] = _mm256_fmadd_ps(wv, xv[k], acc[r][k]); \
-                }                                                                                \
+            __m256 xv[2];                                                                        \
+            for (int k = 0; k < G; k++) xv[k] = _mm256_loadu_ps(x0 + k * 16);                    \
+            for (int r = 0; r < R; r++) {                                                        \
+                _mm_prefetch((const char *)(w + (R + r) * ws + c * 16), _MM_HINT_T0);            \
+                const __m256 wv = LOAD(w + r * ws + c * 16);                                     \
+                for (int k = 0; k < G; k++) a0[r][k] = _mm256_fmadd_ps(wv, xv[k], a0[r][k]);     \
+            }                                                                                    \
+            for (int k = 0; k < G; k++) xv[k] = _mm256_loadu_ps(x0 + k * 16 + 8);                \
+            for (int r = 0; r < R; r++) {                                                        \
+                const __m256 wv = LOAD(w + r * ws + c * 16 + 8);                                 \
+                for (int k = 0; k < G; k++) a1[r][k] = _mm256_fmadd_ps(wv, xv[k], a1[r][k]);     \
             }                                                                                    \
         }                                                                                        \
         for (int r = 0; r < R; r++)                                                              \
             for (int k = 0; k < G; k++) {                                                        \
-                float s = realm_hsum8(acc[r][k]);                                                \
-                const float *xt = xp + (full * batch + b0 + k) * 16;                             \
-                for (int64_t i = full * 16; i < n; i++) s += TO_F32(w[r * ws + i]) * xt[i - full * 16]; \
+                float s = realm_hsum8(_mm256_add_ps(a0[r][k], a1[r][k]));                        \
+                for (int64_t i = full * 16; i < n; i++)                                          \
+                    s += TO_F32(w[r * ws + i]) * xp[((i / 16) * batch + b0 + k) * 16 + i % 16];  \
                 y[(b0 + k) * ys + r] = s;                                                        \
             }                                                                                    \
     }                                                                                            \
@@ -118,22 +123,25 @@ AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
     static void NAME##_rows(float *y, int64_t ys, const WT *w, int64_t ws, int nr,             \
                             const float *xp, int64_t n, int64_t batch, int64_t b0,             \
                             int64_t nbat) {                                                      \
+        if (nbat == 1) { /* decode: one sequential weight stream */                              \
+            for (int r = 0; r < nr; r++) DOT(y + r, ys, w + r * ws, xp, n, batch, b0, 1);        \
+            return;                                                                              \
+        }                                                                                        \
         for (int64_t b = b0; b < b0 + nbat; b += 2) {                                            \
             const int g = b0 + nbat - b < 2 ? 1 : 2;                                             \
-            const int r = 0;                                                                     \
-            switch (nr * 4 + g) {                                                                \
-            AVX2_TILE_CASE(NAME, 1, 1) AVX2_TILE_CASE(NAME, 1, 2)                                \
-            AVX2_TILE_CASE(NAME, 2, 1) AVX2_TILE_CASE(NAME, 2, 2)                                \
-            AVX2_TILE_CASE(NAME, 3, 1) AVX2_TILE_CASE(NAME, 3, 2)                                \
-            AVX2_TILE_CASE(NAME, 4, 1) AVX2_TILE_CASE(NAME, 4, 2)                                \
-            default: break;                                                                      \
+            for (int r = 0; r < nr; r += 2) {                                                    \
+                switch ((nr - r < 2 ? 1 : 2) * 4 + g) {                                          \
+                AVX2_TILE_CASE(NAME, 1, 1) AVX2_TILE_CASE(NAME, 1, 2)                            \
+                AVX2_TILE_CASE(NAME, 2, 1) AVX2_TILE_CASE(NAME, 2, 2)                            \
+                default: break;                                                                  \
+                }                                                                                \
             }                                                                                    \
         }                                                                                        \
     }
 
-AVX2_FLOAT_TILE(rows_f32, float, _mm256_loadu_ps, id_f32)
-AVX2_FLOAT_TILE(rows_f16, uint16_t, realm_load_f16x8, realm_f16_to_f32)
-AVX2_FLOAT_TILE(rows_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
+AVX2_FLOAT_TILE(rows_f32, dot_f32, float, _mm256_loadu_ps, id_f32)
+AVX2_FLOAT_TILE(rows_f16, dot_f16, uint16_t, realm_load_f16x8, realm_f16_to_f32)
+AVX2_FLOAT_TILE(rows_bf16, dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
 
 REALM_AVX2
 static void dot_rows_float(float *y, int64_t ys, const void *w, int wtype, int64_t ws, int nr,
