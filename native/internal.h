@@ -184,11 +184,11 @@ typedef struct {
     int64_t gemm_q8_min_batch, gemm_q4_min_batch;
     /* the same in integers for the types of quants.c (gemm_kq.inc), with activations quantized
      * per 32 elements, for the types gemm_kq_supports takes (may be NULL: the dequantizing
-     * path), from a batch of gemm_kq_min_batch */
+     * path), from a batch of gemm_kq_min_batch(wtype) */
     int (*gemm_kq)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                    int64_t n_cols, int64_t batch);
     int (*gemm_kq_supports)(int wtype);
-    int64_t gemm_kq_min_batch;
+    int64_t (*gemm_kq_min_batch)(int wtype);  /* below it, a supported type streams rows */
     /* dot_q8_0's contract for the types of quants.c (Q4_1, Q5_0, Q5_1, Q2_K..Q6_K), against
      * activations in the plain q8x layout whatever the level (quantized by quantize_q8x_plain) */
     void (*dot_other)(float *y, int64_t ys, const void *w, int wtype, const realm_q8x *x,

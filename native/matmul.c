@@ -218,9 +218,9 @@ int realm_matmul_path(int wtype, int64_t batch) {
         const int64_t min = wtype == REALM_TYPE_Q8_0 ? ops->gemm_q8_min_batch : ops->gemm_q4_min_batch;
         return gemm_ok && ops->gemm_q8 && batch >= min ? REALM_PATH_GEMM_Q : REALM_PATH_ROWS;
     }
-    if (gemm_ok && ops->gemm_kq && batch >= ops->gemm_kq_min_batch && ops->gemm_kq_supports(wtype))
-        return REALM_PATH_GEMM_Q;
-    if (gemm_ok && batch >= GEMM_MIN_BATCH) return REALM_PATH_GEMM_DQ;
+    const int kq = ops->gemm_kq && ops->gemm_kq_supports(wtype);
+    if (gemm_ok && kq && batch >= ops->gemm_kq_min_batch(wtype)) return REALM_PATH_GEMM_Q;
+    if (gemm_ok && !kq && batch >= GEMM_MIN_BATCH) return REALM_PATH_GEMM_DQ;
     return realm_uses_q8k(wtype) ? REALM_PATH_ROWS_Q8K : REALM_PATH_ROWS;
 }
 
@@ -252,11 +252,12 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
     const int other = realm_is_other_quant(wtype);
-    /* the other types, large batch: integer GEMM (gemm_kq.inc) where the level takes the type */
-    if (gemm_ok && other && ops->gemm_kq && batch >= ops->gemm_kq_min_batch &&
-        ops->gemm_kq_supports(wtype))
+    /* the other types, large batch: integer GEMM (gemm_kq.inc) where the level takes the type
+     * (below its threshold, the row-streaming dots); dequantized panels where it does not */
+    const int kq = other && ops->gemm_kq && ops->gemm_kq_supports(wtype);
+    if (gemm_ok && kq && batch >= ops->gemm_kq_min_batch(wtype))
         return ops->gemm_kq(y, w, wtype, x, n_rows, n_cols, batch);
-    if (gemm_ok && other && batch >= GEMM_MIN_BATCH) {
+    if (gemm_ok && other && !kq && batch >= GEMM_MIN_BATCH) {
         /* levels without a GEMM (the portable one) dot the dequantized rows with the float
          * batch: prefill multiplies the activations themselves at every level */
         float *panels = ops->gemm_f32 ? NULL : pack_panels(x, n_cols, batch);

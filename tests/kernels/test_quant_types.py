@@ -6,12 +6,13 @@ known offsets), so every bit pattern of the quantized fields occurs; the gguf pa
 dequantizer is the reference. Dequantization must be bit for bit the reference's (arbitrary
 bytes, NaN scales included, are also checked in test_formats.py). matmul quantizes the
 activations to 8 bits per 32-block (per 256 for the K-quants' super-blocks, as ggml's
-Q8_K) below a batch of 16, so it must equal the float64 product of the exact weights
-with those quantized activations up to float32 rounding; from a batch of 16 the SIMD levels
-take an integer GEMM with activations quantized per 32 (the same check with those), and the
-types a level's GEMM does not take (and every type on the scalar level) dequantize weight
-panels into the F32 GEMM or dots, so they must equal the float64 product with the
-activations themselves. ``kernels.matmul_path`` says which.
+Q8_K) on the row-streaming path, so it must equal the float64 product of the exact weights
+with those quantized activations up to float32 rounding; from a batch that depends on the
+type and level (6 to 32) the SIMD levels take an integer GEMM with activations quantized per
+32 (the same check with those), and the types a level's GEMM does not take (and every type on
+the scalar level) dequantize weight panels into the F32 GEMM or dots from a batch of 16, so
+they must equal the float64 product with the activations themselves.
+``kernels.matmul_path`` says which.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def test_large_batch_over_many_packed_blocks(wt: WeightType, isa: Isa) -> None:
     """More blocks per row than one packed weight panel holds (the integer GEMMs pack 32 or 64
     blocks at a time and take the outputs up again), rows that leave a short last panel and a
     batch that leaves a short last register tile."""
-    n_rows, n_cols, batch = 21, 9 * 256, 19
+    n_rows, n_cols, batch = 21, 9 * 256, 41  # above every level's integer GEMM threshold
     w = random_weights(wt, n_rows, n_cols, seed=int(wt) + 5)
     values = reference.dequantize(w, wt).astype(np.float64)
     x = np.random.default_rng(11).standard_normal((batch, n_cols)).astype(np.float32)

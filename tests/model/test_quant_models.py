@@ -5,10 +5,10 @@ reading the same stored blocks.
 The blocks are random bytes (every bit pattern of the quantized fields occurs) whose
 half-precision scales are set so each matrix has the spread of a trained one (standard
 deviation 1/sqrt(n_in)); the reference dequantizes them with the ``gguf`` package. Prefill of
-20 tokens takes the batched GEMM paths (batch >= 16: the integer GEMM with activations quantized
-per 32 at the SIMD levels, dequantized panels with the activations themselves where a level
-has no integer GEMM for the type; ``kernels.matmul_path`` says which), decoding one token at a
-time the matvec path, at every ISA level the CPU has.
+20 tokens takes the batched paths (per type and level: the integer GEMM with activations
+quantized per 32, the row-streaming dots, or dequantized panels with the activations
+themselves; ``kernels.matmul_path`` says which), decoding one token at a time the matvec path,
+at every ISA level the CPU has.
 """
 
 from __future__ import annotations
@@ -173,13 +173,16 @@ def q8_roundtrip(x: np.ndarray, wtype: str) -> np.ndarray:
 
 
 def prefill_rounding(n_tokens: int):
-    """The activation rounding of a batched step of ``n_tokens`` at the active level, per weight
-    type: 8-bit blocks of 32 on the integer GEMMs, none on the float ones."""
+    """The activation rounding of a step of ``n_tokens`` at the active level, per weight type:
+    8-bit blocks of 32 (the integer GEMMs, the row-streaming dots of the blocks of 32) or 256
+    (the K-quants' row-streaming dots), none on the float paths."""
 
     def rounding(x: np.ndarray, wtype: str) -> np.ndarray:
-        if kernels.matmul_path(WeightType[wtype], n_tokens) != "gemm-int":
+        path = kernels.matmul_path(WeightType[wtype], n_tokens)
+        if path in ("gemm-f32", "gemm-dequant"):
             return np.asarray(x, np.float64)
-        blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, 32)
+        block = 256 if path == "rows-q8k" else 32
+        blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, block)
         d = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
@@ -202,7 +205,7 @@ def prefill_reference(path: Path, name: str) -> tuple[np.ndarray, bool]:
         model = ref.RefModel(path)
         model.activation_rounding = prefill_rounding(len(IDS))
         _PREFILL_REFERENCES[key] = model.logits(IDS)
-    return _PREFILL_REFERENCES[key], "gemm-int" in paths
+    return _PREFILL_REFERENCES[key], any(p not in ("gemm-f32", "gemm-dequant") for p in paths)
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +227,8 @@ def test_prefill_and_decode_match_reference(
 ) -> None:
     model = realm.load_model(files[name], kv_dtype=np.float32)
     exact, rounded = references[name]
-    # one step of 20 tokens: the batched paths (the integer GEMM with 8-bit activations per 32,
-    # or dequantized weight panels with the activations themselves)
+    # one step of 20 tokens: the batched paths (8-bit activations, or the activations
+    # themselves on the float ones), against the reference rounding as each matrix's path does
     prefill = model.logits(IDS)
     want, quantized = prefill_reference(files[name], name)
     assert _rel(prefill, want) < (PREFILL_Q_RTOL if quantized else ROUNDING_RTOL)
