@@ -403,7 +403,9 @@ def test_concurrent_python_threads_get_their_own_results() -> None:
     assert all(all(ok) for ok in results)
 
 
-@pytest.mark.parametrize("wt", [WeightType.F32, WeightType.F16, WeightType.BF16], ids=lambda w: w.name)
+@pytest.mark.parametrize(
+    "wt", [WeightType.F32, WeightType.F16, WeightType.BF16], ids=lambda w: w.name
+)
 def test_float_rows_below_the_gemm_batch_do_not_depend_on_their_neighbours(
     wt: WeightType, isa: Isa
 ) -> None:

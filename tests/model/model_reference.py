@@ -163,8 +163,10 @@ def rope(
     dimensions from ``n_rot`` on pass through unchanged.
     """
     half = n_rot // 2
-    theta = np.asarray(positions, dtype=np.float64)[:, None] * scale * base ** (
-        -2.0 * np.arange(half) / n_rot
+    theta = (
+        np.asarray(positions, dtype=np.float64)[:, None]
+        * scale
+        * base ** (-2.0 * np.arange(half) / n_rot)
     )
     if factors is not None:
         theta = theta / np.asarray(factors, dtype=np.float64)[None, :]
