@@ -138,6 +138,10 @@ static void tile_6x16(int64_t kc, const float *ap, const float *bp, float *c, in
         return;
     }
     float tmp[NR];
+    /* unrolled like every loop over the accumulators: one indexed with a variable makes gcc
+     * keep the arrays in memory and store all 12 after every step of the loop above (measured:
+     * the F16 GEMM at 40% of the FMA peak, then about 80%) */
+#pragma GCC unroll 6
     for (int i = 0; i < MR; i++) {
         if (i >= mr) continue;
         _mm256_storeu_ps(tmp, c0[i]);
