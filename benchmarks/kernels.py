@@ -33,6 +33,7 @@ import numpy as np
 
 from realm import KernelError, kernels
 from realm.kernels import WeightType
+from realm.testing.quant_blocks import HALF_FIELDS
 
 from ._common import (
     GB,
@@ -96,21 +97,9 @@ CHECK_MAX_ERROR: Final = 0.02  # max |got - want| / max |want|
 MATVEC_MIN_BANDWIDTH_RATIO: Final = 0.70  # Q8_0 and Q4_0 matvec >= 70% of read bandwidth
 FILE_TYPES_MIN_BANDWIDTH_RATIO: Final = 0.85  # every read-only quantized type's matvec
 
-# Byte offsets of each read-only type's half-precision scale fields (ggml-common.h): its
-# benchmark weights are random bytes with these set to sane scales (every code occurs, and
-# the timing does not depend on the values).
-HALF_FIELDS: Final = {
-    WeightType.Q4_1: (0, 2),
-    WeightType.Q5_0: (0,),
-    WeightType.Q5_1: (0, 2),
-    WeightType.Q2_K: (80, 82),
-    WeightType.Q3_K: (108,),
-    WeightType.Q4_K: (0, 2),
-    WeightType.Q5_K: (0, 2),
-    WeightType.Q6_K: (208,),
-    WeightType.IQ4_NL: (0,),
-    WeightType.IQ4_XS: (0,),
-}
+# Benchmark weights of the read-only types are random bytes with their half-precision scale
+# fields (realm.testing.quant_blocks.HALF_FIELDS) set to sane scales: every code occurs, and
+# the timing does not depend on the values.
 GEMM_MIN_NUMPY_RATIO: Final = 1.0  # F32 GEMM >= numpy
 BATCH_MAX_TIME_RATIO: Final = 2.0  # Q8_0 time(B=8) <= 2 x time(B=1)
 

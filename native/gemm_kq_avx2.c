@@ -90,29 +90,13 @@ INLINE __m256i dots(__m256i acc, const uint8_t *wb, const int8_t *q, const int g
     return acc;
 }
 
-INLINE __m256 load_rows(const float *p, int nr) {
-    if (nr == KQ_PR) return _mm256_loadu_ps(p);
-    float t[KQ_PR] = {0};
-    memcpy(t, p, sizeof(float) * (size_t)nr);
-    return _mm256_loadu_ps(t);
-}
-
-INLINE void store_rows(float *p, int nr, __m256 v) {
-    if (nr == KQ_PR) {
-        _mm256_storeu_ps(p, v);
-        return;
-    }
-    float t[KQ_PR];
-    _mm256_storeu_ps(t, v);
-    memcpy(p, t, sizeof(float) * (size_t)nr);
-}
 
 /* 8 rows x n activation rows over kc blocks; split / has_min / gpw are constants per instance */
 INLINE void tile_t(float *y, int64_t ldy, int nr, int accumulate, const uint8_t *wp,
                    const kq_act *x, int64_t xs, int64_t kc, const int n, const int split,
                    const int has_min, const int gpw) {
     __m256 f[KQ_NA];
-    for (int j = 0; j < n; j++) f[j] = accumulate ? load_rows(y + j * ldy, nr) : _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) f[j] = accumulate ? realm_load_rows8(y + j * ldy, nr) : _mm256_setzero_ps();
     for (int64_t i = 0; i < kc; i++) {
         const uint8_t *wb = wp + i * KQ_WBLK;
         const float *ab = (const float *)(wb + KQ_GROUPS);
@@ -135,7 +119,7 @@ INLINE void tile_t(float *y, int64_t ldy, int nr, int accumulate, const uint8_t 
             }
         }
     }
-    for (int j = 0; j < n; j++) store_rows(y + j * ldy, nr, f[j]);
+    for (int j = 0; j < n; j++) realm_store_rows8(y + j * ldy, nr, f[j]);
 }
 
 #define KQ_TILE_N(split, has_min, gpw)                                                     \

@@ -141,29 +141,11 @@ AVX2_FN static void pack_panel(uint8_t *dst, const uint8_t *src, int64_t rb, int
 INLINE int32_t load_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
 INLINE float load_f32(const void *p) { float v; memcpy(&v, p, 4); return v; }
 
-/* the first nr of 8 floats (a short last panel's rows), zero-filled / stored */
-INLINE __m256 load_rows(const float *p, int nr) {
-    if (nr == PR) return _mm256_loadu_ps(p);
-    float t[PR] = {0};
-    memcpy(t, p, sizeof(float) * (size_t)nr);
-    return _mm256_loadu_ps(t);
-}
-
-INLINE void store_rows(float *p, int nr, __m256 v) {
-    if (nr == PR) {
-        _mm256_storeu_ps(p, v);
-        return;
-    }
-    float t[PR];
-    _mm256_storeu_ps(t, v);
-    memcpy(p, t, sizeof(float) * (size_t)nr);
-}
-
 /* y[j * ldy + r] for j < n, r < nr (+)= packed Q4_0 panel . x rows j */
 INLINE void tile_q4(float *f_out, int64_t ldy, int nr, int accumulate, const uint8_t *wp,
                     const uint8_t *x, int64_t xs, int64_t kc, const int n) {
     __m256 f[NA];
-    for (int j = 0; j < n; j++) f[j] = accumulate ? load_rows(f_out + j * ldy, nr) : _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) f[j] = accumulate ? realm_load_rows8(f_out + j * ldy, nr) : _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t i = 0; i < kc; i++) {
         const uint8_t *wb = wp + i * WBLK_Q4;
@@ -179,14 +161,14 @@ INLINE void tile_q4(float *f_out, int64_t ldy, int nr, int accumulate, const uin
             f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(dw, _mm256_set1_ps(load_f32(xb + 4))), f[j]);
         }
     }
-    for (int j = 0; j < n; j++) store_rows(f_out + j * ldy, nr, f[j]);
+    for (int j = 0; j < n; j++) realm_store_rows8(f_out + j * ldy, nr, f[j]);
 }
 
 /* the same for a packed Q8_0 panel */
 INLINE void tile_q8(float *f_out, int64_t ldy, int nr, int accumulate, const uint8_t *wp,
                     const uint8_t *x, int64_t xs, int64_t kc, const int n) {
     __m256 f[NA];
-    for (int j = 0; j < n; j++) f[j] = accumulate ? load_rows(f_out + j * ldy, nr) : _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) f[j] = accumulate ? realm_load_rows8(f_out + j * ldy, nr) : _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t i = 0; i < kc; i++) {
         const uint8_t *wb = wp + i * WBLK_Q8;
@@ -208,7 +190,7 @@ INLINE void tile_q8(float *f_out, int64_t ldy, int nr, int accumulate, const uin
                                    _mm256_mul_ps(dw, _mm256_set1_ps(load_f32(xb + 4))), f[j]);
         }
     }
-    for (int j = 0; j < n; j++) store_rows(f_out + j * ldy, nr, f[j]);
+    for (int j = 0; j < n; j++) realm_store_rows8(f_out + j * ldy, nr, f[j]);
 }
 
 #define TILE_CASES(fn)                                                              \

@@ -36,6 +36,24 @@ REALM_AVX2 static inline int32_t realm_hsum8i(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* the first nr of 8 floats (a short panel's rows): zero-filled load, partial store */
+REALM_AVX2 static inline __m256 realm_load_rows8(const float *p, int nr) {
+    if (nr == 8) return _mm256_loadu_ps(p);
+    float t[8] = {0};
+    memcpy(t, p, sizeof(float) * (size_t)nr);
+    return _mm256_loadu_ps(t);
+}
+
+REALM_AVX2 static inline void realm_store_rows8(float *p, int nr, __m256 v) {
+    if (nr == 8) {
+        _mm256_storeu_ps(p, v);
+        return;
+    }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    memcpy(p, t, sizeof(float) * (size_t)nr);
+}
+
 /* 8 IEEE halves -> 8 floats */
 REALM_AVX2 static inline __m256 realm_load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));

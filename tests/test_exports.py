@@ -54,6 +54,7 @@ KERNEL_FUNCTIONS = (
     "quantize",
     "dequantize",
     "matmul",
+    "matmul_path",
     "rmsnorm",
     "rope",
     "softmax",

@@ -24,22 +24,10 @@ import pytest
 from realm import kernels
 from realm._errors import KernelError
 from realm.kernels import Isa, WeightType
+from realm.testing.quant_blocks import HALF_FIELDS
 
 READ_ONLY_TYPES = [wt for wt in WeightType if not wt.writable]
 
-#: byte offsets of each block's half-precision scale fields (ggml-common.h)
-HALF_FIELDS = {
-    WeightType.Q4_1: (0, 2),
-    WeightType.Q5_0: (0,),
-    WeightType.Q5_1: (0, 2),
-    WeightType.Q2_K: (80, 82),
-    WeightType.Q3_K: (108,),
-    WeightType.Q4_K: (0, 2),
-    WeightType.Q5_K: (0, 2),
-    WeightType.Q6_K: (208,),
-    WeightType.IQ4_NL: (0,),
-    WeightType.IQ4_XS: (0,),
-}
 
 
 #: weights whose matmuls quantize activations per 256 (ggml's Q8_K; native/quants.c)

@@ -24,6 +24,7 @@ import realm
 from realm import kernels
 from realm.kernels import Isa, WeightType
 from realm.testing import write_test_model
+from realm.testing.quant_blocks import HALF_FIELDS
 
 LOGITS_RTOL = 5e-2  # relative to max |logit|: what 8-bit activations cost these models
 ROUNDING_RTOL = 2e-3  # the same computation in float32 (F32 KV cache) against float64
@@ -37,19 +38,6 @@ STEP_RTOL = 5e-3
 PREFILL_Q_RTOL = 1.5e-2
 IDS = [1, 5, 9, 200, 17, 3, 42, 300, 7, 11, 13, 99, 4, 250, 8, 21, 2, 77, 6, 120]
 QK_SPREAD = 0.3  # q and k projections' spread, relative to 1/sqrt(n_in)
-#: byte offsets of each block's half-precision scale fields (ggml-common.h)
-HALF_FIELDS = {
-    WeightType.Q4_1: (0, 2),
-    WeightType.Q5_0: (0,),
-    WeightType.Q5_1: (0, 2),
-    WeightType.Q2_K: (80, 82),
-    WeightType.Q3_K: (108,),
-    WeightType.Q4_K: (0, 2),
-    WeightType.Q5_K: (0, 2),
-    WeightType.Q6_K: (208,),
-    WeightType.IQ4_NL: (0,),
-    WeightType.IQ4_XS: (0,),
-}
 #: a Q4_K_M-like mix: which type each matrix gets (token_embd stays Q8_0, as in such files)
 MIXES = {
     "Q4_K_M": {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
