@@ -267,6 +267,10 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                         int nth);  /* gemm_avx2.c */
 
+/* The smallest batch of Q8_0 / Q4_0 weights that takes the GEMM (see the measurement at
+ * .gemm_q8 below) */
+static int64_t gemm_q_min_batch(int wtype) { return wtype == REALM_TYPE_Q8_0 ? 3 : 2; }
+
 /* The smallest batch that takes the integer GEMM, per type (measured, 2048 x 5632, 2-core Zen 4
  * at this level: Q4_K streaming 2.37 ms at 12 rows against the GEMM's 3.30, Q6_K 1.88 against
  * 3.97; Q5_0 4.39 against 3.91 at 8) */
@@ -299,8 +303,7 @@ const realm_isa_ops realm_ops_avx2 = {
      * streaming 1.03 / 1.51 ms at batch 2 / 3 against the GEMM's 0.91 / 1.05; Q4_0 1.24 against
      * 0.56 at batch 2 (the GEMM also wins at batch 1, 0.44 against 0.80, but a lone vector
      * keeps the matvec path, which is memory-bound on larger machines) */
-    .gemm_q8_min_batch = 3,
-    .gemm_q4_min_batch = 2,
+    .gemm_q_min_batch = gemm_q_min_batch,
     .dot_other = realm_dot_other_avx2,
     .quantize_q8x_plain = quantize_q8x,
     .quantize_q8k = realm_quantize_q8k_avx2,

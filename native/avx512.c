@@ -535,6 +535,17 @@ int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, co
 int realm_gemm_q8_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                          int64_t n_cols, int64_t batch);
 
+/* The smallest batch of Q8_0 / Q4_0 weights that takes the GEMM. Measured on Sapphire Rapids
+ * (full-width AVX-512): Q8_0 at batch 8 costs 1.8x batch 1 streaming against 2.5x through the
+ * GEMM, the two meet at 10; Q4_0's nibble unpacking makes them meet at 8. On AMD's Zen 4,
+ * which runs 512-bit instructions as two halves, the streaming dots are the slower ones
+ * (5632 x 2048, 3 alternating runs: Q8_0 at 8 rows 0.92-1.35 ms streaming, 0.68-0.82 through
+ * the GEMM; Q4_0 at 4 rows 0.63-0.90 against 0.40-0.48; level at 4 rows for Q8_0). */
+static int64_t gemm_q_min_batch(int wtype) {
+    if (__builtin_cpu_is("amd")) return wtype == REALM_TYPE_Q8_0 ? 5 : 3;  /* cpu_init: kernels.c */
+    return wtype == REALM_TYPE_Q8_0 ? 11 : 8;
+}
+
 /* The smallest batch that takes the integer GEMM, per type: it packs the weights on every call,
  * which the row-streaming dots do not (measured, 2048 x 5632, 2-core Zen 4: Q4_K streaming
  * 1.84 ms at 12 rows against the GEMM's 1.93; Q6_K's streaming dots are cheaper still, 1.40
@@ -568,10 +579,7 @@ const realm_isa_ops realm_ops_avx512 = {
     .quantize_q8x_plain = realm_quantize_q8x_plain_avx2,
     .quantize_q8k = realm_quantize_q8k_avx2,
     .gemm_q8 = realm_gemm_q8_avx512,
-    /* measured: Q8_0 at batch 8 costs 1.8x batch 1 streaming against 2.5x through the GEMM;
-     * the two meet at 10; Q4_0's nibble unpacking makes them meet at 8 */
-    .gemm_q8_min_batch = 11,
-    .gemm_q4_min_batch = 8,
+    .gemm_q_min_batch = gemm_q_min_batch,
     .gemm_kq = realm_gemm_kq_avx512,
     .gemm_kq_supports = realm_gemm_kq_avx512_supports,
     .gemm_kq_min_batch = gemm_kq_min_batch,

@@ -180,8 +180,9 @@ typedef struct {
      * the whole call (quantization, threads) in one; may be NULL (row-streaming path) */
     int (*gemm_q8)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                    int64_t n_cols, int64_t batch);
-    /* the smallest batches of Q8_0 / Q4_0 weights that take gemm_q8 (measured per level) */
-    int64_t gemm_q8_min_batch, gemm_q4_min_batch;
+    /* the smallest batch of Q8_0 / Q4_0 weights (wtype) that takes gemm_q8 (measured per
+     * level, and per CPU family where they differ) */
+    int64_t (*gemm_q_min_batch)(int wtype);
     /* the same in integers for the types of quants.c (gemm_kq.inc), with activations quantized
      * per 32 elements, for the types gemm_kq_supports takes (may be NULL: the dequantizing
      * path), from a batch of gemm_kq_min_batch(wtype) */

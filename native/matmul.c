@@ -201,8 +201,8 @@ static void dq_task(void *p, int ith, int nth) {
 }
 
 #define GEMM_MIN_BATCH 16  /* below this, the row-streaming path reads the weights once */
-/* The quantized GEMM repacks weight panels on every call; below a level's gemm_q8_min_batch /
- * gemm_q4_min_batch the row-streaming kernel, which shares each weight block with up to 8
+/* The quantized GEMM repacks weight panels on every call; below a level's gemm_q_min_batch
+ * the row-streaming kernel, which shares each weight block with up to 8
  * activation rows in registers, is faster (avx2.c and avx512.c give the measurements). */
 
 _Thread_local int realm_matmul_rowwise;
@@ -215,7 +215,7 @@ int realm_matmul_path(int wtype, int64_t batch) {
         return gemm_ok && batch >= GEMM_MIN_BATCH && ops->gemm_f32 ? REALM_PATH_GEMM_F32
                                                                   : REALM_PATH_ROWS;
     if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
-        const int64_t min = wtype == REALM_TYPE_Q8_0 ? ops->gemm_q8_min_batch : ops->gemm_q4_min_batch;
+        const int64_t min = ops->gemm_q8 ? ops->gemm_q_min_batch(wtype) : INT64_MAX;
         return gemm_ok && ops->gemm_q8 && batch >= min ? REALM_PATH_GEMM_Q : REALM_PATH_ROWS;
     }
     const int kq = ops->gemm_kq && ops->gemm_kq_supports(wtype);
@@ -246,9 +246,8 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
 
     /* quantized weights, large batch: interleaved 16-row weight panels (gemm_q8_avx512.c) */
     if (gemm_ok &&
-        ((wtype == REALM_TYPE_Q8_0 && batch >= ops->gemm_q8_min_batch) ||
-         (wtype == REALM_TYPE_Q4_0 && batch >= ops->gemm_q4_min_batch)) &&
-        ops->gemm_q8)
+        (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) && ops->gemm_q8 &&
+        batch >= ops->gemm_q_min_batch(wtype))
         return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
 
     const int other = realm_is_other_quant(wtype);
