@@ -399,6 +399,12 @@ CASES = [
     case("read_bandwidth-iters-bool", "iters", lambda: read_bandwidth(iters=True)),
     case("read_bandwidth-iters-float", "iters", lambda: read_bandwidth(iters=2.0)),
     case("read_bandwidth-iters-beyond-int32", "iters", lambda: read_bandwidth(iters=2**31)),
+    # the path query
+    case("matmul_path-unknown-type", "wtype", lambda: kernels.matmul_path(99, 4)),
+    case("matmul_path-str-type", "wtype", lambda: kernels.matmul_path("Q8_0", 4)),
+    case("matmul_path-zero-batch", "batch", lambda: kernels.matmul_path(WeightType.Q8_0, 0)),
+    case("matmul_path-bool-batch", "batch", lambda: kernels.matmul_path(WeightType.Q8_0, True)),
+    case("matmul_path-float-batch", "batch", lambda: kernels.matmul_path(WeightType.Q8_0, 4.0)),
     # configuration
     case("set_threads-true", "n", lambda: kernels.set_threads(True)),
     case("set_threads-false", "n", lambda: kernels.set_threads(False)),
@@ -521,6 +527,8 @@ def _c_calls() -> list[tuple[str, Callable[[], int]]]:
         ("softcap-zero", lambda: lib.realm_softcap(y, 1, 0.0)),
         ("softcap-inf", lambda: lib.realm_softcap(y, 1, math.inf)),
         ("read_bandwidth-small", lambda: lib.realm_read_bandwidth(ffi.new("double *"), w, 8, 1)),
+        ("matmul_path-type", lambda: lib.realm_matmul_path(99, 4)),
+        ("matmul_path-batch", lambda: lib.realm_matmul_path(8, 0)),
         ("isa-unknown", lambda: lib.realm_isa_set(3)),
         ("isa-negative", lambda: lib.realm_isa_set(-1)),
     ]
