@@ -21,59 +21,6 @@
 
 #define INLINE static inline __attribute__((always_inline)) REALM_AVX2
 
-INLINE int32_t kq_load_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-/* dwords 0 .. 7 of 8 rows (r[i]) -> o[k]: dword k of the 8 rows */
-INLINE void transpose8x8(const __m256i r[8], __m256i o[8]) {
-    __m256i t[8], s[8];
-    for (int h = 0; h < 2; h++) {
-        const __m256i *x = r + 4 * h;
-        t[4 * h + 0] = _mm256_unpacklo_epi32(x[0], x[1]);
-        t[4 * h + 1] = _mm256_unpackhi_epi32(x[0], x[1]);
-        t[4 * h + 2] = _mm256_unpacklo_epi32(x[2], x[3]);
-        t[4 * h + 3] = _mm256_unpackhi_epi32(x[2], x[3]);
-        /* lane L of s[4h + k]: dword 4L + k of rows 4h .. 4h + 3 */
-        s[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
-        s[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
-        s[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        s[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        o[k] = _mm256_permute2x128_si256(s[k], s[4 + k], 0x20);
-        o[4 + k] = _mm256_permute2x128_si256(s[k], s[4 + k], 0x31);
-    }
-}
-
-KQ_TARGET static void kq_transpose(uint8_t *dst, const uint8_t *u) {
-    __m256i r[8], o[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_load_si256((const __m256i *)(u + 32 * i));
-    transpose8x8(r, o);
-    for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(dst + 32 * g), o[g]);
-}
-
-KQ_TARGET static float kq_quantize_block(const float *v, int8_t q[32], int32_t sums[2]) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-    const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                   _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-    const float d = realm_hmax8(m) / 127.0f;
-    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-    /* cvtps rounds to nearest even, as lrintf does in the scalar level */
-    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
-    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
-    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
-    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
-    /* int32 -> int8 in element order: packs interleave 128-bit lanes; a permute undoes it */
-    const __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
-    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23),
-                                                   _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)q, p);
-    sums[0] = realm_hsum8i(_mm256_add_epi32(i0, i1));
-    sums[1] = realm_hsum8i(_mm256_add_epi32(i2, i3));
-    return d;
-}
-
 /* acc + the 8 rows' dots over groups g0 .. g0 + ng - 1 of a block, gpw groups per widening */
 INLINE __m256i dots(__m256i acc, const uint8_t *wb, const int8_t *q, const int g0, const int ng,
                     const int gpw) {

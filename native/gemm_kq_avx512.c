@@ -18,54 +18,6 @@
 
 #define INLINE static inline __attribute__((always_inline)) REALM_AVX512_VNNI
 
-INLINE int32_t kq_load_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-/* dwords 0 .. 7 of 8 rows (r[i]) -> o[k]: dword k of the 8 rows */
-INLINE void transpose8x8(const __m256i r[8], __m256i o[8]) {
-    __m256i t[8], s[8];
-    for (int h = 0; h < 2; h++) {
-        const __m256i *x = r + 4 * h;
-        t[4 * h + 0] = _mm256_unpacklo_epi32(x[0], x[1]);
-        t[4 * h + 1] = _mm256_unpackhi_epi32(x[0], x[1]);
-        t[4 * h + 2] = _mm256_unpacklo_epi32(x[2], x[3]);
-        t[4 * h + 3] = _mm256_unpackhi_epi32(x[2], x[3]);
-        /* lane L of s[4h + k]: dword 4L + k of rows 4h .. 4h + 3 */
-        s[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
-        s[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
-        s[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        s[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        o[k] = _mm256_permute2x128_si256(s[k], s[4 + k], 0x20);
-        o[4 + k] = _mm256_permute2x128_si256(s[k], s[4 + k], 0x31);
-    }
-}
-
-/* two 8 x 8 transposes: rows 0 .. 7 fill the first half of each 64-byte group, 8 .. 15 the second */
-KQ_TARGET static void kq_transpose(uint8_t *dst, const uint8_t *u) {
-    for (int h = 0; h < 2; h++) {
-        __m256i r[8], o[8];
-        for (int i = 0; i < 8; i++) r[i] = _mm256_load_si256((const __m256i *)(u + 256 * h + 32 * i));
-        transpose8x8(r, o);
-        for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(dst + 64 * g + 32 * h), o[g]);
-    }
-}
-
-KQ_TARGET static float kq_quantize_block(const float *v, int8_t q[32], int32_t sums[2]) {
-    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float d = amax / 127.0f;
-    const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-    /* cvtps rounds to nearest even, as lrintf does in the scalar level */
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(i1));
-    sums[0] = _mm512_reduce_add_epi32(i0);
-    sums[1] = _mm512_reduce_add_epi32(i1);
-    return d;
-}
-
 /* 16 rows x n activation rows over kc blocks; split / has_min are constants per instance */
 INLINE void tile_t(float *y, int64_t ldy, int nr, int accumulate, const uint8_t *wp,
                    const kq_act *x, int64_t xs, int64_t kc, const int n, const int split,

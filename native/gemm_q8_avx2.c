@@ -56,27 +56,10 @@ typedef struct {
 _Static_assert(sizeof(q8b) == XREC, "q8b is 40 bytes");
 
 AVX2_FN static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t off) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = 0; i < nb; i++) {
-        const float *v = src + i * QK;
-        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-        __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
-        const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                       _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        const float d = realm_hmax8(m) / 127.0f;
-        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-        /* cvtps rounds to nearest even, as lrintf does in the scalar level */
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
-        const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
-        const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
-        /* int32 -> int8 in element order: packs interleave 128-bit lanes; a permute undoes it */
-        const __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
-        const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23),
-                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out[i].q, p);
-        out[i].d = d;
-        out[i].corr = -off * realm_hsum8i(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        int32_t sums[2];
+        out[i].d = realm_q8_block32(src + i * QK, out[i].q, sums);
+        out[i].corr = -off * (sums[0] + sums[1]);
     }
 }
 

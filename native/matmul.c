@@ -207,21 +207,30 @@ static void dq_task(void *p, int ith, int nth) {
 
 _Thread_local int realm_matmul_rowwise;
 
-int realm_matmul_path(int wtype, int64_t batch) {
-    if (batch <= 0 || realm_row_bytes(wtype, 256) < 0) return REALM_EINVAL;
-    const realm_isa_ops *ops = realm_ops();
+/* The path of a product of wtype weights and batch rows on the active level: one decision,
+ * which realm_matmul takes and realm_matmul_path reports. */
+static int choose_path(const realm_isa_ops *ops, int wtype, int64_t batch) {
+    /* row-invariant (exact) steps: the row-streaming path computes each activation row with
+     * the same operations in the same order whatever the batch; the GEMM paths do not */
     const int gemm_ok = !realm_matmul_rowwise;
     if (wtype == REALM_TYPE_F32 || wtype == REALM_TYPE_F16 || wtype == REALM_TYPE_BF16)
         return gemm_ok && batch >= GEMM_MIN_BATCH && ops->gemm_f32 ? REALM_PATH_GEMM_F32
                                                                   : REALM_PATH_ROWS;
-    if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) {
-        const int64_t min = ops->gemm_q8 ? ops->gemm_q_min_batch(wtype) : INT64_MAX;
-        return gemm_ok && ops->gemm_q8 && batch >= min ? REALM_PATH_GEMM_Q : REALM_PATH_ROWS;
-    }
+    /* quantized weights, large batch: interleaved weight panels (gemm_q8_avx512.c) */
+    if (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0)
+        return gemm_ok && ops->gemm_q8 && batch >= ops->gemm_q_min_batch(wtype) ? REALM_PATH_GEMM_Q
+                                                                               : REALM_PATH_ROWS;
+    /* the other types: integer GEMM (gemm_kq.inc) where the level takes the type (below its
+     * threshold, the row-streaming dots); dequantized panels where it does not */
     const int kq = ops->gemm_kq && ops->gemm_kq_supports(wtype);
     if (gemm_ok && kq && batch >= ops->gemm_kq_min_batch(wtype)) return REALM_PATH_GEMM_Q;
     if (gemm_ok && !kq && batch >= GEMM_MIN_BATCH) return REALM_PATH_GEMM_DQ;
     return realm_uses_q8k(wtype) ? REALM_PATH_ROWS_Q8K : REALM_PATH_ROWS;
+}
+
+int realm_matmul_path(int wtype, int64_t batch) {
+    if (batch <= 0 || realm_row_bytes(wtype, 256) < 0) return REALM_EINVAL;
+    return choose_path(realm_ops(), wtype, batch);
 }
 
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
@@ -230,33 +239,20 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
     const int64_t row_bytes = realm_row_bytes(wtype, n_cols);
     if (row_bytes < 0) return REALM_EINVAL;
     const realm_isa_ops *ops = realm_ops();
-    /* row-invariant (exact) steps: the row-streaming path computes each activation row with
-     * the same operations in the same order whatever the batch; the GEMM paths do not */
-    const int gemm_ok = !realm_matmul_rowwise;
+    const int path = choose_path(ops, wtype, batch);
 
-    const int float_weights =
-        wtype == REALM_TYPE_F32 || wtype == REALM_TYPE_F16 || wtype == REALM_TYPE_BF16;
-    if (gemm_ok && float_weights && batch >= GEMM_MIN_BATCH && ops->gemm_f32) {
+    if (path == REALM_PATH_GEMM_F32) {
         gemm_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                       .batch = batch, .ops = ops};
         atomic_store(&g.status, REALM_OK);
         const int rc = realm_parallel(gemm_task, &g, 0);
         return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
-
-    /* quantized weights, large batch: interleaved 16-row weight panels (gemm_q8_avx512.c) */
-    if (gemm_ok &&
-        (wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0) && ops->gemm_q8 &&
-        batch >= ops->gemm_q_min_batch(wtype))
-        return ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch);
-
-    const int other = realm_is_other_quant(wtype);
-    /* the other types, large batch: integer GEMM (gemm_kq.inc) where the level takes the type
-     * (below its threshold, the row-streaming dots); dequantized panels where it does not */
-    const int kq = other && ops->gemm_kq && ops->gemm_kq_supports(wtype);
-    if (gemm_ok && kq && batch >= ops->gemm_kq_min_batch(wtype))
-        return ops->gemm_kq(y, w, wtype, x, n_rows, n_cols, batch);
-    if (gemm_ok && other && !kq && batch >= GEMM_MIN_BATCH) {
+    if (path == REALM_PATH_GEMM_Q)
+        return wtype == REALM_TYPE_Q8_0 || wtype == REALM_TYPE_Q4_0
+                   ? ops->gemm_q8(y, w, wtype, x, n_rows, n_cols, batch)
+                   : ops->gemm_kq(y, w, wtype, x, n_rows, n_cols, batch);
+    if (path == REALM_PATH_GEMM_DQ) {
         /* levels without a GEMM (the portable one) dot the dequantized rows with the float
          * batch: prefill multiplies the activations themselves at every level */
         float *panels = ops->gemm_f32 ? NULL : pack_panels(x, n_cols, batch);
@@ -270,6 +266,7 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
 
+    const int other = realm_is_other_quant(wtype);
     mm_ctx c = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                 .batch = batch, .row_bytes = row_bytes, .ops = ops};
     realm_q8x xq = {0};

@@ -36,6 +36,31 @@ REALM_AVX2 static inline int32_t realm_hsum8i(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* 32 floats to 8-bit codes with the numerics of every level (scale amax / 127, round to
+ * nearest even as lrintf in the scalar level; codes 0 where the scale is 0), in element order,
+ * and the sums of each half's codes. Returns the scale. */
+REALM_AVX2 static inline float realm_q8_block32(const float *v, int8_t q[32], int32_t sums[2]) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+    const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    const float d = realm_hmax8(m) / 127.0f;
+    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+    /* int32 -> int8 in element order: packs interleave 128-bit lanes; a permute undoes it */
+    const __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
+    _mm256_storeu_si256((__m256i *)q,
+                        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23),
+                                                    _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    sums[0] = realm_hsum8i(_mm256_add_epi32(i0, i1));
+    sums[1] = realm_hsum8i(_mm256_add_epi32(i2, i3));
+    return d;
+}
+
 /* the first nr of 8 floats (a short panel's rows): zero-filled load, partial store */
 REALM_AVX2 static inline __m256 realm_load_rows8(const float *p, int nr) {
     if (nr == 8) return _mm256_loadu_ps(p);
