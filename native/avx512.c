@@ -37,69 +37,16 @@ static inline __m512 load_bf16x16_tail(const uint16_t *p, __mmask16 m) {
 #define GROUP 8 /* batch rows per pass over a weight row: accumulators stay in registers */
 #define INLINE REALM_AVX512_VNNI static inline __attribute__((always_inline))
 
-/* One weight row against G batch rows (x in the panel layout): each weight vector is loaded
- * (and converted) once and multiplied into G accumulators; two accumulator sets hide the FMA
- * latency. The panels are zero-padded, so only the weight tail needs a mask. */
-#define FLOAT_DOT(NAME, WT, LOAD, LOAD_TAIL)                                                     \
-    INLINE void NAME##_group(float *y, int64_t ys, const WT *w, const float *xp, int64_t n,      \
-                             int64_t batch, int64_t b0, const int G) {                           \
-        __m512 a0[GROUP], a1[GROUP];                                                             \
-        for (int k = 0; k < G; k++) a0[k] = a1[k] = _mm512_setzero_ps();                         \
-        const int64_t full = n / 16;                                                             \
-        int64_t c = 0;                                                                           \
-        for (; c + 2 <= full; c += 2) {                                                          \
-            const __m512 w0 = LOAD(w + c * 16), w1 = LOAD(w + c * 16 + 16);                      \
-            const float *x0 = xp + (c * batch + b0) * 16, *x1 = x0 + batch * 16;                 \
-            for (int k = 0; k < G; k++) {                                                        \
-                a0[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a0[k]);                \
-                a1[k] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + k * 16), a1[k]);                \
-            }                                                                                    \
-        }                                                                                        \
-        if (c < full) {                                                                          \
-            const __m512 w0 = LOAD(w + c * 16);                                                  \
-            const float *x0 = xp + (c * batch + b0) * 16;                                        \
-            for (int k = 0; k < G; k++) a0[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a0[k]); \
-            c++;                                                                                 \
-        }                                                                                        \
-        if (c * 16 < n) {                                                                        \
-            const __m512 w0 = LOAD_TAIL(w + c * 16, tail16(n - c * 16));                         \
-            const float *x0 = xp + (c * batch + b0) * 16;                                        \
-            for (int k = 0; k < G; k++) a1[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k * 16), a1[k]); \
-        }                                                                                        \
-        for (int k = 0; k < G; k++)                                                              \
-            y[(b0 + k) * ys] = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));                \
-    }                                                                                            \
-    REALM_AVX512_VNNI                                                                            \
-    static void NAME(float *y, int64_t ys, const WT *w, const float *xp, int64_t n, int64_t batch, \
-                     int64_t b0, int64_t nbat) {                                                 \
-        int64_t b = b0;                                                                          \
-        const int64_t end = b0 + nbat;                                                           \
-        for (; b + GROUP <= end; b += GROUP) NAME##_group(y, ys, w, xp, n, batch, b, GROUP);     \
-        switch (end - b) {                                                                       \
-        case 1: NAME##_group(y, ys, w, xp, n, batch, b, 1); break;                               \
-        case 2: NAME##_group(y, ys, w, xp, n, batch, b, 2); break;                               \
-        case 3: NAME##_group(y, ys, w, xp, n, batch, b, 3); break;                               \
-        case 4: NAME##_group(y, ys, w, xp, n, batch, b, 4); break;                               \
-        case 5: NAME##_group(y, ys, w, xp, n, batch, b, 5); break;                               \
-        case 6: NAME##_group(y, ys, w, xp, n, batch, b, 6); break;                               \
-        case 7: NAME##_group(y, ys, w, xp, n, batch, b, 7); break;                               \
-        default: break;                                                                          \
-        }                                                                                        \
-    }
-
-FLOAT_DOT(dot_f32, float, load_f32x16, load_f32x16_tail)
-FLOAT_DOT(dot_f16, uint16_t, load_f16x16, load_f16x16_tail)
-FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
-
-/* Up to 4 weight rows (ws elements apart) against up to 4 batch rows at a time (a lone batch
- * row, decode, takes one weight row at a time: a single sequential stream, which the hardware
- * prefetchers follow best; 4 interleaved rows read at 15-25 GB/s where one reads 30-35): each loaded activation vector meets several weight rows and each weight vector (loaded
- * and converted once) several activation rows, so the activations (several times the weights'
- * bytes at a few batch rows, read from L1/L2) are loaded a quarter as often as by the one-row
- * kernels above, which makes small float batches (batched decode, speculative verify rows)
- * cost about what one row does. Every (weight row,
- * batch row) pair is one accumulator summed in the same order whatever R and G, so a row's
- * result does not depend on the rows computed beside it. */
+/* Float weights (F32, F16, BF16), row-streaming: up to 4 weight rows (ws elements apart)
+ * against up to 4 batch rows (x in the panel layout) at a time, so each loaded activation
+ * vector meets 4 weight rows and each weight vector (loaded and converted once) up to 4
+ * activation rows; one weight row at a time had each weight row re-read a few batch rows'
+ * activations (several times the weights' bytes, from L1/L2), and a 4-row F16 step cost 2.5x a
+ * one-row step on a Zen 4. A lone batch row (decode) takes one weight row at a time: a single
+ * sequential stream, which the hardware prefetchers follow best (4 interleaved rows read at
+ * 15-25 GB/s where one reads 30-35). Every (weight row, batch row) pair is one accumulator
+ * summed in the same order whatever the tile's shape, so a row's result does not depend on the
+ * rows computed beside it. The next tile's weight rows are prefetched. */
 #define FLOAT_TILE_CASE(NAME, R, G)                                                              \
     case R * 16 + G: NAME##_tile(y + r, ys, w + r * ws, ws, xp, n, batch, b, R, G); break;
 #define FLOAT_TILE(NAME, WT, LOAD, LOAD_TAIL)                                                    \
@@ -168,6 +115,16 @@ FLOAT_DOT(dot_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
 FLOAT_TILE(rows_f32, float, load_f32x16, load_f32x16_tail)
 FLOAT_TILE(rows_f16, uint16_t, load_f16x16, load_f16x16_tail)
 FLOAT_TILE(rows_bf16, uint16_t, load_bf16x16, load_bf16x16_tail)
+
+/* the table's one-row dots: the tiles with one weight row (matmul calls dot_rows_float) */
+#define ONE_ROW_DOT(NAME, ROWS, WT)                                                              \
+    REALM_AVX512_VNNI static void NAME(float *y, int64_t ys, const WT *w, const float *xp,     \
+                                       int64_t n, int64_t batch, int64_t b0, int64_t nbat) {     \
+        ROWS(y, ys, w, n, 1, xp, n, batch, b0, nbat);                                            \
+    }
+ONE_ROW_DOT(dot_f32, rows_f32_rows, float)
+ONE_ROW_DOT(dot_f16, rows_f16_rows, uint16_t)
+ONE_ROW_DOT(dot_bf16, rows_bf16_rows, uint16_t)
 
 REALM_AVX512_VNNI
 static void dot_rows_float(float *y, int64_t ys, const void *w, int wtype, int64_t ws, int nr,
