@@ -265,7 +265,7 @@ void realm_quantize_q8x_plain_avx2(const realm_q8x *x, const float *src, int64_t
 
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                        int nth);  /* gemm_avx2.c */
+                        int nth, atomic_int_fast64_t *next);  /* gemm_avx2.c */
 
 /* The smallest batch of Q8_0 / Q4_0 weights that takes the GEMM (see the measurement at
  * .gemm_q8 below) */

@@ -488,7 +488,7 @@ static void attn_values_f16(float *o, const uint16_t *v, int64_t vs, int64_t n, 
 
 int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                           int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                          int nth);
+                          int nth, atomic_int_fast64_t *next);
 int realm_gemm_q8_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                          int64_t n_cols, int64_t batch);
 

@@ -154,12 +154,14 @@ static void tile_6x16(int64_t kc, const float *ap, const float *bp, float *c, in
 REALM_AVX2
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                        int nth) {
+                        int nth, atomic_int_fast64_t *next) {
+    (void)next;  /* a static split: NC-wide panels, too few at hidden 576 to claim */
     const int64_t tiles = (n + NR - 1) / NR;  /* this thread's share of n, in whole tiles */
     int64_t t0, t1;
     realm_split(tiles, ith, nth, &t0, &t1);
     const int64_t j_begin = t0 * NR, j_end = t1 * NR < n ? t1 * NR : n;
     if (j_begin >= j_end) return REALM_OK;
+    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
     float *ap = aligned_alloc(64, sizeof(float) * MC * KC);
     float *bp = aligned_alloc(64, sizeof(float) * NC * KC);
     if (!ap || !bp) {
@@ -172,6 +174,11 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
         for (int64_t pc = 0; pc < k; pc += KC) {
             const int64_t kc = k - pc < KC ? k - pc : KC;
             pack_b(bp, b, btype, ldb, jc, nc, pc, kc);
+            /* fetch the next packing's weights between the tiles of this panel */
+            realm_prefetcher pf;
+            realm_pf_next_panel(&pf, b, es, ldb, jc, nc, pc, kc, k, j_end, NC, KC);
+            const int64_t n_tiles = (nc + NR - 1) / NR * (m / MC * (MC / MR) + (m % MC + MR - 1) / MR);
+            const int64_t per = realm_pf_lines(&pf) / n_tiles + 1;
             for (int64_t ic = 0; ic < m; ic += MC) {
                 const int64_t mc = m - ic < MC ? m - ic : MC;
                 pack_a(ap, a, lda, ic, mc, pc, kc);
@@ -179,6 +186,7 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
                     const int64_t nr = nc - jr < NR ? nc - jr : NR;
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int64_t mr = mc - ir < MR ? mc - ir : MR;
+                        realm_pf_step(&pf, per);
                         tile_6x16(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
                                   ldy, pc > 0, mr, nr);
                     }

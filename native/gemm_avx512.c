@@ -1,12 +1,24 @@
 /* Realm native kernels: blocked F32 GEMM for AVX-512 (x86 only).
  *
  * y (m, n) = a (m, k) . b (n, k)^T, i.e. activations times the transpose of a weight matrix
- * stored row by row, as the matmul entry point sees them; b may be F32, F16 or BF16 (widened
- * to F32 while its panels are packed). Goto-style blocking: a KC x NC
- * panel of b is packed (transposed into 32-wide slivers, k-major) and kept in L2; an MC x KC
- * block of a is packed into 12-row slivers; a 12 x 32 register tile (24 zmm accumulators)
- * consumes one sliver of each per step. Pool threads split n; each packs its own panels.
+ * stored row by row, as the matmul entry point sees them; b may be F32, F16 or BF16.
+ *
+ * The register tile broadcasts weights and multiplies them with activation vectors: 14 weight
+ * rows x 32 activation rows (28 zmm accumulators), y's transpose, per step of k. So
+ *  - the weights are packed row by row (a panel of NP rows x KC columns, row stride KC,
+ *    widened to F32): no transpose, and a tile reads each of its rows' values with one
+ *    broadcast at an immediate offset from a single pointer;
+ *  - the activations are transposed once per call (each thread packs them all: k-major
+ *    slivers of 32 rows, a last sliver of 16 where m leaves 16 or fewer), a small cost beside
+ *    the weights, which are n / 16 times larger at prefill shapes;
+ *  - a prefill of 32 or 64 rows fills whole tiles (the row count is a multiple of 16 or 32).
+ * Tiles accumulate a panel's result transposed (NP x m, in cache) over the KC blocks of k;
+ * it is written to y at the end. Pool threads claim panels from a shared counter (a noisy
+ * core takes fewer), and prefetch the next packing's weights between tiles.
+ * (An earlier version broadcast activations against 32 packed weight columns: its packing
+ * transposed every weight element, a fifth of the time of a 64-row prefill.)
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -14,15 +26,18 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#define MR 14   /* rows of a per register tile */
-#define NR 32   /* rows of b (columns of y) per register tile: two zmm */
-#define KC 256  /* depth of a packed panel */
-#define MC 112  /* rows of a per packed block (multiple of MR) */
-#define NC 512  /* rows of b per packed panel (multiple of NR): 512 KiB at KC, half of a Zen 4 L2 */
+#define RW 14   /* weight rows per register tile */
+#define KC 128  /* depth of a packed block: a sliver's 32 x KC activations (16 KiB) stay in L1 */
+#define NP 112  /* weight rows per panel (multiple of RW): 56 KiB packed */
 
-/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded.
- * Each source row is read contiguously: rows of b lie ldb floats apart (often a power of two),
- * and reading 32 of them in step would put every load in the same L1 set. */
+REALM_AVX512
+static inline __m512 load16(const void *src, int btype, int64_t p, __mmask16 m) {
+    if (btype == REALM_TYPE_F32) return _mm512_maskz_loadu_ps(m, (const float *)src + p);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)src + p);
+    if (btype == REALM_TYPE_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  /* BF16 */
+}
+
 /* 16 rows of 16 floats -> 16 columns of 16 floats, in registers (3 shuffle stages). */
 REALM_AVX512
 static inline void transpose16(__m512 r[16]) {
@@ -50,138 +65,154 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
-REALM_AVX512
-static inline __m512 load_row16(const void *src, int btype, int64_t p, __mmask16 m) {
-    if (btype == REALM_TYPE_F32) return _mm512_maskz_loadu_ps(m, (const float *)src + p);
-    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)src + p);
-    if (btype == REALM_TYPE_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  /* BF16 */
-}
+/* The activations' slivers: sliver s holds rows 32s.. (width w = 32, or 16 for a last short
+ * one), element (i, p) at sliver + p * w + i; rows past m are zeros. */
+static inline int64_t sliver_width(int64_t m, int64_t s) { return m - 32 * s > 16 ? 32 : 16; }
 
-/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (nc/NR, kc, NR), zero-padded,
- * widening F16/BF16 to F32. 16 rows x 16 columns at a time are loaded row-wise (each source row
- * contiguous) and transposed in registers, so the packed sliver is written 64 bytes at a time. */
 REALM_AVX512
-static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0, int64_t nc,
-                   int64_t p0, int64_t kc) {
-    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    for (int64_t js = 0; js < nc; js += NR) {
-        float *d = dst + js * kc;
-        for (int64_t h = 0; h < NR; h += 16) {
-            const uint8_t *rows[16];
-            int64_t nrows = nc - js - h;
-            nrows = nrows < 0 ? 0 : nrows > 16 ? 16 : nrows;
-            for (int64_t j = 0; j < nrows; j++)
-                rows[j] = (const uint8_t *)b + ((j0 + js + h + j) * ldb + p0) * es;
-            for (int64_t p = 0; p < kc; p += 16) {
-                const int64_t cols = kc - p < 16 ? kc - p : 16;
-                const __mmask16 m = (__mmask16)((1u << cols) - 1u);
+static void pack_acts(float *dst, const float *a, int64_t lda, int64_t m, int64_t k) {
+    for (int64_t s = 0; 32 * s < m; s++) {
+        const int64_t w = sliver_width(m, s);
+        float *d = dst + s * 32 * k;
+        for (int64_t h = 0; h < w; h += 16) {
+            const int64_t i0 = 32 * s + h;
+            const int64_t rows = m - i0 < 0 ? 0 : m - i0 > 16 ? 16 : m - i0;
+            for (int64_t p = 0; p < k; p += 16) {
+                const int64_t cols = k - p < 16 ? k - p : 16;
+                const __mmask16 cm = (__mmask16)((1u << cols) - 1u);
                 __m512 r[16];
-                for (int64_t j = 0; j < 16; j++)
-                    r[j] = j < nrows ? load_row16(rows[j], btype, p, m) : _mm512_setzero_ps();
+                for (int64_t i = 0; i < 16; i++)
+                    r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, a + (i0 + i) * lda + p)
+                                    : _mm512_setzero_ps();
                 transpose16(r);
-                for (int64_t c = 0; c < cols; c++) _mm512_storeu_ps(d + (p + c) * NR + h, r[c]);
+                for (int64_t c = 0; c < cols; c++) _mm512_storeu_ps(d + (p + c) * w + h, r[c]);
             }
         }
     }
 }
 
-/* Pack a[i0 + i, p0 + p] for i < mc, p < kc into slivers of MR: (mc/MR, kc, MR), zero-padded. */
+/* Weight rows j0.. (nr of them; up to a whole number of tiles, zeros past nr), columns p0..
+ * p0 + kc, widened to F32, row stride KC. */
 REALM_AVX512
-static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
-                   int64_t kc) {
-    for (int64_t is = 0; is < mc; is += MR) {
-        const int64_t in = mc - is < MR ? mc - is : MR;
-        float *d = dst + is * kc;
-        for (int64_t i = 0; i < MR; i++) {
-            if (i < in) {
-                const float *src = a + (i0 + is + i) * lda + p0;
-                for (int64_t p = 0; p < kc; p += 16) __builtin_prefetch(src + lda + p);
-                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = src[p];
-            } else {
-                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = 0.0f;
-            }
+static void pack_weights(float *dst, const void *b, int btype, int64_t ldb, int64_t j0,
+                         int64_t nr, int64_t p0, int64_t kc) {
+    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
+    const int64_t rows = (nr + RW - 1) / RW * RW;
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * KC;
+        if (r >= nr) {
+            memset(d, 0, sizeof(float) * (size_t)kc);
+            continue;
         }
+        const uint8_t *src = (const uint8_t *)b + ((j0 + r) * ldb + p0) * es;
+        int64_t p = 0;
+        for (; p + 16 <= kc; p += 16) _mm512_store_ps(d + p, load16(src, btype, p, 0xffff));
+        if (p < kc)
+            _mm512_store_ps(d + p, load16(src, btype, p, (__mmask16)((1u << (kc - p)) - 1u)));
     }
 }
 
-REALM_AVX512
-static inline __mmask16 mask_n(int64_t nr, int half) {
-    int64_t r = nr - 16 * half;
-    if (r <= 0) return 0;
-    if (r >= 16) return 0xffff;
-    return (__mmask16)((1u << r) - 1u);
-}
-
-/* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
-REALM_AVX512
-static void tile_mr_x32(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
-                       int accumulate, int64_t mr, int64_t nr) {
-    __m512 c0[MR], c1[MR];
-#pragma GCC unroll 14
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < kc; p++) {
-        const __m512 b0 = _mm512_load_ps(bp + p * NR), b1 = _mm512_load_ps(bp + p * NR + 16);
-        const float *a = ap + p * MR;
-#pragma GCC unroll 14
-        for (int i = 0; i < MR; i++) {
-            const __m512 av = _mm512_set1_ps(a[i]);
-            c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
-            c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
-        }
+/* yt[r * ldt + i] (+)= sum_p w[r * KC + p] * x[p * (16 H) + i] for r < RW, i < 16 H. */
+#define TILE(H)                                                                               \
+    REALM_AVX512                                                                              \
+    static void tile_##H(float *yt, int64_t ldt, const float *w, const float *x, int64_t kc,  \
+                         int accumulate) {                                                    \
+        __m512 c[RW][H];                                                                      \
+        _Pragma("GCC unroll 14") for (int r = 0; r < RW; r++)                                 \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) c[r][h] =                     \
+                accumulate ? _mm512_load_ps(yt + r * ldt + 16 * h) : _mm512_setzero_ps();     \
+        for (int64_t p = 0; p < kc; p++) {                                                    \
+            __m512 xv[H];                                                                     \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) xv[h] =                       \
+                _mm512_load_ps(x + p * 16 * H + 16 * h);                                      \
+            _Pragma("GCC unroll 14") for (int r = 0; r < RW; r++) {                           \
+                const __m512 wv = _mm512_set1_ps(w[r * KC + p]);                              \
+                _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) c[r][h] =                 \
+                    _mm512_fmadd_ps(wv, xv[h], c[r][h]);                                      \
+            }                                                                                 \
+        }                                                                                     \
+        _Pragma("GCC unroll 14") for (int r = 0; r < RW; r++)                                 \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++)                               \
+                _mm512_store_ps(yt + r * ldt + 16 * h, c[r][h]);                              \
     }
-    const __mmask16 m0 = mask_n(nr, 0), m1 = mask_n(nr, 1);
-#pragma GCC unroll 14
-    for (int i = 0; i < MR; i++) {  /* unrolled: the accumulators stay in registers */
-        if (i >= mr) continue;
-        float *row = c + i * ldc;
-        if (accumulate) {
-            c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, row));
-            c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, row + 16));
-        }
-        _mm512_mask_storeu_ps(row, m0, c0[i]);
-        _mm512_mask_storeu_ps(row + 16, m1, c1[i]);
-    }
-}
+TILE(1)
+TILE(2)
+#undef TILE
 
 REALM_AVX512
 int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                           int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                          int nth) {
-    /* this thread's share of n, in whole register tiles */
-    const int64_t tiles = (n + NR - 1) / NR;
-    int64_t t0, t1;
-    realm_split(tiles, ith, nth, &t0, &t1);
-    const int64_t j_begin = t0 * NR, j_end = t1 * NR < n ? t1 * NR : n;
-    if (j_begin >= j_end) return REALM_OK;
-    float *ap = aligned_alloc(64, sizeof(float) * MC * KC);
-    float *bp = aligned_alloc(64, sizeof(float) * NC * KC);
-    if (!ap || !bp) {
+                          int nth, atomic_int_fast64_t *next) {
+    const int64_t panels = (n + NP - 1) / NP;
+    int64_t p_begin = 0, p_end = panels;  /* without a shared counter: a static share */
+    if (!next) realm_split(panels, ith, nth, &p_begin, &p_end);
+    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
+    const int64_t slivers = (m + 31) / 32, ldt = slivers * 32;  /* yt's row stride */
+    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(slivers * 32 * k));
+    float *wp = aligned_alloc(64, sizeof(float) * NP * KC);
+    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * ldt));
+    if (!ap || !wp || !yt) {
         free(ap);
-        free(bp);
+        free(wp);
+        free(yt);
         return REALM_ENOMEM;
     }
-    for (int64_t jc = j_begin; jc < j_end; jc += NC) {
-        const int64_t nc = j_end - jc < NC ? j_end - jc : NC;
+    int packed = 0;  /* the activations are packed on the first panel this thread gets */
+    int64_t pi = next ? atomic_fetch_add(next, 1) : p_begin;
+    while (pi < (next ? panels : p_end)) {
+        if (!packed) {
+            pack_acts(ap, a, lda, m, k);
+            packed = 1;
+        }
+        const int64_t j0 = pi * NP, nr = n - j0 < NP ? n - j0 : NP;
+        const int64_t tiles_r = (nr + RW - 1) / RW;
+        int64_t pn = next ? atomic_fetch_add(next, 1) : pi + 1;  /* claimed now, fetched ahead */
         for (int64_t pc = 0; pc < k; pc += KC) {
             const int64_t kc = k - pc < KC ? k - pc : KC;
-            pack_b(bp, b, btype, ldb, jc, nc, pc, kc);
-            for (int64_t ic = 0; ic < m; ic += MC) {
-                const int64_t mc = m - ic < MC ? m - ic : MC;
-                pack_a(ap, a, lda, ic, mc, pc, kc);
-                for (int64_t jr = 0; jr < nc; jr += NR) {
-                    const int64_t nr = nc - jr < NR ? nc - jr : NR;
-                    for (int64_t ir = 0; ir < mc; ir += MR) {
-                        const int64_t mr = mc - ir < MR ? mc - ir : MR;
-                        tile_mr_x32(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
-                                   ldy, pc > 0, mr, nr);
-                    }
+            pack_weights(wp, b, btype, ldb, j0, nr, pc, kc);
+            realm_prefetcher pf;  /* what the next packing reads */
+            if (pc + kc < k)
+                realm_pf_start(&pf, (const uint8_t *)b + (j0 * ldb + pc + kc) * es, nr, ldb * es,
+                               (k - pc - kc < KC ? k - pc - kc : KC) * es);
+            else if (pn < (next ? panels : p_end))
+                realm_pf_start(&pf, (const uint8_t *)b + pn * NP * ldb * es,
+                               n - pn * NP < NP ? n - pn * NP : NP, ldb * es,
+                               (k < KC ? k : KC) * es);
+            else
+                realm_pf_start(&pf, NULL, 0, 0, 0);
+            const int64_t per = realm_pf_lines(&pf) / (tiles_r * slivers) + 1;
+            for (int64_t s = 0; s < slivers; s++) {
+                const int64_t w = sliver_width(m, s);
+                const float *xs = ap + s * 32 * k + pc * w;
+                for (int64_t t = 0; t < tiles_r; t++) {
+                    realm_pf_step(&pf, per);
+                    float *yts = yt + t * RW * ldt + 32 * s;
+                    if (w == 32)
+                        tile_2(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
+                    else
+                        tile_1(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
                 }
             }
         }
+        /* the panel's result, transposed back: 16 x 16 blocks through registers */
+        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+            const int64_t rr = nr - r0 < 16 ? nr - r0 : 16;
+            const __mmask16 rm = (__mmask16)((1u << rr) - 1u);
+            for (int64_t i0 = 0; i0 < m; i0 += 16) {
+                const int64_t ii = m - i0 < 16 ? m - i0 : 16;
+                __m512 v[16];
+                for (int64_t r = 0; r < 16; r++)
+                    v[r] = r < rr ? _mm512_load_ps(yt + (r0 + r) * ldt + i0) : _mm512_setzero_ps();
+                transpose16(v);
+                for (int64_t i = 0; i < ii; i++)
+                    _mm512_mask_storeu_ps(y + (i0 + i) * ldy + j0 + r0, rm, v[i]);
+            }
+        }
+        pi = pn;
     }
     free(ap);
-    free(bp);
+    free(wp);
+    free(yt);
     return REALM_OK;
 }
 #endif

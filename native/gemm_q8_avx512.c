@@ -143,38 +143,6 @@ static void pack_panel(uint8_t *dst, const uint8_t *src, int64_t rb, int wtype, 
     }
 }
 
-/* Software prefetch of the weights the next packing will read (rows of `bytes` bytes, rb
- * apart), spread over the tiles of the current panel so the memory latency hides behind
- * compute: the 16 row streams are too many for the hardware prefetcher to run far ahead. */
-typedef struct {
-    const uint8_t *row;  /* the current row's first line */
-    int64_t rb, lines_per_row, rows_left, line;
-} prefetcher;
-
-REALM_AVX512_VNNI
-static void pf_start(prefetcher *f, const uint8_t *p, int rows, int64_t rb, int64_t bytes) {
-    f->row = p;
-    f->rb = rb;
-    f->lines_per_row = (bytes + 63) / 64 + 1;  /* + 1: the rows need not start on a line */
-    f->rows_left = p ? rows : 0;
-    f->line = 0;
-}
-
-REALM_AVX512_VNNI
-static void pf_step(prefetcher *f, int64_t count) {
-    for (; count > 0 && f->rows_left > 0; count--) {
-        _mm_prefetch((const char *)(f->row + f->line * 64), _MM_HINT_T1);
-        if (++f->line == f->lines_per_row) {
-            f->line = 0;
-            f->row += f->rb;
-            f->rows_left--;
-        }
-    }
-}
-
-REALM_AVX512_VNNI
-static inline int64_t pf_lines(const prefetcher *f) { return f->rows_left * f->lines_per_row; }
-
 /* ---- the register tile: 16 weight rows x n activation rows over kc blocks ---- */
 
 /* a += w (unsigned bytes) . the dword at p broadcast (signed bytes). The broadcast is folded
@@ -219,14 +187,14 @@ INLINE void tile(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8
  * between tiles. */
 REALM_AVX512_VNNI
 static void tiles(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8_t *wp,
-                  const uint8_t *x, int64_t xs, int64_t kc, int64_t batch, prefetcher *pf) {
-    const int64_t per = pf_lines(pf) / ((batch + NA - 1) / NA) + 1;
+                  const uint8_t *x, int64_t xs, int64_t kc, int64_t batch, realm_prefetcher *pf) {
+    const int64_t per = realm_pf_lines(pf) / ((batch + NA - 1) / NA) + 1;
     int64_t b = 0;
     for (; b + NA <= batch; b += NA) {
-        pf_step(pf, per);
+        realm_pf_step(pf, per);
         tile(y + b * ldy, ldy, m, accumulate, wp, x + b * xs, xs, kc, NA);
     }
-    pf_step(pf, per);
+    realm_pf_step(pf, per);
     float *yb = y + b * ldy;
     const uint8_t *xb = x + b * xs;
     switch (batch - b) {
@@ -273,7 +241,7 @@ static void panel_task(void *p, int ith, int nth) {
     if (!wp) return;  /* the other threads take the panels; the caller checks all were done */
     uint8_t *pad = wp + KC * WBLK;
     const int64_t n_panels = (c->n_rows + PR - 1) / PR, xs = c->nb * XREC, rb = c->row_bytes;
-    prefetcher pf;
+    realm_prefetcher pf;
     int64_t pi = atomic_fetch_add(&c->next, 1);
     while (pi < n_panels) {
         const int64_t r0 = pi * PR;
@@ -285,12 +253,12 @@ static void panel_task(void *p, int ith, int nth) {
             /* what the next packing reads: this panel's next blocks or the next panel's first */
             if (k0 + kc < c->nb) {
                 const int64_t kn = c->nb - k0 - kc < KC ? c->nb - k0 - kc : KC;
-                pf_start(&pf, c->w + r0 * rb + (k0 + kc) * bb, nr, rb, kn * bb);
+                realm_pf_start(&pf, c->w + r0 * rb + (k0 + kc) * bb, nr, rb, kn * bb);
             } else {
                 next = atomic_fetch_add(&c->next, 1);  /* claimed now, to be fetched ahead */
                 const int64_t kn = c->nb < KC ? c->nb : KC;
                 const int nrn = c->n_rows - next * PR < PR ? (int)(c->n_rows - next * PR) : PR;
-                pf_start(&pf, next < n_panels ? c->w + next * PR * rb : NULL, nrn, rb, kn * bb);
+                realm_pf_start(&pf, next < n_panels ? c->w + next * PR * rb : NULL, nrn, rb, kn * bb);
             }
             const uint8_t *src = c->w + r0 * rb + k0 * bb;
             int64_t srb = rb;

@@ -3,6 +3,7 @@
 #define REALM_INTERNAL_H
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -173,9 +174,12 @@ typedef struct {
     void (*attn_values_f16)(float *o, const uint16_t *v, int64_t vs, int64_t n, const float *w,
                             int64_t ws, int32_t group, int32_t d);
     /* y[r*ldy + c] = sum_k a[r*lda + k] * b[c*ldb + k]: blocked GEMM with F32 activations and
-     * F32, F16 or BF16 weights b (btype; ldb in elements), run by every pool thread (may be NULL) */
+     * F32, F16 or BF16 weights b (btype; ldb in elements), run by every pool thread (may be NULL).
+     * next: a counter the threads share (zeroed), from which a level may claim its share of n
+     * (NULL: the static share ith of nth) */
     int (*gemm_f32)(float *y, int64_t ldy, const float *a, int64_t lda, const void *b, int btype,
-                    int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth);
+                    int64_t ldb, int64_t m, int64_t n, int64_t k, int ith, int nth,
+                    atomic_int_fast64_t *next);
     /* y (batch, n_rows) = x (batch, n_cols) . w^T for Q8_0 / Q4_0 weights and a large batch,
      * the whole call (quantization, threads) in one; may be NULL (row-streaming path) */
     int (*gemm_q8)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
@@ -282,6 +286,57 @@ static inline void realm_split(int64_t n, int ith, int nth, int64_t *begin, int6
     if (e > n) e = n;
     *begin = b;
     *end = e;
+}
+
+/* Software prefetch (into L2) of the weights a GEMM's next packing will read: rows of `bytes`
+ * bytes, rb apart, issued a few lines at a time between the register tiles of the current
+ * panel so the memory latency hides behind compute. A packing reads 16 or more row streams at
+ * once, too many for the hardware prefetchers to run far ahead (gemm_*.c). */
+typedef struct {
+    const uint8_t *row;  /* the current row's first line */
+    int64_t rb, lines_per_row, rows_left, line;
+} realm_prefetcher;
+
+static inline void realm_pf_start(realm_prefetcher *f, const void *p, int64_t rows, int64_t rb,
+                                  int64_t bytes) {
+    f->row = (const uint8_t *)p;
+    f->rb = rb;
+    f->lines_per_row = (bytes + 63) / 64 + 1;  /* + 1: the rows need not start on a line */
+    f->rows_left = p ? rows : 0;
+    f->line = 0;
+}
+
+static inline void realm_pf_step(realm_prefetcher *f, int64_t count) {
+    for (; count > 0 && f->rows_left > 0; count--) {
+        __builtin_prefetch(f->row + f->line * 64, 0, 2);
+        if (++f->line == f->lines_per_row) {
+            f->line = 0;
+            f->row += f->rb;
+            f->rows_left--;
+        }
+    }
+}
+
+static inline int64_t realm_pf_lines(const realm_prefetcher *f) {
+    return f->rows_left * f->lines_per_row;
+}
+
+/* Start f on the weights a blocked GEMM packs after panel (jc, pc): b's rows are ldb elements
+ * of es bytes; panels are nc_max rows by kc_max columns, this thread's rows end at j_end. */
+static inline void realm_pf_next_panel(realm_prefetcher *f, const void *b, int64_t es,
+                                       int64_t ldb, int64_t jc, int64_t nc, int64_t pc,
+                                       int64_t kc, int64_t k, int64_t j_end, int64_t nc_max,
+                                       int64_t kc_max) {
+    const uint8_t *base = (const uint8_t *)b;
+    if (pc + kc < k) {
+        const int64_t kn = k - pc - kc < kc_max ? k - pc - kc : kc_max;
+        realm_pf_start(f, base + (jc * ldb + pc + kc) * es, nc, ldb * es, kn * es);
+    } else if (jc + nc < j_end) {
+        const int64_t rows = j_end - jc - nc < nc_max ? j_end - jc - nc : nc_max;
+        realm_pf_start(f, base + (jc + nc) * ldb * es, rows, ldb * es, (k < kc_max ? k : kc_max) * es);
+    } else {
+        realm_pf_start(f, NULL, 0, 0, 0);
+    }
 }
 
 #endif

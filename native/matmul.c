@@ -141,13 +141,14 @@ typedef struct {
     const float *x;
     int64_t n_rows, n_cols, batch;
     const realm_isa_ops *ops;
+    atomic_int_fast64_t next;  /* the level's panels, claimed by the threads */
     atomic_int status;  /* first failure of any thread */
 } gemm_ctx;
 
 static void gemm_task(void *p, int ith, int nth) {
     gemm_ctx *c = p;
     const int rc = c->ops->gemm_f32(c->y, c->n_rows, c->x, c->n_cols, c->w, c->wtype, c->n_cols,
-                                    c->batch, c->n_rows, c->n_cols, ith, nth);
+                                    c->batch, c->n_rows, c->n_cols, ith, nth, &c->next);
     if (rc != REALM_OK) atomic_store(&c->status, rc);
 }
 
@@ -191,7 +192,7 @@ static void dq_task(void *p, int ith, int nth) {
             continue;
         }
         const int rc = c->ops->gemm_f32(c->y + r0, c->n_rows, c->x, c->n_cols, panel,
-                                        REALM_TYPE_F32, c->n_cols, c->batch, nr, c->n_cols, 0, 1);
+                                        REALM_TYPE_F32, c->n_cols, c->batch, nr, c->n_cols, 0, 1, NULL);
         if (rc != REALM_OK) {
             atomic_store(&c->status, rc);
             break;
@@ -245,6 +246,7 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_r
         gemm_ctx g = {.y = y, .w = w, .wtype = wtype, .x = x, .n_rows = n_rows, .n_cols = n_cols,
                       .batch = batch, .ops = ops};
         atomic_store(&g.status, REALM_OK);
+        atomic_store(&g.next, 0);
         const int rc = realm_parallel(gemm_task, &g, 0);
         return rc != REALM_OK ? rc : atomic_load(&g.status);
     }
