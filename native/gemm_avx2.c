@@ -1,11 +1,12 @@
 /* Realm native kernels: blocked F32 GEMM for AVX2 + FMA + F16C (x86 only).
  *
- * The AVX2 counterpart of gemm_avx512.c, with the same contract: y (m, n) = a (m, k) . b (n, k)^T,
- * b F32, F16 or BF16 (widened to F32 while its panels are packed). Goto-style blocking with
- * sizes for the smaller caches of AVX2 parts: a KC x NC panel of b is packed into 16-wide
- * slivers (k-major) and kept in L2, an MC x KC block of a into 6-row slivers, and a 6 x 16
- * register tile (12 ymm accumulators, two for b, one broadcast) consumes one sliver of each per
- * step. Pool threads split n; each packs its own panels.
+ * The AVX2 counterpart of gemm_avx512.c, with the same contract and scheme: y (m, n) =
+ * a (m, k) . b (n, k)^T, b F32, F16 or BF16. A 6 x 16 register tile (12 ymm accumulators, two
+ * activation vectors, one broadcast) multiplies 6 weight rows, packed row by row and widened
+ * to F32 (no transpose), with 16 activation rows, transposed once per call into k-major
+ * slivers (a last one of 8 where m leaves 8 or fewer). Tiles accumulate a panel's result
+ * transposed over the KC blocks of k; it is written to y at the end. Pool threads split the
+ * panels; the next packing's weights are prefetched between tiles.
  */
 #include <stdlib.h>
 
@@ -14,11 +15,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#define MR 6    /* rows of a per register tile */
-#define NR 16   /* rows of b (columns of y) per register tile: two ymm */
-#define KC 256  /* depth of a packed panel */
-#define MC 72   /* rows of a per packed block (multiple of MR) */
-#define NC 256  /* rows of b per packed panel (multiple of NR): 256 KiB packed */
+#define RW 6    /* weight rows per register tile */
+#define KC 128  /* depth of a packed block: a sliver's 16 x KC activations (8 KiB) stay in L1 */
+#define NP 96   /* weight rows per panel (multiple of RW): 48 KiB packed */
 
 /* 8 rows of 8 floats -> 8 columns, in registers */
 REALM_AVX2
@@ -57,145 +56,159 @@ static inline float load_one(const void *src, int btype, int64_t p) {
     return btype == REALM_TYPE_F16 ? realm_f16_to_f32(h) : realm_bf16_to_f32(h);
 }
 
-/* Pack b[j0 + j, p0 + p] for j < nc, p < kc into slivers of NR: (ceil(nc/NR), kc, NR),
- * zero-padded. 8 rows x 8 columns at a time are loaded row-wise (each source row contiguous)
- * and transposed in registers; a tail of fewer than 8 columns is copied element by element. */
+/* The activations' slivers: sliver s holds rows 16s.. (width w = 16, or 8 for a last short
+ * one), element (i, p) at sliver + p * w + i; rows past m are zeros. */
+static inline int64_t sliver_width(int64_t m, int64_t s) { return m - 16 * s > 8 ? 16 : 8; }
+
 REALM_AVX2
-static void pack_b(float *dst, const void *b, int btype, int64_t ldb, int64_t j0, int64_t nc,
-                   int64_t p0, int64_t kc) {
-    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    for (int64_t js = 0; js < nc; js += NR) {
-        float *d = dst + js * kc;
-        for (int64_t h = 0; h < NR; h += 8) {
-            const uint8_t *rows[8];
-            int64_t nrows = nc - js - h;
-            nrows = nrows < 0 ? 0 : nrows > 8 ? 8 : nrows;
-            for (int64_t j = 0; j < nrows; j++)
-                rows[j] = (const uint8_t *)b + ((j0 + js + h + j) * ldb + p0) * es;
+static void pack_acts(float *dst, const float *a, int64_t lda, int64_t m, int64_t k) {
+    for (int64_t s = 0; 16 * s < m; s++) {
+        const int64_t w = sliver_width(m, s);
+        float *d = dst + s * 16 * k;
+        for (int64_t h = 0; h < w; h += 8) {
+            const int64_t i0 = 16 * s + h;
+            const int64_t rows = m - i0 < 0 ? 0 : m - i0 > 8 ? 8 : m - i0;
             int64_t p = 0;
-            for (; p + 8 <= kc; p += 8) {
+            for (; p + 8 <= k; p += 8) {
                 __m256 r[8];
-                for (int64_t j = 0; j < 8; j++)
-                    r[j] = j < nrows ? load_row8(rows[j], btype, p) : _mm256_setzero_ps();
+                for (int64_t i = 0; i < 8; i++)
+                    r[i] = i < rows ? _mm256_loadu_ps(a + (i0 + i) * lda + p) : _mm256_setzero_ps();
                 transpose8(r);
-                for (int64_t c = 0; c < 8; c++) _mm256_storeu_ps(d + (p + c) * NR + h, r[c]);
+                for (int64_t c = 0; c < 8; c++) _mm256_storeu_ps(d + (p + c) * w + h, r[c]);
             }
-            for (; p < kc; p++)
-                for (int64_t j = 0; j < 8; j++)
-                    d[p * NR + h + j] = j < nrows ? load_one(rows[j], btype, p) : 0.0f;
+            for (; p < k; p++)
+                for (int64_t i = 0; i < 8; i++) d[p * w + h + i] = i < rows ? a[(i0 + i) * lda + p] : 0.0f;
         }
     }
 }
 
-/* Pack a[i0 + i, p0 + p] for i < mc, p < kc into slivers of MR: (ceil(mc/MR), kc, MR),
- * zero-padded. */
+/* Weight rows j0.. (nr of them; up to a whole number of tiles, zeros past nr), columns p0..
+ * p0 + kc, widened to F32, row stride KC. */
 REALM_AVX2
-static void pack_a(float *dst, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
-                   int64_t kc) {
-    for (int64_t is = 0; is < mc; is += MR) {
-        const int64_t in = mc - is < MR ? mc - is : MR;
-        float *d = dst + is * kc;
-        for (int64_t i = 0; i < MR; i++) {
-            if (i < in) {
-                const float *src = a + (i0 + is + i) * lda + p0;
-                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = src[p];
-            } else {
-                for (int64_t p = 0; p < kc; p++) d[p * MR + i] = 0.0f;
-            }
+static void pack_weights(float *dst, const void *b, int btype, int64_t ldb, int64_t j0,
+                         int64_t nr, int64_t p0, int64_t kc) {
+    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
+    const int64_t rows = (nr + RW - 1) / RW * RW;
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * KC;
+        if (r >= nr) {
+            memset(d, 0, sizeof(float) * (size_t)kc);
+            continue;
         }
+        const uint8_t *src = (const uint8_t *)b + ((j0 + r) * ldb + p0) * es;
+        int64_t p = 0;
+        for (; p + 8 <= kc; p += 8) _mm256_store_ps(d + p, load_row8(src, btype, p));
+        for (; p < kc; p++) d[p] = load_one(src, btype, p);
     }
 }
 
-/* y tile (mr x nr at c, row stride ldc) (+)= ap sliver . bp sliver */
-REALM_AVX2
-static void tile_6x16(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
-                      int accumulate, int64_t mr, int64_t nr) {
-    __m256 c0[MR], c1[MR];
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < kc; p++) {
-        const __m256 b0 = _mm256_load_ps(bp + p * NR), b1 = _mm256_load_ps(bp + p * NR + 8);
-        const float *a = ap + p * MR;
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; i++) {
-            const __m256 av = _mm256_broadcast_ss(a + i);
-            c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
-        }
+/* yt[r * ldt + i] (+)= sum_p w[r * KC + p] * x[p * (8 H) + i] for r < RW, i < 8 H. The loops
+ * over the accumulators are unrolled: one indexed with a variable makes gcc keep them in
+ * memory (measured: the F16 GEMM at 40% of the FMA peak, then about 80%). */
+#define TILE(H)                                                                               \
+    REALM_AVX2                                                                                \
+    static void tile_##H(float *yt, int64_t ldt, const float *w, const float *x, int64_t kc,  \
+                         int accumulate) {                                                    \
+        __m256 c[RW][H];                                                                      \
+        _Pragma("GCC unroll 6") for (int r = 0; r < RW; r++)                                  \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) c[r][h] =                     \
+                accumulate ? _mm256_load_ps(yt + r * ldt + 8 * h) : _mm256_setzero_ps();      \
+        for (int64_t p = 0; p < kc; p++) {                                                    \
+            __m256 xv[H];                                                                     \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) xv[h] =                       \
+                _mm256_load_ps(x + p * 8 * H + 8 * h);                                        \
+            _Pragma("GCC unroll 6") for (int r = 0; r < RW; r++) {                            \
+                const __m256 wv = _mm256_broadcast_ss(w + r * KC + p);                        \
+                _Pragma("GCC unroll 2") for (int h = 0; h < H; h++) c[r][h] =                 \
+                    _mm256_fmadd_ps(wv, xv[h], c[r][h]);                                      \
+            }                                                                                 \
+        }                                                                                     \
+        _Pragma("GCC unroll 6") for (int r = 0; r < RW; r++)                                  \
+            _Pragma("GCC unroll 2") for (int h = 0; h < H; h++)                               \
+                _mm256_store_ps(yt + r * ldt + 8 * h, c[r][h]);                               \
     }
-    if (nr == NR) {
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; i++) {
-            if (i >= mr) continue;
-            float *row = c + i * ldc;
-            if (accumulate) {
-                c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(row));
-                c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(row + 8));
-            }
-            _mm256_storeu_ps(row, c0[i]);
-            _mm256_storeu_ps(row + 8, c1[i]);
-        }
-        return;
-    }
-    float tmp[NR];
-    /* unrolled like every loop over the accumulators: one indexed with a variable makes gcc
-     * keep the arrays in memory and store all 12 after every step of the loop above (measured:
-     * the F16 GEMM at 40% of the FMA peak, then about 80%) */
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; i++) {
-        if (i >= mr) continue;
-        _mm256_storeu_ps(tmp, c0[i]);
-        _mm256_storeu_ps(tmp + 8, c1[i]);
-        float *row = c + i * ldc;
-        for (int64_t j = 0; j < nr; j++) row[j] = accumulate ? row[j] + tmp[j] : tmp[j];
-    }
-}
+TILE(1)
+TILE(2)
+#undef TILE
 
 REALM_AVX2
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                         int nth, atomic_int_fast64_t *next) {
-    (void)next;  /* a static split: NC-wide panels, too few at hidden 576 to claim */
-    const int64_t tiles = (n + NR - 1) / NR;  /* this thread's share of n, in whole tiles */
-    int64_t t0, t1;
-    realm_split(tiles, ith, nth, &t0, &t1);
-    const int64_t j_begin = t0 * NR, j_end = t1 * NR < n ? t1 * NR : n;
-    if (j_begin >= j_end) return REALM_OK;
+    const int64_t panels = (n + NP - 1) / NP;
+    int64_t p_begin = 0, p_end = panels;  /* without a shared counter: a static share */
+    if (!next) realm_split(panels, ith, nth, &p_begin, &p_end);
     const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    float *ap = aligned_alloc(64, sizeof(float) * MC * KC);
-    float *bp = aligned_alloc(64, sizeof(float) * NC * KC);
-    if (!ap || !bp) {
+    const int64_t slivers = (m + 15) / 16, ldt = slivers * 16;  /* yt's row stride */
+    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(slivers * 16 * k));
+    float *wp = aligned_alloc(64, sizeof(float) * NP * KC);
+    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * ldt));
+    if (!ap || !wp || !yt) {
         free(ap);
-        free(bp);
+        free(wp);
+        free(yt);
         return REALM_ENOMEM;
     }
-    for (int64_t jc = j_begin; jc < j_end; jc += NC) {
-        const int64_t nc = j_end - jc < NC ? j_end - jc : NC;
+    int packed = 0;  /* the activations are packed on the first panel this thread gets */
+    int64_t pi = next ? atomic_fetch_add(next, 1) : p_begin;
+    while (pi < (next ? panels : p_end)) {
+        if (!packed) {
+            pack_acts(ap, a, lda, m, k);
+            packed = 1;
+        }
+        const int64_t j0 = pi * NP, nr = n - j0 < NP ? n - j0 : NP;
+        const int64_t tiles_r = (nr + RW - 1) / RW;
+        int64_t pn = next ? atomic_fetch_add(next, 1) : pi + 1;  /* claimed now, fetched ahead */
         for (int64_t pc = 0; pc < k; pc += KC) {
             const int64_t kc = k - pc < KC ? k - pc : KC;
-            pack_b(bp, b, btype, ldb, jc, nc, pc, kc);
-            /* fetch the next packing's weights between the tiles of this panel */
-            realm_prefetcher pf;
-            realm_pf_next_panel(&pf, b, es, ldb, jc, nc, pc, kc, k, j_end, NC, KC);
-            const int64_t n_tiles = (nc + NR - 1) / NR * (m / MC * (MC / MR) + (m % MC + MR - 1) / MR);
-            const int64_t per = realm_pf_lines(&pf) / n_tiles + 1;
-            for (int64_t ic = 0; ic < m; ic += MC) {
-                const int64_t mc = m - ic < MC ? m - ic : MC;
-                pack_a(ap, a, lda, ic, mc, pc, kc);
-                for (int64_t jr = 0; jr < nc; jr += NR) {
-                    const int64_t nr = nc - jr < NR ? nc - jr : NR;
-                    for (int64_t ir = 0; ir < mc; ir += MR) {
-                        const int64_t mr = mc - ir < MR ? mc - ir : MR;
-                        realm_pf_step(&pf, per);
-                        tile_6x16(kc, ap + ir * kc, bp + jr * kc, y + (ic + ir) * ldy + jc + jr,
-                                  ldy, pc > 0, mr, nr);
-                    }
+            pack_weights(wp, b, btype, ldb, j0, nr, pc, kc);
+            realm_prefetcher pf;  /* what the next packing reads */
+            if (pc + kc < k)
+                realm_pf_start(&pf, (const uint8_t *)b + (j0 * ldb + pc + kc) * es, nr, ldb * es,
+                               (k - pc - kc < KC ? k - pc - kc : KC) * es);
+            else if (pn < (next ? panels : p_end))
+                realm_pf_start(&pf, (const uint8_t *)b + pn * NP * ldb * es,
+                               n - pn * NP < NP ? n - pn * NP : NP, ldb * es,
+                               (k < KC ? k : KC) * es);
+            else
+                realm_pf_start(&pf, NULL, 0, 0, 0);
+            const int64_t per = realm_pf_lines(&pf) / (tiles_r * slivers) + 1;
+            for (int64_t s = 0; s < slivers; s++) {
+                const int64_t w = sliver_width(m, s);
+                const float *xs = ap + s * 16 * k + pc * w;
+                for (int64_t t = 0; t < tiles_r; t++) {
+                    realm_pf_step(&pf, per);
+                    float *yts = yt + t * RW * ldt + 16 * s;
+                    if (w == 16)
+                        tile_2(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
+                    else
+                        tile_1(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
                 }
             }
         }
+        /* the panel's result, transposed back: 8 x 8 blocks through registers */
+        for (int64_t r0 = 0; r0 < nr; r0 += 8) {
+            const int64_t rr = nr - r0 < 8 ? nr - r0 : 8;
+            for (int64_t i0 = 0; i0 < m; i0 += 8) {
+                const int64_t ii = m - i0 < 8 ? m - i0 : 8;
+                if (rr == 8 && ii == 8) {
+                    __m256 v[8];
+                    for (int64_t r = 0; r < 8; r++) v[r] = _mm256_load_ps(yt + (r0 + r) * ldt + i0);
+                    transpose8(v);
+                    for (int64_t i = 0; i < 8; i++)
+                        _mm256_storeu_ps(y + (i0 + i) * ldy + j0 + r0, v[i]);
+                } else {
+                    for (int64_t i = 0; i < ii; i++)
+                        for (int64_t r = 0; r < rr; r++)
+                            y[(i0 + i) * ldy + j0 + r0 + r] = yt[(r0 + r) * ldt + i0 + i];
+                }
+            }
+        }
+        pi = pn;
     }
     free(ap);
-    free(bp);
+    free(wp);
+    free(yt);
     return REALM_OK;
 }
 #endif
