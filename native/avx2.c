@@ -123,8 +123,10 @@ AVX2_FLOAT_DOT(dot_bf16, uint16_t, load_bf16x8, realm_bf16_to_f32)
     static void NAME##_rows(float *y, int64_t ys, const WT *w, int64_t ws, int nr,             \
                             const float *xp, int64_t n, int64_t batch, int64_t b0,             \
                             int64_t nbat) {                                                      \
-        if (nbat == 1) { /* decode: one sequential weight stream */                              \
-            for (int r = 0; r < nr; r++) DOT(y + r, ys, w + r * ws, xp, n, batch, b0, 1);        \
+        if (nbat == 1) { /* decode: two weight rows at once (four FMA chains in flight) */     \
+            int r = 0;                                                                           \
+            for (; r + 2 <= nr; r += 2) NAME##_tile(y + r, ys, w + r * ws, ws, xp, n, batch, b0, 2, 1); \
+            if (r < nr) DOT(y + r, ys, w + r * ws, xp, n, batch, b0, 1);                         \
             return;                                                                              \
         }                                                                                        \
         for (int64_t b = b0; b < b0 + nbat; b += 2) {                                            \
