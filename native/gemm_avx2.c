@@ -17,6 +17,7 @@
 
 #define RW 6    /* weight rows per register tile */
 #define KC 128  /* depth of a packed block: a sliver's 16 x KC activations (8 KiB) stay in L1 */
+#define MCH 512 /* activation rows per chunk: bounds the packed copy (MCH x k floats) */
 #define NP 96   /* weight rows per panel (multiple of RW): 48 KiB packed */
 
 /* 8 rows of 8 floats -> 8 columns, in registers */
@@ -135,30 +136,36 @@ REALM_AVX2
 int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
                         int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
                         int nth, atomic_int_fast64_t *next) {
-    const int64_t panels = (n + NP - 1) / NP;
-    int64_t p_begin = 0, p_end = panels;  /* without a shared counter: a static share */
-    if (!next) realm_split(panels, ith, nth, &p_begin, &p_end);
+    /* work items: (chunk of at most MCH activation rows, panel of NP weight rows) */
+    const int64_t panels = (n + NP - 1) / NP, chunks = (m + MCH - 1) / MCH;
+    const int64_t items = chunks * panels;
+    int64_t q_begin = 0, q_end = items;  /* without a shared counter: a static share */
+    if (!next) realm_split(items, ith, nth, &q_begin, &q_end);
     const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    const int64_t slivers = (m + 15) / 16, ldt = slivers * 16;  /* yt's row stride */
-    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(slivers * 16 * k));
+    const int64_t mmax = m < MCH ? m : MCH, mpad = (mmax + 15) / 16 * 16;
+    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(mpad * k));
     float *wp = aligned_alloc(64, sizeof(float) * NP * KC);
-    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * ldt));
+    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * mpad));
     if (!ap || !wp || !yt) {
         free(ap);
         free(wp);
         free(yt);
         return REALM_ENOMEM;
     }
-    int packed = 0;  /* the activations are packed on the first panel this thread gets */
-    int64_t pi = next ? atomic_fetch_add(next, 1) : p_begin;
-    while (pi < (next ? panels : p_end)) {
-        if (!packed) {
-            pack_acts(ap, a, lda, m, k);
-            packed = 1;
+    int64_t packed = -1;  /* the chunk whose activations ap holds */
+    int64_t q = next ? atomic_fetch_add(next, 1) : q_begin;
+    while (q < (next ? items : q_end)) {
+        const int64_t ch = q / panels, pi = q % panels;
+        const int64_t i0 = ch * MCH, mc = m - i0 < MCH ? m - i0 : MCH;
+        const int64_t slivers = (mc + 15) / 16, ldt = slivers * 16;  /* yt's row stride */
+        if (packed != ch) {
+            pack_acts(ap, a + i0 * lda, lda, mc, k);
+            packed = ch;
         }
         const int64_t j0 = pi * NP, nr = n - j0 < NP ? n - j0 : NP;
         const int64_t tiles_r = (nr + RW - 1) / RW;
-        int64_t pn = next ? atomic_fetch_add(next, 1) : pi + 1;  /* claimed now, fetched ahead */
+        const int64_t qn = next ? atomic_fetch_add(next, 1) : q + 1;  /* claimed now, fetched ahead */
+        const int64_t pn = qn % panels;
         for (int64_t pc = 0; pc < k; pc += KC) {
             const int64_t kc = k - pc < KC ? k - pc : KC;
             pack_weights(wp, b, btype, ldb, j0, nr, pc, kc);
@@ -166,7 +173,7 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
             if (pc + kc < k)
                 realm_pf_start(&pf, (const uint8_t *)b + (j0 * ldb + pc + kc) * es, nr, ldb * es,
                                (k - pc - kc < KC ? k - pc - kc : KC) * es);
-            else if (pn < (next ? panels : p_end))
+            else if (qn < (next ? items : q_end))
                 realm_pf_start(&pf, (const uint8_t *)b + pn * NP * ldb * es,
                                n - pn * NP < NP ? n - pn * NP : NP, ldb * es,
                                (k < KC ? k : KC) * es);
@@ -174,7 +181,7 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
                 realm_pf_start(&pf, NULL, 0, 0, 0);
             const int64_t per = realm_pf_lines(&pf) / (tiles_r * slivers) + 1;
             for (int64_t s = 0; s < slivers; s++) {
-                const int64_t w = sliver_width(m, s);
+                const int64_t w = sliver_width(mc, s);
                 const float *xs = ap + s * 16 * k + pc * w;
                 for (int64_t t = 0; t < tiles_r; t++) {
                     realm_pf_step(&pf, per);
@@ -189,22 +196,22 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
         /* the panel's result, transposed back: 8 x 8 blocks through registers */
         for (int64_t r0 = 0; r0 < nr; r0 += 8) {
             const int64_t rr = nr - r0 < 8 ? nr - r0 : 8;
-            for (int64_t i0 = 0; i0 < m; i0 += 8) {
-                const int64_t ii = m - i0 < 8 ? m - i0 : 8;
+            for (int64_t c0 = 0; c0 < mc; c0 += 8) {
+                const int64_t ii = mc - c0 < 8 ? mc - c0 : 8;
                 if (rr == 8 && ii == 8) {
                     __m256 v[8];
-                    for (int64_t r = 0; r < 8; r++) v[r] = _mm256_load_ps(yt + (r0 + r) * ldt + i0);
+                    for (int64_t r = 0; r < 8; r++) v[r] = _mm256_load_ps(yt + (r0 + r) * ldt + c0);
                     transpose8(v);
                     for (int64_t i = 0; i < 8; i++)
-                        _mm256_storeu_ps(y + (i0 + i) * ldy + j0 + r0, v[i]);
+                        _mm256_storeu_ps(y + (i0 + c0 + i) * ldy + j0 + r0, v[i]);
                 } else {
                     for (int64_t i = 0; i < ii; i++)
                         for (int64_t r = 0; r < rr; r++)
-                            y[(i0 + i) * ldy + j0 + r0 + r] = yt[(r0 + r) * ldt + i0 + i];
+                            y[(i0 + c0 + i) * ldy + j0 + r0 + r] = yt[(r0 + r) * ldt + c0 + i];
                 }
             }
         }
-        pi = pn;
+        q = qn;
     }
     free(ap);
     free(wp);
