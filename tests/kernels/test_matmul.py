@@ -276,8 +276,9 @@ def test_raw_weights_at_an_odd_address(wt: WeightType, isa: Isa) -> None:
 # --- the F32 GEMM path (batch >= 16) at its blocking edges ---------------------------------
 
 #: (batch, n_rows, n_cols) around the blocking of the GEMMs (native/gemm_*.c): AVX-512 register
-#: tiles of 14 x 32 and packed blocks of 112 activation rows, 1024 weight rows and 256 columns;
-#: AVX2 tiles of 6 x 16, blocks of 72 rows, 256 weight rows and 256 columns, 8-column packing
+#: tiles of 14 weight rows x 32 activation rows (a last sliver of 16 where the batch leaves 16
+#: or fewer), panels of 112 weight rows x 128 columns; AVX2 tiles of 6 x 16 (slivers of 8),
+#: panels of 96 x 128; both take the activations in chunks of 512 rows
 GEMM_SHAPES = [
     (16, 17, 7),
     (73, 257, 263),
@@ -288,6 +289,11 @@ GEMM_SHAPES = [
     (97, 45, 513),
     (130, 1100, 64),
     (25, 70, 1030),
+    (48, 112, 128),
+    (40, 113, 129),
+    (24, 97, 127),
+    (513, 15, 33),
+    (1030, 7, 20),
 ]
 
 
