@@ -497,9 +497,13 @@ int realm_gemm_q8_avx512(float *y, const void *w, int wtype, const float *x, int
  * GEMM, the two meet at 10; Q4_0's nibble unpacking makes them meet at 8. On AMD's Zen 4,
  * which runs 512-bit instructions as two halves, the streaming dots are the slower ones
  * (5632 x 2048, 3 alternating runs: Q8_0 at 8 rows 0.92-1.35 ms streaming, 0.68-0.82 through
- * the GEMM; Q4_0 at 4 rows 0.63-0.90 against 0.40-0.48; level at 4 rows for Q8_0). */
+ * the GEMM; Q4_0 at 4 rows 0.63-0.90 against 0.40-0.48; level at 4 rows for Q8_0). Zen 5 runs
+ * them whole and sits with Sapphire Rapids (a TinyLlama-shaped model's decode step, streaming /
+ * GEMM: Q8_0 58 / 67 ms at 8 rows, 77 / 67 at 10; Q4_0 38 / 44 at 4, 52 / 52 at 6, 64 / 53 at
+ * 8). */
 static int64_t gemm_q_min_batch(int wtype) {
-    if (__builtin_cpu_is("amd")) return wtype == REALM_TYPE_Q8_0 ? 5 : 3;  /* cpu_init: kernels.c */
+    if (realm_cpu_split_512()) return wtype == REALM_TYPE_Q8_0 ? 5 : 3;
+    if (__builtin_cpu_is("amd")) return wtype == REALM_TYPE_Q8_0 ? 9 : 7;  /* cpu_init: kernels.c */
     return wtype == REALM_TYPE_Q8_0 ? 11 : 8;
 }
 

@@ -279,6 +279,9 @@ int realm_parallel(realm_task_fn fn, void *ctx, int max_threads);
  * depend on the other rows of the batch (matmul.c). */
 extern _Thread_local int realm_matmul_rowwise;
 
+/* Nonzero on CPUs that split 512-bit instructions into two halves (AMD Zen 4; kernels.c). */
+int realm_cpu_split_512(void);
+
 static inline void realm_split(int64_t n, int ith, int nth, int64_t *begin, int64_t *end) {
     const int64_t per = (n + nth - 1) / nth;
     int64_t b = per * ith, e = b + per;

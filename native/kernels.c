@@ -20,9 +20,7 @@ const char *realm_status_message(int status) {
 // --- ISA dispatch -----------------------------------------------------------------------
 
 #ifdef REALM_X86
-#ifdef __clang__
 #include <cpuid.h>
-#endif
 
 static inline int cpu_has_f16c(void) {
 #ifdef __clang__
@@ -35,6 +33,31 @@ static inline int cpu_has_f16c(void) {
 #endif
 }
 #endif
+
+/* AMD Zen 4 (family 0x19 with AVX-512) runs a 512-bit instruction as two 256-bit halves;
+ * Zen 5 (family 0x1A) and Intel's AVX-512 parts run it whole. The quantized kernels' row /
+ * GEMM thresholds differ between the two kinds (avx512.c). */
+static int cpu_split_512(void) {
+#ifdef REALM_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u /* "Auth" of AuthenticAMD */)
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    unsigned family = (a >> 8) & 0xf;
+    if (family == 0xf) family += (a >> 20) & 0xff;
+    return family == 0x19;
+#else
+    return 0;
+#endif
+}
+
+int realm_cpu_split_512(void) {
+    /* cpuid is slow (a hypervisor traps it): asked once; a race stores the same answer */
+    static atomic_int known = -1;
+    int v = atomic_load_explicit(&known, memory_order_relaxed);
+    if (v < 0) atomic_store_explicit(&known, v = cpu_split_512(), memory_order_relaxed);
+    return v;
+}
 
 static int detect_isa(void) {
 #ifdef REALM_X86
