@@ -166,74 +166,107 @@ static inline __m256i load_signed_x(const uint8_t *q) {
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80));
 }
 
+/* One Q8_0 weight row against batch rows b0.. (nbat of them), up to 4 at a time: each weight
+ * block is loaded, its magnitudes taken and its scale converted once for the 4 rows (one row
+ * at a time redid that work per row: an 8-row step cost 5.6x a one-row step). Each row's
+ * blocks are summed exactly as a lone row's, so a row's result does not depend on the rows
+ * beside it. */
 REALM_AVX2
 static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x *x, int64_t b0,
                      int64_t nbat) {
     const int64_t nb = x->nb;
-    for (int64_t b = b0; b < b0 + nbat; b++) {
-        const float *d = x->d + b * nb;
-        __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b0 + nbat; b += 4) {
+        const int g = b0 + nbat - b < 4 ? (int)(b0 + nbat - b) : 4;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
         for (int64_t i = 0; i < nb; i++) {
             _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
             const __m256i qw = _mm256_loadu_si256((const __m256i *)w[i].qs);
-            const __m256i qx = load_signed_x(realm_q8x_block(x, b, i));
-            /* |w| * (x * sign(w)): maddubs needs one unsigned operand */
-            const __m256 p = dot_u8s8_ps(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[i].d) * d[i]), p, acc);
+            const __m256i aw = _mm256_sign_epi8(qw, qw); /* |w|: maddubs needs one unsigned side */
+            const float wd = _cvtsh_ss(w[i].d);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                if (r >= g) break;
+                const __m256i qx = load_signed_x(realm_q8x_block(x, b + r, i));
+                const __m256 p = dot_u8s8_ps(aw, _mm256_sign_epi8(qx, qw));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * x->d[(b + r) * nb + i]), p, acc[r]);
+            }
         }
-        y[b * ys] = realm_hsum8(acc);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            if (r < g) y[(b + r) * ys] = realm_hsum8(acc[r]);
     }
-}
-
-/* One Q4_0 block against one activation block: the int32 sums of 4-element groups, as floats */
-REALM_AVX2
-static inline __m256 q4_block_ps(const block_q4_0 *w, const uint8_t *xq) {
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
-    const __m128i qn = _mm_loadu_si128((const __m128i *)w->qs);
-    const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
-                                        _mm_and_si128(qn, lo4));
-    return dot_u8s8_ps(qw, load_signed_x(xq));
 }
 
 /* Blocks are taken eight at a time: their eight scales (weight x activation) in one vector,
  * each block's broadcast from it with one permute, and the offset term (8 x scale x sum of the
- * block's activation codes) as one FMA per eight blocks; two accumulators alternate. Per block
- * this leaves the unpacking and the integer dot: the scalar scale and offset work per block
- * (about a third of the instructions) kept the one-block loop at 0.4-0.6 of the bandwidth. */
+ * block's activation codes) as one FMA per eight blocks. The scalar scale and offset work per
+ * block (about a third of the instructions) kept the one-block loop at 0.4-0.6 of the
+ * bandwidth. Batch rows go two at a time, sharing each block's unpacking and weight scales
+ * (two rows' two accumulators each, scales and offsets fill the 16 registers); each row's blocks
+ * are summed exactly as a lone row's, so a row's result does not depend on the rows beside it. */
+static inline __attribute__((always_inline)) REALM_AVX2 void q4_0_rows(
+    float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b, const int G) {
+    const int64_t nb = x->nb;
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    __m256 acc0[2], acc1[2], off[2];  /* per row: even and odd blocks, the offset term */
+    for (int r = 0; r < G; r++) acc0[r] = acc1[r] = off[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8) {
+        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH + 128, _MM_HINT_T0);
+        const __m128i h = _mm_setr_epi16((short)w[i].d, (short)w[i + 1].d, (short)w[i + 2].d,
+                                         (short)w[i + 3].d, (short)w[i + 4].d, (short)w[i + 5].d,
+                                         (short)w[i + 6].d, (short)w[i + 7].d);
+        const __m256 dw = _mm256_cvtph_ps(h);
+        __m256 sc[2];
+        for (int r = 0; r < G; r++) {
+            sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(x->d + (b + r) * nb + i));
+            off[r] = _mm256_fmadd_ps(
+                sc[r], _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(x->sum + (b + r) * nb + i))),
+                off[r]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m128i qn = _mm_loadu_si128((const __m128i *)w[i + j].qs);
+            const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
+                                                _mm_and_si128(qn, lo4));
+            const __m256i lane = _mm256_set1_epi32(j);
+            for (int r = 0; r < G; r++) {
+                const __m256 p = dot_u8s8_ps(qw, load_signed_x(realm_q8x_block(x, b + r, i + j)));
+                const __m256 s = _mm256_permutevar8x32_ps(sc[r], lane);
+                if (j % 2 == 0)
+                    acc0[r] = _mm256_fmadd_ps(s, p, acc0[r]);
+                else
+                    acc1[r] = _mm256_fmadd_ps(s, p, acc1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < G; r++) {
+        const float *d = x->d + (b + r) * nb;
+        const int32_t *sum = x->sum + (b + r) * nb;
+        float offset = 8.0f * realm_hsum8(off[r]);  /* sum over blocks of scale * 8 * sum(x) */
+        __m256 a = acc0[r];
+        for (int64_t t = i; t < nb; t++) {
+            const float sct = _cvtsh_ss(w[t].d) * d[t];
+            const __m128i qn = _mm_loadu_si128((const __m128i *)w[t].qs);
+            const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
+                                                _mm_and_si128(qn, lo4));
+            a = _mm256_fmadd_ps(_mm256_set1_ps(sct),
+                                dot_u8s8_ps(qw, load_signed_x(realm_q8x_block(x, b + r, t))), a);
+            offset += sct * (float)(8 * sum[t]);
+        }
+        y[(b + r) * ys] = realm_hsum8(_mm256_add_ps(a, acc1[r])) - offset;
+    }
+}
+
 REALM_AVX2
 static void dot_q4_0(float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b0,
                      int64_t nbat) {
-    const int64_t nb = x->nb;
-    for (int64_t b = b0; b < b0 + nbat; b++) {
-        const float *d = x->d + b * nb;
-        const int32_t *sum = x->sum + b * nb;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), off = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= nb; i += 8) {
-            _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)(w + i) + PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)(w + i) + PREFETCH + 128, _MM_HINT_T0);
-            const __m128i h = _mm_setr_epi16((short)w[i].d, (short)w[i + 1].d, (short)w[i + 2].d,
-                                             (short)w[i + 3].d, (short)w[i + 4].d, (short)w[i + 5].d,
-                                             (short)w[i + 6].d, (short)w[i + 7].d);
-            const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(d + i));
-            off = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sum + i))), off);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j += 2) {
-                const __m256 s0 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j));
-                const __m256 s1 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1));
-                acc0 = _mm256_fmadd_ps(s0, q4_block_ps(w + i + j, realm_q8x_block(x, b, i + j)), acc0);
-                acc1 = _mm256_fmadd_ps(s1, q4_block_ps(w + i + j + 1, realm_q8x_block(x, b, i + j + 1)), acc1);
-            }
-        }
-        float offset = 8.0f * realm_hsum8(off);  /* sum over blocks of scale * 8 * sum(x) */
-        for (; i < nb; i++) {
-            const float sc = _cvtsh_ss(w[i].d) * d[i];
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(sc), q4_block_ps(w + i, realm_q8x_block(x, b, i)), acc0);
-            offset += sc * (float)(8 * sum[i]);
-        }
-        y[b * ys] = realm_hsum8(_mm256_add_ps(acc0, acc1)) - offset;
-    }
+    int64_t b = b0;
+    for (; b + 2 <= b0 + nbat; b += 2) q4_0_rows(y, ys, w, x, b, 2);
+    if (b < b0 + nbat) q4_0_rows(y, ys, w, x, b, 1);
 }
 
 REALM_AVX2
@@ -298,8 +331,11 @@ int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, cons
                         int nth, atomic_int_fast64_t *next);  /* gemm_avx2.c */
 
 /* The smallest batch of Q8_0 / Q4_0 weights that takes the GEMM (see the measurement at
- * .gemm_q8 below) */
-static int64_t gemm_q_min_batch(int wtype) { return wtype == REALM_TYPE_Q8_0 ? 3 : 2; }
+ * .gemm_q8 below; Q8_0's row dots share each weight block among 4 rows since: a TinyLlama-shaped
+ * decode step on a Zen 5 at this level, rows / GEMM, 104 / 120 ms at 8 rows, 129 / 131 at 10,
+ * 162 / 155 at 12; Q4_0's take two rows at a time: 35 / 60 ms at 2 rows, 60 / 70 at 3, 72 / 90 at
+ * 4, 105 / 102 at 6) */
+static int64_t gemm_q_min_batch(int wtype) { return wtype == REALM_TYPE_Q8_0 ? 11 : 5; }
 
 /* The smallest batch that takes the integer GEMM, per type (measured, 2048 x 5632, 2-core Zen 4
  * at this level: Q4_K streaming 2.37 ms at 12 rows against the GEMM's 3.30, Q6_K 1.88 against

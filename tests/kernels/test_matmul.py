@@ -430,3 +430,24 @@ def test_float_rows_below_the_gemm_batch_do_not_depend_on_their_neighbours(
         np.testing.assert_array_equal(kernels.matmul(w, x[:batch], wtype=wt), alone[:batch])
     # fewer weight rows: the first rows' results are unchanged
     np.testing.assert_array_equal(kernels.matmul(w[:5], x[:6], wtype=wt), alone[:6, :5])
+
+
+@pytest.mark.parametrize("wt", [WeightType.Q8_0, WeightType.Q4_0], ids=str)
+@pytest.mark.parametrize("n_cols", [32 * 13, 32 * 16, 32 * 7], ids=lambda n: f"k{n}")
+def test_quantized_rows_below_the_gemm_batch_do_not_depend_on_their_neighbours(
+    wt: WeightType, n_cols: int, isa: Isa
+) -> None:
+    """On the row-streaming path a Q8_0 / Q4_0 row's result is the same bits alone or beside
+    others (the AVX2 dots share each weight block among 2 or 4 batch rows; blocks go 8 at a
+    time with a tail): what speculative verify steps rely on."""
+    rng = np.random.default_rng([int(wt), n_cols])
+    w = kernels.quantize((rng.standard_normal((37, n_cols)) * 0.1).astype(np.float32), wt)
+    x = rng.standard_normal((11, n_cols)).astype(np.float32)
+    alone = np.stack([kernels.matmul(w, x[i], wtype=wt) for i in range(11)])
+    checked = 0
+    for batch in range(2, 12):
+        if kernels.matmul_path(wt, batch) != "rows":
+            continue
+        np.testing.assert_array_equal(kernels.matmul(w, x[:batch], wtype=wt), alone[:batch])
+        checked += 1
+    assert checked or kernels.matmul_path(wt, 2) != "rows"
