@@ -4,9 +4,8 @@
  * a (m, k) . b (n, k)^T, b F32, F16 or BF16. A 6 x 16 register tile (12 ymm accumulators, two
  * activation vectors, one broadcast) multiplies 6 weight rows, packed row by row and widened
  * to F32 (no transpose), with 16 activation rows, transposed once per call into k-major
- * slivers (a last one of 8 where m leaves 8 or fewer). Tiles accumulate a panel's result
- * transposed over the KC blocks of k; it is written to y at the end. Pool threads split the
- * panels; the next packing's weights are prefetched between tiles.
+ * slivers (a last one of 8 where m leaves 8 or fewer). The driver, shared with the AVX-512
+ * level, is gemm_f32.inc.
  */
 #include <stdlib.h>
 
@@ -132,90 +131,33 @@ TILE(1)
 TILE(2)
 #undef TILE
 
+/* The panel's result (yt: nr rows of mc, row stride ldt), transposed back into y (the
+ * panel's first element, row stride ldy) */
 REALM_AVX2
-int realm_gemm_f32_avx2(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
-                        int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                        int nth, atomic_int_fast64_t *next) {
-    /* work items: (chunk of at most MCH activation rows, panel of NP weight rows) */
-    const int64_t panels = (n + NP - 1) / NP, chunks = (m + MCH - 1) / MCH;
-    const int64_t items = chunks * panels;
-    int64_t q_begin = 0, q_end = items;  /* without a shared counter: a static share */
-    if (!next) realm_split(items, ith, nth, &q_begin, &q_end);
-    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    const int64_t mmax = m < MCH ? m : MCH, mpad = (mmax + 15) / 16 * 16;
-    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(mpad * k));
-    float *wp = aligned_alloc(64, sizeof(float) * NP * KC);
-    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * mpad));
-    if (!ap || !wp || !yt) {
-        free(ap);
-        free(wp);
-        free(yt);
-        return REALM_ENOMEM;
-    }
-    int64_t packed = -1;  /* the chunk whose activations ap holds */
-    int64_t q = next ? atomic_fetch_add(next, 1) : q_begin;
-    while (q < (next ? items : q_end)) {
-        const int64_t ch = q / panels, pi = q % panels;
-        const int64_t i0 = ch * MCH, mc = m - i0 < MCH ? m - i0 : MCH;
-        const int64_t slivers = (mc + 15) / 16, ldt = slivers * 16;  /* yt's row stride */
-        if (packed != ch) {
-            pack_acts(ap, a + i0 * lda, lda, mc, k);
-            packed = ch;
-        }
-        const int64_t j0 = pi * NP, nr = n - j0 < NP ? n - j0 : NP;
-        const int64_t tiles_r = (nr + RW - 1) / RW;
-        const int64_t qn = next ? atomic_fetch_add(next, 1) : q + 1;  /* claimed now, fetched ahead */
-        const int64_t pn = qn % panels;
-        for (int64_t pc = 0; pc < k; pc += KC) {
-            const int64_t kc = k - pc < KC ? k - pc : KC;
-            pack_weights(wp, b, btype, ldb, j0, nr, pc, kc);
-            realm_prefetcher pf;  /* what the next packing reads */
-            if (pc + kc < k)
-                realm_pf_start(&pf, (const uint8_t *)b + (j0 * ldb + pc + kc) * es, nr, ldb * es,
-                               (k - pc - kc < KC ? k - pc - kc : KC) * es);
-            else if (qn < (next ? items : q_end))
-                realm_pf_start(&pf, (const uint8_t *)b + pn * NP * ldb * es,
-                               n - pn * NP < NP ? n - pn * NP : NP, ldb * es,
-                               (k < KC ? k : KC) * es);
-            else
-                realm_pf_start(&pf, NULL, 0, 0, 0);
-            const int64_t per = realm_pf_lines(&pf) / (tiles_r * slivers) + 1;
-            for (int64_t s = 0; s < slivers; s++) {
-                const int64_t w = sliver_width(mc, s);
-                const float *xs = ap + s * 16 * k + pc * w;
-                for (int64_t t = 0; t < tiles_r; t++) {
-                    realm_pf_step(&pf, per);
-                    float *yts = yt + t * RW * ldt + 16 * s;
-                    if (w == 16)
-                        tile_2(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
-                    else
-                        tile_1(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
-                }
+static void write_back(float *y, int64_t ldy, const float *yt, int64_t ldt, int64_t nr,
+                       int64_t mc) {
+    /* the panel's result, transposed back: 8 x 8 blocks through registers */
+    for (int64_t r0 = 0; r0 < nr; r0 += 8) {
+        const int64_t rr = nr - r0 < 8 ? nr - r0 : 8;
+        for (int64_t c0 = 0; c0 < mc; c0 += 8) {
+            const int64_t ii = mc - c0 < 8 ? mc - c0 : 8;
+            if (rr == 8 && ii == 8) {
+                __m256 v[8];
+                for (int64_t r = 0; r < 8; r++) v[r] = _mm256_load_ps(yt + (r0 + r) * ldt + c0);
+                transpose8(v);
+                for (int64_t i = 0; i < 8; i++)
+                    _mm256_storeu_ps(y + (c0 + i) * ldy + r0, v[i]);
+            } else {
+                for (int64_t i = 0; i < ii; i++)
+                    for (int64_t r = 0; r < rr; r++)
+                        y[(c0 + i) * ldy + r0 + r] = yt[(r0 + r) * ldt + c0 + i];
             }
         }
-        /* the panel's result, transposed back: 8 x 8 blocks through registers */
-        for (int64_t r0 = 0; r0 < nr; r0 += 8) {
-            const int64_t rr = nr - r0 < 8 ? nr - r0 : 8;
-            for (int64_t c0 = 0; c0 < mc; c0 += 8) {
-                const int64_t ii = mc - c0 < 8 ? mc - c0 : 8;
-                if (rr == 8 && ii == 8) {
-                    __m256 v[8];
-                    for (int64_t r = 0; r < 8; r++) v[r] = _mm256_load_ps(yt + (r0 + r) * ldt + c0);
-                    transpose8(v);
-                    for (int64_t i = 0; i < 8; i++)
-                        _mm256_storeu_ps(y + (i0 + c0 + i) * ldy + j0 + r0, v[i]);
-                } else {
-                    for (int64_t i = 0; i < ii; i++)
-                        for (int64_t r = 0; r < rr; r++)
-                            y[(i0 + c0 + i) * ldy + j0 + r0 + r] = yt[(r0 + r) * ldt + c0 + i];
-                }
-            }
-        }
-        q = qn;
     }
-    free(ap);
-    free(wp);
-    free(yt);
-    return REALM_OK;
 }
+
+#define SW 16  /* activation rows per sliver: two vectors */
+#define GEMM_FN realm_gemm_f32_avx2
+#define GEMM_ATTR REALM_AVX2
+#include "gemm_f32.inc"
 #endif

@@ -15,6 +15,7 @@
  * Tiles accumulate a panel's result transposed (NP x m, in cache) over the KC blocks of k;
  * it is written to y at the end. Pool threads claim panels from a shared counter (a noisy
  * core takes fewer), and prefetch the next packing's weights between tiles.
+ * The driver (work items, packing, prefetch, tiles) is gemm_f32.inc, shared with AVX2.
  * (An earlier version broadcast activations against 32 packed weight columns: its packing
  * transposed every weight element, a fifth of the time of a 64-row prefill.)
  */
@@ -140,86 +141,29 @@ TILE(1)
 TILE(2)
 #undef TILE
 
+/* The panel's result (yt: nr rows of mc, row stride ldt), transposed back into y (the
+ * panel's first element, row stride ldy) */
 REALM_AVX512
-int realm_gemm_f32_avx512(float *y, int64_t ldy, const float *a, int64_t lda, const void *b,
-                          int btype, int64_t ldb, int64_t m, int64_t n, int64_t k, int ith,
-                          int nth, atomic_int_fast64_t *next) {
-    /* work items: (chunk of at most MCH activation rows, panel of NP weight rows) */
-    const int64_t panels = (n + NP - 1) / NP, chunks = (m + MCH - 1) / MCH;
-    const int64_t items = chunks * panels;
-    int64_t q_begin = 0, q_end = items;  /* without a shared counter: a static share */
-    if (!next) realm_split(items, ith, nth, &q_begin, &q_end);
-    const int64_t es = btype == REALM_TYPE_F32 ? 4 : 2;
-    const int64_t mmax = m < MCH ? m : MCH, mpad = (mmax + 31) / 32 * 32;
-    float *ap = aligned_alloc(64, sizeof(float) * (size_t)(mpad * k));
-    float *wp = aligned_alloc(64, sizeof(float) * NP * KC);
-    float *yt = aligned_alloc(64, sizeof(float) * (size_t)(NP * mpad));
-    if (!ap || !wp || !yt) {
-        free(ap);
-        free(wp);
-        free(yt);
-        return REALM_ENOMEM;
+static void write_back(float *y, int64_t ldy, const float *yt, int64_t ldt, int64_t nr,
+                       int64_t mc) {
+    /* the panel's result, transposed back: 16 x 16 blocks through registers */
+    for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+        const int64_t rr = nr - r0 < 16 ? nr - r0 : 16;
+        const __mmask16 rm = (__mmask16)((1u << rr) - 1u);
+        for (int64_t c0 = 0; c0 < mc; c0 += 16) {
+            const int64_t ii = mc - c0 < 16 ? mc - c0 : 16;
+            __m512 v[16];
+            for (int64_t r = 0; r < 16; r++)
+                v[r] = r < rr ? _mm512_load_ps(yt + (r0 + r) * ldt + c0) : _mm512_setzero_ps();
+            transpose16(v);
+            for (int64_t i = 0; i < ii; i++)
+                _mm512_mask_storeu_ps(y + (c0 + i) * ldy + r0, rm, v[i]);
+        }
     }
-    int64_t packed = -1;  /* the chunk whose activations ap holds */
-    int64_t q = next ? atomic_fetch_add(next, 1) : q_begin;
-    while (q < (next ? items : q_end)) {
-        const int64_t ch = q / panels, pi = q % panels;
-        const int64_t i0 = ch * MCH, mc = m - i0 < MCH ? m - i0 : MCH;
-        const int64_t slivers = (mc + 31) / 32, ldt = slivers * 32;  /* yt's row stride */
-        if (packed != ch) {
-            pack_acts(ap, a + i0 * lda, lda, mc, k);
-            packed = ch;
-        }
-        const int64_t j0 = pi * NP, nr = n - j0 < NP ? n - j0 : NP;
-        const int64_t tiles_r = (nr + RW - 1) / RW;
-        const int64_t qn = next ? atomic_fetch_add(next, 1) : q + 1;  /* claimed now, fetched ahead */
-        const int64_t pn = qn % panels;
-        for (int64_t pc = 0; pc < k; pc += KC) {
-            const int64_t kc = k - pc < KC ? k - pc : KC;
-            pack_weights(wp, b, btype, ldb, j0, nr, pc, kc);
-            realm_prefetcher pf;  /* what the next packing reads */
-            if (pc + kc < k)
-                realm_pf_start(&pf, (const uint8_t *)b + (j0 * ldb + pc + kc) * es, nr, ldb * es,
-                               (k - pc - kc < KC ? k - pc - kc : KC) * es);
-            else if (qn < (next ? items : q_end))
-                realm_pf_start(&pf, (const uint8_t *)b + pn * NP * ldb * es,
-                               n - pn * NP < NP ? n - pn * NP : NP, ldb * es,
-                               (k < KC ? k : KC) * es);
-            else
-                realm_pf_start(&pf, NULL, 0, 0, 0);
-            const int64_t per = realm_pf_lines(&pf) / (tiles_r * slivers) + 1;
-            for (int64_t s = 0; s < slivers; s++) {
-                const int64_t w = sliver_width(mc, s);
-                const float *xs = ap + s * 32 * k + pc * w;
-                for (int64_t t = 0; t < tiles_r; t++) {
-                    realm_pf_step(&pf, per);
-                    float *yts = yt + t * RW * ldt + 32 * s;
-                    if (w == 32)
-                        tile_2(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
-                    else
-                        tile_1(yts, ldt, wp + t * RW * KC, xs, kc, pc > 0);
-                }
-            }
-        }
-        /* the panel's result, transposed back: 16 x 16 blocks through registers */
-        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
-            const int64_t rr = nr - r0 < 16 ? nr - r0 : 16;
-            const __mmask16 rm = (__mmask16)((1u << rr) - 1u);
-            for (int64_t c0 = 0; c0 < mc; c0 += 16) {
-                const int64_t ii = mc - c0 < 16 ? mc - c0 : 16;
-                __m512 v[16];
-                for (int64_t r = 0; r < 16; r++)
-                    v[r] = r < rr ? _mm512_load_ps(yt + (r0 + r) * ldt + c0) : _mm512_setzero_ps();
-                transpose16(v);
-                for (int64_t i = 0; i < ii; i++)
-                    _mm512_mask_storeu_ps(y + (i0 + c0 + i) * ldy + j0 + r0, rm, v[i]);
-            }
-        }
-        q = qn;
-    }
-    free(ap);
-    free(wp);
-    free(yt);
-    return REALM_OK;
 }
+
+#define SW 32  /* activation rows per sliver: two vectors */
+#define GEMM_FN realm_gemm_f32_avx512
+#define GEMM_ATTR REALM_AVX512
+#include "gemm_f32.inc"
 #endif
