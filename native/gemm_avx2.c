@@ -17,6 +17,7 @@
 #define RW 6    /* weight rows per register tile */
 #define KC 128  /* depth of a packed block: a sliver's 16 x KC activations (8 KiB) stay in L1 */
 #define MCH 512 /* activation rows per chunk: bounds the packed copy (MCH x k floats) */
+#define PF_ROWS 16 /* rows ahead that pack_weights fetches into L1 */
 #define NP 96   /* weight rows per panel (multiple of RW): 48 KiB packed */
 
 /* 8 rows of 8 floats -> 8 columns, in registers */
@@ -96,6 +97,9 @@ static void pack_weights(float *dst, const void *b, int btype, int64_t ldb, int6
             continue;
         }
         const uint8_t *src = (const uint8_t *)b + ((j0 + r) * ldb + p0) * es;
+        if (r + PF_ROWS < nr)  /* a later row of this packing, in case the L2 prefetch missed */
+            for (int64_t o = 0; o < kc * es; o += 64)
+                _mm_prefetch((const char *)src + PF_ROWS * ldb * es + o, _MM_HINT_T0);
         int64_t p = 0;
         for (; p + 8 <= kc; p += 8) _mm256_store_ps(d + p, load_row8(src, btype, p));
         for (; p < kc; p++) d[p] = load_one(src, btype, p);

@@ -30,6 +30,7 @@
 #define RW 14   /* weight rows per register tile */
 #define KC 128  /* depth of a packed block: a sliver's 32 x KC activations (16 KiB) stay in L1 */
 #define MCH 512 /* activation rows per chunk: bounds the packed copy (MCH x k floats) */
+#define PF_ROWS 16 /* rows ahead that pack_weights fetches into L1 */
 #define NP 112  /* weight rows per panel (multiple of RW): 56 KiB packed */
 
 REALM_AVX512
@@ -107,6 +108,9 @@ static void pack_weights(float *dst, const void *b, int btype, int64_t ldb, int6
             continue;
         }
         const uint8_t *src = (const uint8_t *)b + ((j0 + r) * ldb + p0) * es;
+        if (r + PF_ROWS < nr)  /* a later row of this packing, in case the L2 prefetch missed */
+            for (int64_t o = 0; o < kc * es; o += 64)
+                _mm_prefetch((const char *)src + PF_ROWS * ldb * es + o, _MM_HINT_T0);
         int64_t p = 0;
         for (; p + 16 <= kc; p += 16) _mm512_store_ps(d + p, load16(src, btype, p, 0xffff));
         if (p < kc)
