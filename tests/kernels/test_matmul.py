@@ -427,6 +427,7 @@ def test_float_rows_below_the_gemm_batch_do_not_depend_on_their_neighbours(
     x = rng.standard_normal((15, n_cols)).astype(np.float32)
     alone = np.stack([kernels.matmul(w, x[i], wtype=wt) for i in range(15)])
     for batch in (2, 3, 4, 5, 7, 8, 9, 15):
+        assert kernels.matmul_path(wt, batch) == "rows"
         np.testing.assert_array_equal(kernels.matmul(w, x[:batch], wtype=wt), alone[:batch])
     # fewer weight rows: the first rows' results are unchanged
     np.testing.assert_array_equal(kernels.matmul(w[:5], x[:6], wtype=wt), alone[:6, :5])
