@@ -70,7 +70,9 @@ async def test_a_drained_server_ends_the_call_retryably_and_the_next_call_reconn
     tenants = {"acme": TenantSpec("acme", api_key_hashes=(hash_key("k"),))}
 
     def config(port: int, name: str) -> ServerConfig:
-        limits = ServerLimits(shutdown_seconds=0.2, max_tokens=8000)
+        # the grace must be short beside the call: greedy decoding of this model ends (its
+        # end-of-text token) after about 300 tokens, which a fast machine decodes in 0.16 s
+        limits = ServerLimits(shutdown_seconds=0.02, max_tokens=8000)
         return ServerConfig(
             models={"m": str(model)}, tenants=tenants, port=port, server_id=name, limits=limits
         )
