@@ -8,9 +8,10 @@
  *  - the weights are packed row by row (a panel of NP rows x KC columns, row stride KC,
  *    widened to F32): no transpose, and a tile reads each of its rows' values with one
  *    broadcast at an immediate offset from a single pointer;
- *  - the activations are transposed once per call (each thread packs them all: k-major
- *    slivers of 32 rows, a last sliver of 16 where m leaves 16 or fewer), a small cost beside
- *    the weights, which are n / 16 times larger at prefill shapes;
+ *  - the activations are transposed once per call, in chunks of at most 512 rows (each thread
+ *    packs each chunk it works on: k-major slivers of 32 rows, a last sliver of 16 where the
+ *    chunk leaves 16 or fewer), a small cost beside the weights, which are n / 16 times larger
+ *    at prefill shapes;
  *  - a prefill of 32 or 64 rows fills whole tiles (the row count is a multiple of 16 or 32).
  * Tiles accumulate a panel's result transposed (NP x m, in cache) over the KC blocks of k;
  * it is written to y at the end. Pool threads claim panels from a shared counter (a noisy
