@@ -324,22 +324,4 @@ static inline int64_t realm_pf_lines(const realm_prefetcher *f) {
     return f->rows_left * f->lines_per_row;
 }
 
-/* Start f on the weights a blocked GEMM packs after panel (jc, pc): b's rows are ldb elements
- * of es bytes; panels are nc_max rows by kc_max columns, this thread's rows end at j_end. */
-static inline void realm_pf_next_panel(realm_prefetcher *f, const void *b, int64_t es,
-                                       int64_t ldb, int64_t jc, int64_t nc, int64_t pc,
-                                       int64_t kc, int64_t k, int64_t j_end, int64_t nc_max,
-                                       int64_t kc_max) {
-    const uint8_t *base = (const uint8_t *)b;
-    if (pc + kc < k) {
-        const int64_t kn = k - pc - kc < kc_max ? k - pc - kc : kc_max;
-        realm_pf_start(f, base + (jc * ldb + pc + kc) * es, nc, ldb * es, kn * es);
-    } else if (jc + nc < j_end) {
-        const int64_t rows = j_end - jc - nc < nc_max ? j_end - jc - nc : nc_max;
-        realm_pf_start(f, base + (jc + nc) * ldb * es, rows, ldb * es, (k < kc_max ? k : kc_max) * es);
-    } else {
-        realm_pf_start(f, NULL, 0, 0, 0);
-    }
-}
-
 #endif
