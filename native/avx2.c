@@ -208,7 +208,6 @@ static void dot_q8_0(float *y, int64_t ys, const block_q8_0 *w, const realm_q8x 
 static inline __attribute__((always_inline)) REALM_AVX2 void q4_0_rows(
     float *y, int64_t ys, const block_q4_0 *w, const realm_q8x *x, int64_t b, const int G) {
     const int64_t nb = x->nb;
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
     __m256 acc0[2], acc1[2], off[2];  /* per row: even and odd blocks, the offset term */
     for (int r = 0; r < G; r++) acc0[r] = acc1[r] = off[r] = _mm256_setzero_ps();
     int64_t i = 0;
@@ -229,9 +228,7 @@ static inline __attribute__((always_inline)) REALM_AVX2 void q4_0_rows(
         }
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m128i qn = _mm_loadu_si128((const __m128i *)w[i + j].qs);
-            const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
-                                                _mm_and_si128(qn, lo4));
+            const __m256i qw = realm_nibbles32(w[i + j].qs);
             const __m256i lane = _mm256_set1_epi32(j);
             for (int r = 0; r < G; r++) {
                 const __m256 p = dot_u8s8_ps(qw, load_signed_x(realm_q8x_block(x, b + r, i + j)));
@@ -250,11 +247,10 @@ static inline __attribute__((always_inline)) REALM_AVX2 void q4_0_rows(
         __m256 a = acc0[r];
         for (int64_t t = i; t < nb; t++) {
             const float sct = _cvtsh_ss(w[t].d) * d[t];
-            const __m128i qn = _mm_loadu_si128((const __m128i *)w[t].qs);
-            const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qn, 4), lo4),
-                                                _mm_and_si128(qn, lo4));
             a = _mm256_fmadd_ps(_mm256_set1_ps(sct),
-                                dot_u8s8_ps(qw, load_signed_x(realm_q8x_block(x, b + r, t))), a);
+                                dot_u8s8_ps(realm_nibbles32(w[t].qs),
+                                            load_signed_x(realm_q8x_block(x, b + r, t))),
+                                a);
             offset += sct * (float)(8 * sum[t]);
         }
         y[(b + r) * ys] = realm_hsum8(_mm256_add_ps(a, acc1[r])) - offset;

@@ -31,13 +31,6 @@ static const int8_t iq4_levels32[32] = {-127, -104, -83, -65, -49, -35, -22, -10
                                         38,   53,   69,  89,  113, -127, -104, -83, -65, -49, -35,
                                         -22,  -10,  1,   13,  25,  38,   53,   69,  89,  113};
 
-/* 16 bytes of nibbles -> 32 bytes: the low nibbles (elements 0..15), then the high ones */
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)p);
-    const __m128i m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-}
-
 /* 32 bits -> 32 bytes, byte l = 0xff if bit l is set */
 INLINE __m256i bits_to_bytes(uint32_t bits) {
     const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
@@ -67,14 +60,14 @@ INLINE float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 /* Q5_0 / Q5_1: the nibbles with the 5th bits of qh */
 INLINE __m256i five_bits(const uint8_t *qs, const uint8_t *qh) {
-    return _mm256_or_si256(nibbles(qs),
+    return _mm256_or_si256(realm_nibbles32(qs),
                            _mm256_and_si256(bits_to_bytes(load_u32(qh)), _mm256_set1_epi8(0x10)));
 }
 
 /* Q5_0's q = (nibble | 5th bit << 4) - 16: the nibble where the bit is set, else nibble - 16,
  * which is the nibble with the top four bits set */
 INLINE __m256i five_bits_signed(const uint8_t *qs, const uint8_t *qh) {
-    return _mm256_or_si256(nibbles(qs), _mm256_andnot_si256(bits_to_bytes(load_u32(qh)),
+    return _mm256_or_si256(realm_nibbles32(qs), _mm256_andnot_si256(bits_to_bytes(load_u32(qh)),
                                                             _mm256_set1_epi8((char)0xf0)));
 }
 
@@ -151,11 +144,11 @@ INLINE __m256 lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_
         }                                                                                         \
     }
 
-#define Q4_1_Q(i) nibbles(w[i].qs)
+#define Q4_1_Q(i) realm_nibbles32(w[i].qs)
 #define Q5_0_Q(i) five_bits_signed(w[i].qs, w[i].qh)
 #define Q5_1_Q(i) five_bits(w[i].qs, w[i].qh)
 #define IQ4_NL_Q(i) \
-    _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32), nibbles(w[i].qs))
+    _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)iq4_levels32), realm_nibbles32(w[i].qs))
 #define MIN_OF(i) h2f(w[i].MINF)
 #define MINF m
 DEFINE_DOT32(q4_1, block_q4_1, 0, Q4_1_Q, 1)
@@ -185,7 +178,7 @@ F static void dot_iq4_xs(float *y, int64_t ys, const uint8_t *row, const realm_q
             for (int ib = 0; ib < 8; ib++) {
                 const int64_t i = 8 * g + ib;
                 const int ls = (int)(((sl >> 4 * ib) & 0x0f) | (((sh >> 2 * ib) & 3) << 4));
-                const __m256i q = _mm256_shuffle_epi8(levels, nibbles(blk->qs + 16 * ib));
+                const __m256i q = _mm256_shuffle_epi8(levels, realm_nibbles32(blk->qs + 16 * ib));
                 const __m256i xs = signed_x(x, b, i);
                 const __m256 p = dot_us(_mm256_abs_epi8(q), _mm256_sign_epi8(xs, q));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)(ls - 32) * dx[i]), p, acc);

@@ -84,6 +84,14 @@ REALM_AVX2 static inline __m256 realm_load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* 16 bytes of nibbles -> 32 bytes: the low nibbles (elements 0..15), then the high ones (the
+ * element order of Q4_0 / Q4_1 / IQ4_NL blocks) */
+REALM_AVX2 static inline __m256i realm_nibbles32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    const __m128i m = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
 /* Q4_K / Q5_K's 8 6-bit scales (bytes 0-7) and minimums (bytes 8-15) from their 12 bytes s
  * (ggml's get_scale_min_k4, all at once); reads 16 bytes from s (the block's codes follow).
  * In 32-bit words a, b, c of s: bytes of a hold scales 0-3 (low 6 bits) and the top bits of
