@@ -54,6 +54,16 @@ def used_activations(x: np.ndarray, wt: WeightType) -> np.ndarray:
     return (codes * d[..., None].astype(np.float64)).reshape(x.shape)
 
 
+def assert_exact_product(y: np.ndarray, x: np.ndarray, values: np.ndarray, wt: WeightType) -> None:
+    """y is x's (quantized, as wt's matmul uses it) product with the dequantized weights, to
+    1e-5 of the magnitudes summed."""
+    x_used = used_activations(x, wt)
+    values = values.astype(np.float64)
+    want = x_used @ values.T
+    bound = np.abs(x_used) @ np.abs(values).T
+    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+
+
 def random_weights(wt: WeightType, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     nb = n_cols // wt.block_elems
@@ -82,15 +92,11 @@ def test_quantize_refuses_with_a_clear_error(wt: WeightType) -> None:
 def test_matmul_matches_the_exact_product(wt: WeightType, batch: int, isa: Isa) -> None:
     n_rows, n_cols = 37, 2 * max(wt.block_elems, 256)
     w = random_weights(wt, n_rows, n_cols, seed=int(wt) * 100 + batch)
-    values = reference.dequantize(w, wt).astype(np.float64)
+    values = reference.dequantize(w, wt)
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, n_cols)).astype(np.float32)
     x[0, :32] *= 50.0  # an outlier block
-    y = kernels.matmul(w, x, wtype=wt)
-    x_used = used_activations(x, wt)
-    want = x_used @ values.T
-    bound = np.abs(x_used) @ np.abs(values).T
-    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+    assert_exact_product(kernels.matmul(w, x, wtype=wt), x, values, wt)
 
 
 @pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
@@ -100,14 +106,10 @@ def test_large_batch_over_many_packed_blocks(wt: WeightType, isa: Isa) -> None:
     batch that leaves a short last register tile."""
     n_rows, n_cols, batch = 21, 9 * 256, 41  # above every level's integer GEMM threshold
     w = random_weights(wt, n_rows, n_cols, seed=int(wt) + 5)
-    values = reference.dequantize(w, wt).astype(np.float64)
+    values = reference.dequantize(w, wt)
     x = np.random.default_rng(11).standard_normal((batch, n_cols)).astype(np.float32)
     x[3, 1000:1032] *= 40.0
-    y = kernels.matmul(w, x, wtype=wt)
-    x_used = used_activations(x, wt)
-    want = x_used @ values.T
-    bound = np.abs(x_used) @ np.abs(values).T
-    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+    assert_exact_product(kernels.matmul(w, x, wtype=wt), x, values, wt)
 
 
 @pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
@@ -127,14 +129,10 @@ def test_matmul_odd_block_counts_and_row_groups(wt: WeightType, batch: int, isa:
     groups of activation rows: still the exact product with the quantized activations."""
     n_rows, n_cols = 5, 7 * wt.block_elems if wt.block_elems == 32 else 3 * wt.block_elems
     w = random_weights(wt, n_rows, n_cols, seed=int(wt) * 7 + batch)
-    values = reference.dequantize(w, wt).astype(np.float64)
+    values = reference.dequantize(w, wt)
     x = np.random.default_rng(batch).standard_normal((batch, n_cols)).astype(np.float32)
     x[-1, -40:] *= 30.0  # an outlier block at the end
-    y = kernels.matmul(w, x, wtype=wt)
-    x_used = used_activations(x, wt)
-    want = x_used @ values.T
-    bound = np.abs(x_used) @ np.abs(values).T
-    reference.assert_within(y, want, 1e-5 * bound + 1e-30)
+    assert_exact_product(kernels.matmul(w, x, wtype=wt), x, values, wt)
 
 
 @pytest.mark.parametrize("wt", READ_ONLY_TYPES, ids=lambda wt: wt.name)
