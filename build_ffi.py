@@ -34,6 +34,7 @@ SOURCES = [
     "quants_avx2.c",
     "quants_avx512.c",
     "matmul.c",
+    "packed.c",
     "ops.c",
     "forward.c",
 ]

@@ -53,7 +53,7 @@ typedef struct {
     float d;       /* scale */
     int8_t q[QK];
 } q8b;
-_Static_assert(sizeof(q8b) == XREC, "q8b is 40 bytes");
+_Static_assert(sizeof(q8b) == XREC && sizeof(q8b) == sizeof(realm_pq8), "q8b is 40 bytes");
 
 REALM_AVX512_VNNI
 static void quantize_row(q8b *out, const float *src, int64_t nb, int32_t off) {
@@ -218,7 +218,8 @@ typedef struct {
     q8b *xq;
     int wtype;
     int64_t n_rows, nb, batch, row_bytes;
-    atomic_int_fast64_t next;  /* next unclaimed panel */
+    atomic_int_fast64_t next;  /* next unclaimed panel (packed: run of panels) */
+    const uint8_t *w_end;      /* packed: the end of the panels */
 } gq_ctx;
 
 REALM_AVX512_VNNI
@@ -275,6 +276,131 @@ static void panel_task(void *p, int ith, int nth) {
         pi = next;
     }
     free(wp);
+}
+
+/* ---- interleaved weight panels (packed.c): the same tile, reading the panels in place ---- */
+
+#define RUNS_PER_THREAD 4  /* runs of panels per thread: long sequential streams, a few to balance */
+#define PF_AHEAD 4096    /* bytes the software prefetch runs ahead of the first tile (2-8 KiB
+                          * measured level on a Zen 4) */
+
+/* ptile: tile() over blocks k0 .. k0 + kc of a packed panel (packed.c: pairs of blocks, their
+ * scales first; q4: Q4_0's nibbles, unpacked here once for the n activation rows). The
+ * per-element operations are tile()'s, block by block in column order: exact whatever the
+ * batch. pf (or NULL): where to prefetch, moving through the panel as its blocks are read. */
+INLINE void ptile(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8_t *panel,
+                  int64_t k0, const int q4, const uint8_t *x, int64_t xs, int64_t kc,
+                  const int n, const uint8_t *pf) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    const int64_t cb = q4 ? 256 : 512, rec = cb + 2 * PR;  /* panel bytes per block */
+    __m512 f[NA];
+    for (int j = 0; j < n; j++)
+        f[j] = accumulate ? _mm512_maskz_loadu_ps(m, y + j * ldy) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < kc; i++) {
+        if (pf)
+            for (int64_t off = 0; off < rec; off += 64) _mm_prefetch((const char *)pf + i * rec + off, _MM_HINT_T0);
+        const int64_t blk = k0 + i;
+        const uint8_t *wb = panel + realm_packed_codes_at(blk, cb);
+        __m512i w[8];
+        if (q4) {
+            for (int k = 0; k < 4; k++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(wb + k * 64));
+                w[k] = _mm512_and_si512(v, lo4);
+                w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+            }
+        } else {
+            for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512((const void *)(wb + g * 64));
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(panel + realm_packed_scales_at(blk, cb))));
+        for (int j = 0; j < n; j++) {
+            const uint8_t *xb = x + j * xs + i * XREC;
+            __m512i a0 = _mm512_set1_epi32(load_i32(xb)), a1 = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g += 2) {
+                DPBUSD_BCST(a0, w[g], xb + 8 + 4 * g);
+                DPBUSD_BCST(a1, w[g + 1], xb + 12 + 4 * g);
+            }
+            const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(load_f32(xb + 4)));
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s, f[j]);
+        }
+    }
+    for (int j = 0; j < n; j++) _mm512_mask_storeu_ps(y + j * ldy, m, f[j]);
+}
+
+#define PTILE(nn)                                                                                 \
+    (q4 ? ptile(yb, ldy, m, acc, panel, k0, 1, xb, xs, kc, nn, pfb)                               \
+        : ptile(yb, ldy, m, acc, panel, k0, 0, xb, xs, kc, nn, pfb))
+
+REALM_AVX512_VNNI
+static void ptiles(float *y, int64_t ldy, __mmask16 m, int acc, const uint8_t *panel,
+                   int64_t k0, int q4, const uint8_t *x, int64_t xs, int64_t kc,
+                   int64_t batch, const uint8_t *pf) {
+    for (int64_t b = 0; b < batch; b += NA) {
+        float *yb = y + b * ldy;
+        const uint8_t *xb = x + b * xs;
+        const uint8_t *pfb = b == 0 ? pf : NULL;  /* the first tile reads from memory */
+        switch (batch - b < NA ? (int)(batch - b) : NA) {
+        case 1: PTILE(1); break;
+        case 2: PTILE(2); break;
+        case 3: PTILE(3); break;
+        case 4: PTILE(4); break;
+        case 5: PTILE(5); break;
+        case 6: PTILE(6); break;
+        case 7: PTILE(7); break;
+        default: PTILE(NA); break;
+        }
+    }
+}
+#undef PTILE
+
+REALM_AVX512_VNNI
+static void packed_task(void *p, int ith, int nth) {
+    gq_ctx *c = p;
+    (void)ith;
+    const int64_t cb = realm_packed_code_bytes(c->wtype), nb = c->nb, xs = nb * XREC;
+    const int64_t n_panels = (c->n_rows + PR - 1) / PR;
+    /* a batch of at most one tile reads each block once: no need to keep chunks in L1 */
+    const int64_t kcmax = c->batch <= NA ? nb : KC, rec = cb + 2 * PR;
+    /* threads claim runs of panels, which lie one after another in memory: the prefetches run
+     * PF_AHEAD bytes ahead over the run (codes, scales, the next panel) */
+    const int64_t items = (int64_t)nth * RUNS_PER_THREAD;
+    const int64_t run = n_panels > items ? (n_panels + items - 1) / items : 1;
+    int64_t pi = 0, run_end = 0;
+    for (;;) {
+        if (pi == run_end) {
+            pi = atomic_fetch_add(&c->next, 1) * run;
+            run_end = pi + run < n_panels ? pi + run : n_panels;
+            if (pi >= n_panels) break;
+        }
+        const int64_t r0 = pi * PR;
+        const int nr = c->n_rows - r0 < PR ? (int)(c->n_rows - r0) : PR;
+        const __mmask16 m = (__mmask16)((1u << nr) - 1u);
+        const uint8_t *panel = c->w + pi * realm_packed_panel_bytes(nb, cb);
+        for (int64_t k0 = 0; k0 < nb; k0 += kcmax) {
+            const int64_t kc = nb - k0 < kcmax ? nb - k0 : kcmax;
+            const uint8_t *pf = panel + k0 * rec + PF_AHEAD;
+            ptiles(c->y + r0, c->n_rows, m, k0 > 0, panel, k0, c->wtype == REALM_TYPE_Q4_0,
+                   (const uint8_t *)(c->xq + k0), xs, kc, c->batch, pf < c->w_end ? pf : NULL);
+        }
+        pi++;
+    }
+}
+
+REALM_AVX512_VNNI
+int realm_matmul_packed_avx512(float *y, const void *w, int wtype, const float *x,
+                               int64_t n_rows, int64_t n_cols, int64_t batch) {
+    const int64_t nb = n_cols / QK;
+    if ((uint64_t)nb > (SIZE_MAX / XREC) / (uint64_t)batch) return REALM_ENOMEM;
+    gq_ctx c = {.y = y, .w = w, .x = x, .wtype = wtype, .n_rows = n_rows, .nb = nb,
+                .batch = batch};
+    c.w_end = c.w + realm_packed_bytes(wtype, n_rows, n_cols);
+    c.xq = aligned_alloc(64, ((size_t)(batch * nb) * XREC + 63) / 64 * 64);
+    if (!c.xq) return REALM_ENOMEM;
+    atomic_store(&c.next, 0);
+    /* a few rows quantize faster on this thread than the pool wakes */
+    int rc = realm_parallel(quant_task, &c, batch >= 8 ? 0 : 1);
+    if (rc == REALM_OK) rc = realm_parallel(packed_task, &c, 0);
+    free(c.xq);
+    return rc;
 }
 
 REALM_AVX512_VNNI

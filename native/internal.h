@@ -202,7 +202,25 @@ typedef struct {
     /* quantize src (x->nk super-blocks) into row b of x's Q8_K fields (the same at every
      * level: round to nearest even of src * (127 / amax) computed as src * (1 / (amax / 127))) */
     void (*quantize_q8k)(const realm_q8x *x, const float *src, int64_t b);
+    /* y (batch, n_rows) = x . w^T for interleaved weight panels (packed.c) of Q8_0 / Q4_0
+     * (wtype without REALM_PACKED), every batch size; may be NULL (the portable product) */
+    int (*matmul_packed)(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                         int64_t n_cols, int64_t batch);
 } realm_isa_ops;
+
+/* packed.c: interleaved weight panels */
+typedef struct {
+    int32_t corr;  /* -offset * sum(q): the weight codes' offset (128 Q8_0, 8 Q4_0) taken back */
+    float d;       /* scale */
+    int8_t q[QK];
+} realm_pq8;       /* one block of activations for the panel products */
+int64_t realm_packed_code_bytes(int wtype);  /* per block of a panel; < 0: not packable */
+int64_t realm_packed_panel_bytes(int64_t nb, int64_t cb);
+int64_t realm_packed_codes_at(int64_t i, int64_t cb);   /* block i's codes in its panel */
+int64_t realm_packed_scales_at(int64_t i, int64_t cb);  /* block i's 16 fp16 scales */
+void realm_packed_quantize(realm_pq8 *out, const float *src, int64_t nb, int32_t off);
+int realm_matmul_packed_ref(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
+                            int64_t n_cols, int64_t batch);
 
 /* quants.c: the types beyond Q8_0 / Q4_0 (Q4_1 .. Q6_K, IQ4_NL, IQ4_XS) */
 int realm_is_other_quant(int type);
@@ -229,6 +247,8 @@ int realm_gemm_kq_avx2_supports(int wtype);
 int realm_gemm_kq_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                          int64_t n_cols, int64_t batch);
 int realm_gemm_kq_avx512_supports(int wtype);
+int realm_matmul_packed_avx512(float *y, const void *w, int wtype, const float *x,
+                               int64_t n_rows, int64_t n_cols, int64_t batch);
 void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
                                const float *q, int32_t group, int32_t d, float scale);
 void realm_attn_values_f16_avx2(float *o, const uint16_t *v, int64_t vs, int64_t n,

@@ -83,7 +83,23 @@ int realm_matmul(float *y, const void *w, int wtype, const float *x,
 #define REALM_PATH_GEMM_F32 2  /* float GEMM on the activations themselves */
 #define REALM_PATH_GEMM_DQ 3   /* dequantized weight panels, float GEMM / dots, the same */
 #define REALM_PATH_GEMM_Q 4    /* integer GEMM, activations per 32 */
+#define REALM_PATH_PACKED 5    /* interleaved weight panels (REALM_PACKED), activations per 32 */
 int realm_matmul_path(int wtype, int64_t batch);  /* < 0: a bad type or batch */
+
+/* ---- interleaved weight panels (packed.c) ----
+ * Q8_0 / Q4_0 weights rewritten once, at model load, into panels of 16 rows whose blocks'
+ * 4-byte groups are interleaved row by row (the layout of the integer GEMM's register tile),
+ * so that no product repacks them. realm_matmul takes them with wtype | REALM_PACKED; each
+ * activation row's result is the same whatever the batch (exact, as the row-streaming path).
+ * Levels without a panel kernel multiply them with the portable one (correct, slower):
+ * realm_pack_preferred says whether the active level has its own. */
+#define REALM_PACKED 256
+#define REALM_PACK_ROWS 16
+int64_t realm_packed_bytes(int wtype, int64_t n_rows, int64_t n_cols);  /* < 0: not packable */
+/* w: n_rows rows of wtype, row_stride bytes apart; out: realm_packed_bytes bytes */
+int realm_pack(void *out, const void *w, int wtype, int64_t n_rows, int64_t n_cols,
+               int64_t row_stride);
+int realm_pack_preferred(void);
 
 /* ---- element-wise and row operations (all f32) ---- */
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; weight may be NULL (no scale). */

@@ -230,6 +230,8 @@ static int choose_path(const realm_isa_ops *ops, int wtype, int64_t batch) {
 }
 
 int realm_matmul_path(int wtype, int64_t batch) {
+    if (batch > 0 && (wtype & REALM_PACKED))
+        return realm_packed_code_bytes(wtype & ~REALM_PACKED) < 0 ? REALM_EINVAL : REALM_PATH_PACKED;
     if (batch <= 0 || realm_row_bytes(wtype, 256) < 0) return REALM_EINVAL;
     return choose_path(realm_ops(), wtype, batch);
 }
@@ -237,9 +239,15 @@ int realm_matmul_path(int wtype, int64_t batch) {
 int realm_matmul(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                  int64_t n_cols, int64_t batch) {
     if (!y || !w || !x || n_rows <= 0 || n_cols <= 0 || batch <= 0) return REALM_EINVAL;
+    const realm_isa_ops *ops = realm_ops();
+    if (wtype & REALM_PACKED) {  /* interleaved panels (packed.c): one kernel for every batch */
+        wtype &= ~REALM_PACKED;
+        if (realm_packed_bytes(wtype, n_rows, n_cols) < 0) return REALM_EINVAL;
+        return ops->matmul_packed ? ops->matmul_packed(y, w, wtype, x, n_rows, n_cols, batch)
+                                  : realm_matmul_packed_ref(y, w, wtype, x, n_rows, n_cols, batch);
+    }
     const int64_t row_bytes = realm_row_bytes(wtype, n_cols);
     if (row_bytes < 0) return REALM_EINVAL;
-    const realm_isa_ops *ops = realm_ops();
     const int path = choose_path(ops, wtype, batch);
 
     if (path == REALM_PATH_GEMM_F32) {

@@ -35,8 +35,9 @@ GGML_TYPE_IDS = {
 }  # fmt: skip
 REALM_FUNCTIONS = ("load_model", "load_tokenizer", "open_runtime", "default_model_path")
 KERNEL_CLASSES = (
-    "Matrix", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer", "LoraPair",
-    "NativeAdapter", "CudaDevice", "CudaTransformer", "CudaUnavailable", "DeviceArray", "DeviceKV",
+    "Matrix", "Packed", "LayerWeights", "TransformerSpec", "SeqStep", "NativeTransformer",
+    "LoraPair", "NativeAdapter", "CudaDevice", "CudaTransformer", "CudaUnavailable", "DeviceArray",
+    "DeviceKV",
 )  # fmt: skip
 MODEL_NAMES = (
     "Model",
@@ -51,6 +52,8 @@ MODEL_NAMES = (
     "default_model_path",
 )
 KERNEL_FUNCTIONS = (
+    "pack",
+    "pack_preferred",
     "quantize",
     "dequantize",
     "matmul",
@@ -124,7 +127,7 @@ def test_no_private_names_leak() -> None:
     public = {n for n in dir(kernels) if not n.startswith("_")}
     expected = {
         *KERNEL_FUNCTIONS, *KERNEL_CLASSES, "WeightType", "Isa", "RopeMode", "Activation",
-        "MAX_HEAD_DIM", "LORA_ROLES",
+        "MAX_HEAD_DIM", "LORA_ROLES", "PACKABLE",
     }  # fmt: skip
     assert public == expected
 

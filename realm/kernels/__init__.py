@@ -24,6 +24,8 @@ from ._forward import NativeTransformer as NativeTransformer
 from ._forward import SeqStep as SeqStep
 from ._forward import TransformerSpec as TransformerSpec
 from ._ops import MAX_HEAD_DIM as MAX_HEAD_DIM
+from ._ops import PACKABLE as PACKABLE
+from ._ops import Packed as Packed
 from ._ops import active_isa as active_isa
 from ._ops import add as add
 from ._ops import attention as attention
@@ -33,6 +35,8 @@ from ._ops import geglu as geglu
 from ._ops import get_rows as get_rows
 from ._ops import matmul as matmul
 from ._ops import matmul_path as matmul_path
+from ._ops import pack as pack
+from ._ops import pack_preferred as pack_preferred
 from ._ops import quantize as quantize
 from ._ops import read_bandwidth as read_bandwidth
 from ._ops import rmsnorm as rmsnorm

@@ -209,7 +209,7 @@ class CudaTransformer:
         # serves as the source of the host-side per-layer arrays
         self._host = NativeTransformer(spec, tok_embd=tok_embd, output_norm=output_norm,
                                        output=output, layers=layers, acquire=acquire,
-                                       release=release)  # fmt: skip
+                                       release=release, pack=False)  # fmt: skip
         self.spec = spec
         s = spec
         if max_device_bytes is not None:

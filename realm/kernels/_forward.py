@@ -17,7 +17,18 @@ import numpy as np
 
 from .._errors import KernelError
 from ._native import ffi, lib
-from ._ops import _array, _check, _int_arg, _row_elems, _weight_type, dequantize
+from ._ops import (
+    PACKABLE,
+    Packed,
+    _array,
+    _check,
+    _int_arg,
+    _row_elems,
+    _weight_type,
+    dequantize,
+    pack,
+    pack_preferred,
+)
 from ._types import Activation, RopeMode, WeightType
 
 _K = "forward"
@@ -244,6 +255,11 @@ class NativeTransformer:
     Either ``layers`` (all resident) or ``acquire``/``release`` (a layer pager) give the
     blocks' weights. Thread-safe: the description is read-only; each step's state is in its
     sequences' caches.
+
+    ``pack``: resident Q8_0 / Q4_0 matrices (the blocks' and the output's) are copied once into
+    interleaved panels (:func:`pack`, docs/kernels.md "Interleaved weight panels"), which the
+    products read without repacking, the same bytes per token; None (default) packs where the
+    active ISA level has a kernel for them (``pack_preferred``). Paged blocks stay as mapped.
     """
 
     def __init__(
@@ -256,9 +272,12 @@ class NativeTransformer:
         layers: Sequence[LayerWeights] | None = None,
         acquire: LayerAcquire | None = None,
         release: LayerRelease | None = None,
+        pack: bool | None = None,
     ) -> None:
         self.spec = spec
         s = spec
+        self.packed = bool(pack_preferred() if pack is None else pack) and layers is not None
+        self._packs: dict[int, Packed] = {}  # id(matrix data) -> its packed copy
         for name in ("n_layers", "n_embd", "n_heads", "n_kv_heads", "head_dim", "n_ff", "n_vocab"):
             _int_arg(_K, name, getattr(s, name), 1, 2**31 - 1)
         if s.n_heads % s.n_kv_heads:
@@ -306,7 +325,7 @@ class NativeTransformer:
         m.rms_eps = s.rms_eps
         m.tok_embd, m.type_embd = self._ptr(tok_embd.data), int(tok_embd.wtype)
         m.output_norm = ffi.cast("float *", self._ptr(self._output_norm))
-        m.output, m.type_output = self._ptr(output.data), int(output.wtype)
+        m.output, m.type_output = self._weight(output, self._keep)
         m.layers = self._c_layers if self._c_layers is not None else ffi.NULL
         m.kv_type = int(WeightType.F16 if np.dtype(s.kv_dtype) == np.float16 else WeightType.F32)
         self._fill_variant(m)
@@ -415,16 +434,30 @@ class NativeTransformer:
             return ffi.NULL if a is None else ffi.cast("float *", ptr(a))
 
         c.attn_norm, c.ffn_norm = fptr(lw.attn_norm), fptr(lw.ffn_norm)
-        c.wq, c.type_q = ptr(lw.wq.data), int(lw.wq.wtype)
-        c.wk, c.type_k = ptr(lw.wk.data), int(lw.wk.wtype)
-        c.wv, c.type_v = ptr(lw.wv.data), int(lw.wv.wtype)
-        c.wo, c.type_o = ptr(lw.wo.data), int(lw.wo.wtype)
-        c.w_gate, c.type_gate = ptr(lw.w_gate.data), int(lw.w_gate.wtype)
-        c.w_up, c.type_up = ptr(lw.w_up.data), int(lw.w_up.wtype)
-        c.w_down, c.type_down = ptr(lw.w_down.data), int(lw.w_down.wtype)
+        c.wq, c.type_q = self._weight(lw.wq, keep)
+        c.wk, c.type_k = self._weight(lw.wk, keep)
+        c.wv, c.type_v = self._weight(lw.wv, keep)
+        c.wo, c.type_o = self._weight(lw.wo, keep)
+        c.w_gate, c.type_gate = self._weight(lw.w_gate, keep)
+        c.w_up, c.type_up = self._weight(lw.w_up, keep)
+        c.w_down, c.type_down = self._weight(lw.w_down, keep)
         c.bq, c.bk, c.bv = fptr(lw.bq), fptr(lw.bk), fptr(lw.bv)
         c.q_norm, c.k_norm = fptr(lw.q_norm), fptr(lw.k_norm)
         c.post_attn_norm, c.post_ffn_norm = fptr(lw.post_attn_norm), fptr(lw.post_ffn_norm)
+
+    def _weight(self, m: Matrix, keep: list[Any]) -> tuple[Any, int]:
+        """The native pointer and type code of a matrix: its packed copy where this
+        description packs (made once per array, also when two roles share it)."""
+        data, code = m.data, int(m.wtype)
+        if self.packed and m.wtype in PACKABLE:
+            p = self._packs.get(id(m.data))
+            if p is None:
+                p = self._packs[id(m.data)] = pack(m.data, m.wtype)
+                keep.append(m.data)  # the id stays unique while the copy is kept
+            data, code = p.data, code | int(lib.REALM_PACKED)
+        ptr = ffi.from_buffer(data, require_writable=False)
+        keep.append(ptr)
+        return ptr, code
 
     # --- paging hooks (called from C, in the thread running the step) ------------------------
 

@@ -15,6 +15,7 @@ import operator
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import numpy as np
 
 from .._errors import KernelError
@@ -247,9 +248,63 @@ def dequantize(data: np.ndarray, wtype: WeightType | int) -> np.ndarray:
 # --- linear algebra --------------------------------------------------------------------
 
 
+#: the weight types :func:`pack` takes
+PACKABLE: frozenset[WeightType] = frozenset({WeightType.Q8_0, WeightType.Q4_0})
+
+
+@attrs.frozen
+class Packed:
+    """Q8_0 or Q4_0 weights ``(n_rows, n_cols)`` in interleaved panels of 16 rows
+    (:func:`pack`; the layout: native/packed.c). :func:`matmul` takes them as ``w``."""
+
+    data: np.ndarray = attrs.field(repr=False)  # uint8, realm_packed_bytes of them
+    wtype: WeightType
+    n_rows: int
+    n_cols: int
+
+
+def pack(w: np.ndarray, wtype: WeightType | int) -> Packed:
+    """Rewrite Q8_0 / Q4_0 rows (raw uint8 blocks ``(n_rows, row_bytes)``) as interleaved
+    panels: the same bytes, laid out so that the integer products need no repacking. Their
+    product gives each activation row the same result whatever the batch."""
+    k = "pack"
+    w = _array(k, "w", w, np.uint8, ndim=(2,))
+    wt = _weight_type(k, w, wtype)
+    if wt not in PACKABLE:
+        names = ", ".join(sorted(t.name for t in PACKABLE))
+        raise _fail(k, f"wtype {wt.name} has no packed form (packable: {names})")
+    n_cols = _row_elems(k, w, wt)
+    n_rows = int(w.shape[0])
+    size = lib.realm_packed_bytes(int(wt), n_rows, n_cols)
+    if size < 0:
+        raise _fail(k, f"cannot pack ({n_rows}, {n_cols}) {wt.name} weights")
+    out = np.empty(size, dtype=np.uint8)
+    _check(k, lib.realm_pack(_ptr("void *", out), _ptr("void *", w), int(wt), n_rows, n_cols,
+                             int(w.strides[0])))  # fmt: skip
+    return Packed(out, wt, n_rows, n_cols)
+
+
+def pack_preferred() -> bool:
+    """Whether the active ISA level has its own kernel for packed weights (others multiply
+    them with the portable one: correct, slower)."""
+    return bool(lib.realm_pack_preferred())
+
+
+def _packed(k: str, w: Packed) -> tuple[Packed, int, int, int]:
+    if not isinstance(w.data, np.ndarray) or w.data.dtype != np.uint8 or w.data.ndim != 1:
+        raise _fail(k, "w.data of Packed weights must be a 1-D uint8 array")
+    if w.wtype not in PACKABLE:
+        raise _fail(k, f"Packed weights of type {w.wtype!r}")
+    size = lib.realm_packed_bytes(int(w.wtype), int(w.n_rows), int(w.n_cols))
+    if size < 0 or w.data.size != size or not w.data.flags.c_contiguous:
+        raise _fail(k, f"Packed ({w.n_rows}, {w.n_cols}) {w.wtype.name} weights need "
+                       f"{size} contiguous bytes, not {w.data.size}")  # fmt: skip
+    return w, int(w.wtype) | int(lib.REALM_PACKED), int(w.n_rows), int(w.n_cols)
+
+
 @_device_choice
 def matmul(
-    w: np.ndarray,
+    w: np.ndarray | Packed,
     x: np.ndarray,
     *,
     wtype: WeightType | int | None = None,
@@ -259,28 +314,36 @@ def matmul(
 
     Args:
         w: weights, 2-D: float32 or float16 ``(n_rows, n_cols)``; bfloat16 as uint16
-            ``(n_rows, n_cols)``; or raw blocks as uint8 ``(n_rows, row_bytes)``.
+            ``(n_rows, n_cols)``; raw blocks as uint8 ``(n_rows, row_bytes)``; or
+            :class:`Packed` weights (``wtype`` is theirs).
         x: float32 ``(n_cols,)`` or ``(batch, n_cols)``.
         wtype: required unless ``w``'s dtype names the type (float32, float16).
         out: optional float32 result array, ``(n_rows,)`` or ``(batch, n_rows)`` like ``x``.
     """
     k = "matmul"
-    w = _array(k, "w", w, _WEIGHT_DTYPES, ndim=(2,))
     x = _array(k, "x", x, np.float32, ndim=(1, 2))
-    wt = _weight_type(k, w, wtype)
-    n_cols = _row_elems(k, w, wt)
-    n_rows = int(w.shape[0])
+    if isinstance(w, Packed):
+        if wtype is not None and _weight_type(k, w.data, wtype) != w.wtype:
+            raise _fail(k, f"wtype {wtype!r} given for Packed {w.wtype.name} weights")
+        w, wt, n_rows, n_cols = _packed(k, w)
+        wdata = w.data
+    else:
+        w = _array(k, "w", w, _WEIGHT_DTYPES, ndim=(2,))
+        wt = int(_weight_type(k, w, wtype))
+        n_cols = _row_elems(k, w, WeightType(wt))
+        n_rows = int(w.shape[0])
+        wdata = w
     if x.shape[-1] != n_cols:
         raise _fail(k, f"x has {x.shape[-1]} columns but w rows have {n_cols} elements")
     batch = 1 if x.ndim == 1 else int(x.shape[0])
     shape = (n_rows,) if x.ndim == 1 else (batch, n_rows)
-    out = _out(k, out, shape, (w, x))
+    out = _out(k, out, shape, (wdata, x))
     _check(
         k,
         lib.realm_matmul(
             _ptr("float *", out),
-            _ptr("void *", w),
-            int(wt),
+            _ptr("void *", wdata),
+            wt,
             _ptr("float *", x),
             n_rows,
             n_cols,
@@ -297,6 +360,7 @@ _MATMUL_PATHS = {
     2: "gemm-f32",  # float GEMM on the activations themselves
     3: "gemm-dequant",  # dequantized weight panels, float GEMM: the activations themselves
     4: "gemm-int",  # integer GEMM, activations quantized per 32
+    5: "packed",  # interleaved weight panels (pack), activations quantized per 32
 }
 
 

@@ -43,7 +43,10 @@ class Model:
         max_resident_bytes: int | PagingBudget | None = None,
         device: str = "cpu",
         max_device_bytes: int | None = None,
+        pack: bool | None = None,
     ) -> None:
+        if pack is not None and not isinstance(pack, bool):
+            raise ModelError(f"pack must be True, False or None, got {pack!r}")
         self._file = mf
         self.device = _check_device(device, max_device_bytes)
         self.info: ModelInfo = mf.info
@@ -65,9 +68,10 @@ class Model:
                                      max_device_bytes=max_device_bytes)  # fmt: skip
         if max_resident_bytes is None:
             layers = [self.layer_weights(n) for n in range(i.n_layers)]
+            packing = {} if self.device != "cpu" else {"pack": pack}
             self._native = make(
                 self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
-                output=output, layers=layers,
+                output=output, layers=layers, **packing,
             )  # fmt: skip
         else:
             from ._pager import LayerPager
@@ -427,6 +431,7 @@ def load_model(
     kv_dtype: Any = np.float16,
     device: str = "cpu",
     max_device_bytes: int | None = None,
+    pack: bool | None = None,
 ) -> Model:
     """Open a GGUF model (memory-mapped) for inference.
 
@@ -443,6 +448,11 @@ def load_model(
             driver error, no such device).
         max_device_bytes: with a CUDA device, keep at most this many bytes of transformer
             blocks on the GPU, the rest in host memory (docs/kernels.md, "CUDA").
+        pack: copy resident Q8_0 / Q4_0 matrices once into interleaved panels, which batched
+            steps multiply without repacking (docs/kernels.md, "Interleaved weight panels").
+            None (default): where the CPU's ISA level has a kernel for them (AVX-512 VNNI).
+            The copy is private memory: False keeps the file's pages, which processes mapping
+            the same file share, and which paging (``max_resident_bytes``) always keeps.
     """
     if np.dtype(kv_dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
         raise ModelError(f"kv_dtype must be float16 or float32, got {kv_dtype!r}")
@@ -453,6 +463,7 @@ def load_model(
         max_resident_bytes=max_resident_bytes,
         device=device,
         max_device_bytes=max_device_bytes,
+        pack=pack,
     )
 
 

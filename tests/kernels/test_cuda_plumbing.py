@@ -184,7 +184,7 @@ def test_host_entry_points_upload_compute_and_free(fake: FakeCudaLib) -> None:
 
 def test_model_on_the_device_equals_the_cpu(fake: FakeCudaLib, tmp_path: Path) -> None:
     path = write_test_model(tmp_path / "m.gguf", n_layers=3, tied_embeddings=True)
-    cpu = realm.load_model(path)
+    cpu = realm.load_model(path, pack=False)  # the file's layout, as the device
     gpu = realm.load_model(path, device="cuda")
     assert gpu.device == "cuda:0"
     np.testing.assert_array_equal(gpu.logits(IDS), cpu.logits(IDS))
@@ -199,7 +199,7 @@ def test_model_on_the_device_equals_the_cpu(fake: FakeCudaLib, tmp_path: Path) -
 
 def test_sessions_grow_fork_rewind_and_are_accounted(fake: FakeCudaLib, tmp_path: Path) -> None:
     path = write_test_model(tmp_path / "m.gguf", n_layers=2, context_length=1024)
-    cpu, gpu = realm.load_model(path), realm.load_model(path, device="cuda")
+    cpu, gpu = realm.load_model(path, pack=False), realm.load_model(path, device="cuda")
     long = [int(t) for t in np.random.default_rng(3).integers(1, 300, 300)]
     with cpu.open_session() as sc, gpu.open_session() as sg:
         for chunk in (long[:10], long[10:260], long[260:]):  # grows past 256 positions
@@ -218,7 +218,7 @@ def test_sessions_grow_fork_rewind_and_are_accounted(fake: FakeCudaLib, tmp_path
 
 def test_batched_tenants_and_exact_steps(fake: FakeCudaLib, tmp_path: Path) -> None:
     path = write_test_model(tmp_path / "m.gguf", n_layers=2)
-    cpu, gpu = realm.load_model(path), realm.load_model(path, device="cuda")
+    cpu, gpu = realm.load_model(path, pack=False), realm.load_model(path, device="cuda")
     prompts = [[1, 2, 3], [40, 41], [7, 8, 9, 10, 11]]
     outs = []
     for model in (cpu, gpu):
@@ -242,7 +242,7 @@ def test_kv_exhaustion_on_the_device(fake: FakeCudaLib, tmp_path: Path, monkeypa
 @pytest.mark.parametrize("budget", [1, 60_000, 10**9])
 def test_layer_paging_under_a_device_budget(fake: FakeCudaLib, tmp_path: Path, budget: int) -> None:
     path = write_test_model(tmp_path / "m.gguf", n_layers=4)
-    want = realm.load_model(path).logits(IDS)
+    want = realm.load_model(path, pack=False).logits(IDS)
     model = realm.load_model(path, device="cuda", max_device_bytes=budget)
     for _ in range(2):
         np.testing.assert_array_equal(model.logits(IDS), want)
@@ -277,7 +277,7 @@ async def test_runtime_on_a_device_model(fake: FakeCudaLib, tmp_path: Path) -> N
 
     path = write_test_model(tmp_path / "m.gguf", n_layers=2)
     texts = []
-    for model in (realm.load_model(path), realm.load_model(path, device="cuda")):
+    for model in (realm.load_model(path, pack=False), realm.load_model(path, device="cuda")):
         with trio.fail_after(60):
             async with realm.open_runtime(models={"m": model}) as rt:
                 r = await rt.call(
@@ -322,7 +322,7 @@ def test_device_pager_prefetches_and_evicts_the_blocks_just_used(
     from realm.kernels._cuda_forward import _layer_bytes
 
     path = write_test_model(tmp_path / "m.gguf", n_layers=4)
-    want = realm.load_model(path).logits(IDS)
+    want = realm.load_model(path, pack=False).logits(IDS)
     block = _layer_bytes(realm.load_model(path).layer_weights(0))
     roomy = realm.load_model(path, device="cuda", max_device_bytes=10**9)
     np.testing.assert_array_equal(roomy.logits(IDS), want)

@@ -253,7 +253,7 @@ def test_a_block_in_use_is_never_evicted(files: dict[str, Path]) -> None:
 def test_concurrent_steps_of_two_models_under_one_budget(files: dict[str, Path]) -> None:
     """Two models stepping at once in two threads (as a runtime's workers do) evict each
     other's blocks but never one in use: every pass gives the unpaged logits."""
-    want = {k: realm.load_model(files[k]).logits([4, 5, 6]) for k in ("a", "b")}
+    want = {k: realm.load_model(files[k], pack=False).logits([4, 5, 6]) for k in ("a", "b")}
     budget = PagingBudget(12 * MIB)
     models = {k: realm.load_model(files[k], max_resident_bytes=budget) for k in ("a", "b")}
     errors: list[BaseException] = []
@@ -341,7 +341,7 @@ def test_repeated_passes_keep_part_of_the_model_resident(files: dict[str, Path])
     use and the one prefetched take the room of two or three): the blocks evicted are those
     used furthest ahead. Least-recently-used eviction would page in every block on every
     pass: the block it evicts is always the next one needed."""
-    want = realm.load_model(files["a"]).logits([5, 6, 7])
+    want = realm.load_model(files["a"], pack=False).logits([5, 6, 7])  # paged: the file layout
     probe = realm.load_model(files["a"], max_resident_bytes=0)
     room = _stats(probe).pageable_bytes * 3 // 4
     probe.close()
