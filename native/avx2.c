@@ -372,5 +372,6 @@ const realm_isa_ops realm_ops_avx2 = {
     .gemm_kq = realm_gemm_kq_avx2,
     .gemm_kq_supports = realm_gemm_kq_avx2_supports,
     .gemm_kq_min_batch = gemm_kq_min_batch,
+    .matmul_packed = realm_matmul_packed_avx2,
 };
 #endif

@@ -259,6 +259,144 @@ AVX2_FN static void panel_task(void *p, int ith, int nth) {
     free(wp);
 }
 
+/* ---- interleaved weight panels (packed.c): 16-row panels read in place, 8 rows at a time ----
+ *
+ * A 64-byte group (or Q4_0 chunk) of a packed panel holds rows 0 .. 7 in its first 32 bytes and
+ * rows 8 .. 15 in its second: each half is the tile above's 8-row group, read where it lies.
+ * Q8_0 codes are stored + 128 (the AVX-512 kernel's unsigned operand): xor 0x80 gives q back,
+ * then |q| and the activations with q's sign, as tile_q8; Q4_0 nibbles as tile_q4. The integer
+ * dots are exact and each element takes tile_q8 / tile_q4's float operations block by block, so
+ * the results are the portable product's bits. */
+INLINE void ptile(float *y, int64_t ldy, int nr, int accumulate, const uint8_t *panel,
+                  int64_t k0, const int q4, const int half, const uint8_t *x, int64_t xs,
+                  int64_t kc, const int n, const uint8_t *pf) {
+    const int64_t cb = q4 ? 256 : 512, rec = cb + 2 * 16;
+    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0f);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    __m256 f[NA];
+    for (int j = 0; j < n; j++) f[j] = accumulate ? realm_load_rows8(y + j * ldy, nr) : _mm256_setzero_ps();
+    for (int64_t i = 0; i < kc; i++) {
+        if (pf)
+            for (int64_t off = 0; off < rec; off += 64) _mm_prefetch((const char *)pf + i * rec + off, _MM_HINT_T0);
+        const int64_t blk = k0 + i;
+        const uint8_t *wb = panel + realm_packed_codes_at(blk, cb) + 32 * half;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel + realm_packed_scales_at(blk, cb) + 16 * half)));
+        if (q4) {
+            __m256i w[8];
+            for (int k = 0; k < 4; k++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 64 * k));
+                w[k] = _mm256_and_si256(v, lo4);
+                w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+            }
+            for (int j = 0; j < n; j++) {
+                const uint8_t *xb = x + j * xs + i * XREC;
+                __m256i p = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(load_i32(xb + 8)));
+                for (int g = 1; g < 8; g++)
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(load_i32(xb + 8 + 4 * g))));
+                const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(load_i32(xb)));
+                f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(dw, _mm256_set1_ps(load_f32(xb + 4))), f[j]);
+            }
+        } else {
+            __m256i w[8], u[8];
+            for (int g = 0; g < 8; g++) {
+                w[g] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * g)), bias);
+                u[g] = _mm256_abs_epi8(w[g]);
+            }
+            for (int j = 0; j < n; j++) {
+                const uint8_t *xb = x + j * xs + i * XREC;
+                __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g += 2) {
+                    const __m256i s0 = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + 8 + 4 * g)), w[g]);
+                    const __m256i s1 = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + 12 + 4 * g)), w[g + 1]);
+                    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g], s0), ones));
+                    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g + 1], s1), ones));
+                }
+                f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)),
+                                       _mm256_mul_ps(dw, _mm256_set1_ps(load_f32(xb + 4))), f[j]);
+            }
+        }
+    }
+    for (int j = 0; j < n; j++) realm_store_rows8(y + j * ldy, nr, f[j]);
+}
+
+#define PTILE(nn)                                                                                 \
+    (q4 ? ptile(yb, ldy, nr, acc, panel, k0, 1, half, xb, xs, kc, nn, pfb)                        \
+        : ptile(yb, ldy, nr, acc, panel, k0, 0, half, xb, xs, kc, nn, pfb))
+
+AVX2_FN static void ptiles(float *y, int64_t ldy, int nr, int acc, const uint8_t *panel,
+                           int64_t k0, int q4, int half, const uint8_t *x, int64_t xs,
+                           int64_t kc, int64_t batch, const uint8_t *pf) {
+    for (int64_t b = 0; b < batch; b += NA) {
+        float *yb = y + b * ldy;
+        const uint8_t *xb = x + b * xs;
+        const uint8_t *pfb = b == 0 ? pf : NULL;  /* the first tile reads from memory */
+        switch (batch - b < NA ? (int)(batch - b) : NA) {
+        case 1: PTILE(1); break;
+        case 2: PTILE(2); break;
+        case 3: PTILE(3); break;
+        case 4: PTILE(4); break;
+        case 5: PTILE(5); break;
+        case 6: PTILE(6); break;
+        case 7: PTILE(7); break;
+        default: PTILE(NA); break;
+        }
+    }
+}
+#undef PTILE
+
+#define PP 16              /* rows per packed panel (REALM_PACK_ROWS) */
+#define RUNS_PER_THREAD 4  /* as gemm_q8_avx512.c */
+#define PF_AHEAD 4096
+
+AVX2_FN static void packed_task(void *p, int ith, int nth) {
+    gq_ctx *c = p;
+    (void)ith;
+    const int64_t cb = realm_packed_code_bytes(c->wtype), nb = c->nb, xs = nb * XREC;
+    const int64_t rec = cb + 2 * PP, pb = realm_packed_panel_bytes(nb, cb);
+    const int64_t n_panels = (c->n_rows + PP - 1) / PP;
+    const int64_t kcmax = c->batch <= NA ? nb : KC;
+    const int64_t items = (int64_t)nth * RUNS_PER_THREAD;
+    const int64_t run = n_panels > items ? (n_panels + items - 1) / items : 1;
+    const uint8_t *w_end = c->w + n_panels * pb;
+    const int q4 = c->wtype == REALM_TYPE_Q4_0;
+    int64_t pi = 0, run_end = 0;
+    for (;;) {
+        if (pi == run_end) {
+            pi = atomic_fetch_add(&c->next, 1) * run;
+            run_end = pi + run < n_panels ? pi + run : n_panels;
+            if (pi >= n_panels) break;
+        }
+        const uint8_t *panel = c->w + pi * pb;
+        for (int half = 0; half < 2; half++) {
+            const int64_t r0 = pi * PP + 8 * half;
+            const int nr = c->n_rows - r0 < 8 ? (int)(c->n_rows - r0) : 8;
+            if (nr <= 0) break;
+            for (int64_t k0 = 0; k0 < nb; k0 += kcmax) {
+                const int64_t kc = nb - k0 < kcmax ? nb - k0 : kcmax;
+                const uint8_t *pf = half == 0 ? panel + k0 * rec + PF_AHEAD : NULL;
+                ptiles(c->y + r0, c->n_rows, nr, k0 > 0, panel, k0, q4, half,
+                       (const uint8_t *)(c->xq + k0), xs, kc, c->batch, pf && pf < w_end ? pf : NULL);
+            }
+        }
+        pi++;
+    }
+}
+
+AVX2_FN int realm_matmul_packed_avx2(float *y, const void *w, int wtype, const float *x,
+                                     int64_t n_rows, int64_t n_cols, int64_t batch) {
+    const int64_t nb = n_cols / QK;
+    if ((uint64_t)nb > (SIZE_MAX / XREC) / (uint64_t)batch) return REALM_ENOMEM;
+    gq_ctx c = {.y = y, .w = w, .x = x, .wtype = wtype, .n_rows = n_rows, .nb = nb,
+                .batch = batch};
+    c.xq = aligned_alloc(64, ((size_t)(batch * nb) * XREC + 63) / 64 * 64);
+    if (!c.xq) return REALM_ENOMEM;
+    atomic_store(&c.next, 0);
+    int rc = realm_parallel(quant_task, &c, batch >= 8 ? 0 : 1);
+    if (rc == REALM_OK) rc = realm_parallel(packed_task, &c, 0);
+    free(c.xq);
+    return rc;
+}
+
 AVX2_FN int realm_gemm_q8_avx2(float *y, const void *w, int wtype, const float *x,
                                int64_t n_rows, int64_t n_cols, int64_t batch) {
     if (wtype != REALM_TYPE_Q8_0 && wtype != REALM_TYPE_Q4_0) return REALM_EINVAL;

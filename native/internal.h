@@ -247,6 +247,8 @@ int realm_gemm_kq_avx2_supports(int wtype);
 int realm_gemm_kq_avx512(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                          int64_t n_cols, int64_t batch);
 int realm_gemm_kq_avx512_supports(int wtype);
+int realm_matmul_packed_avx2(float *y, const void *w, int wtype, const float *x,
+                             int64_t n_rows, int64_t n_cols, int64_t batch);
 int realm_matmul_packed_avx512(float *y, const void *w, int wtype, const float *x,
                                int64_t n_rows, int64_t n_cols, int64_t batch);
 void realm_attn_probs_f16_avx2(float *p, int64_t ss, const uint16_t *k, int64_t ks, int64_t n,
