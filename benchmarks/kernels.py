@@ -11,8 +11,11 @@ Cases:
     matvec     weights (11008 rows, 4096 columns) times one vector, for each weight type
                (the types read from files as random blocks with sane scales). Memory-bound:
                GB/s of weight bytes over the read bandwidth.
+               Q8_0 and Q4_0 also "packed" (``kernels.pack``: interleaved 16-row panels, the
+               layout models load them in where the ISA level has a kernel for it).
     batched    the same weights times B = 1, 2, 4, 8 vectors, timed interleaved. The weights
                are read once for all B, so time(B)/time(1) stays near 1 while memory-bound.
+               Q8_0 and Q4_0 packed too.
     gemm       F32 x (512, 2048) times w (2048, 2048): GFLOP/s over numpy's ``x @ w.T``.
     attention  32 query heads over 8 KV heads, f16 cache. One query at the end of the cache
                (decode, memory-bound: GB/s of cache over the read bandwidth) and 64 queries
@@ -26,7 +29,7 @@ Times are the median (and min) of repeated calls through ``realm.kernels`` after
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import numpy as np
@@ -76,6 +79,7 @@ MATVEC_TYPES: Final = (
     *(wt for wt in WeightType if not wt.writable),
 )
 BATCHED_TYPES: Final = (WeightType.Q8_0, WeightType.Q4_0, WeightType.F16)
+PACKED_TYPES: Final = (WeightType.Q8_0, WeightType.Q4_0)  # kernels.pack: also as models load them
 BATCHES: Final = (1, 2, 4, 8)
 GEMM_M, GEMM_K, GEMM_N = 512, 2048, 2048  # x (M, K) times w (N, K)^T
 GEMM_SHAPE: Final = f"{GEMM_M}x{GEMM_K}x{GEMM_N}"
@@ -215,28 +219,37 @@ BATCHED_SECTION: Final = (
 )
 
 
-def _matvec(wt: WeightType) -> Case:
-    name = f"matvec {wt.name} {MATVEC_SHAPE}"
+def _operands(b: Bench, wt: WeightType, packed: bool) -> tuple[Any, ...]:
+    """The rotated copies as matmul takes them: raw blocks, or packed (``kernels.pack``, the
+    layout models load Q8_0 / Q4_0 weights in where the level has a kernel for it)."""
+    copies = b.weights(wt)
+    return tuple(kernels.pack(c, wt) for c in copies) if packed else copies
+
+
+def _matvec(wt: WeightType, packed: bool = False) -> Case:
+    layout = " packed" if packed else ""
+    name = f"matvec {wt.name}{layout} {MATVEC_SHAPE}"
 
     def run(b: Bench) -> Iterator[Result]:
         # Independent copies whose total exceeds 4x the L3 cache, cycled call after call: the
         # weights of one call are long evicted when they come round again, as in a model.
-        copies = b.weights(wt)
+        copies = _operands(b, wt, packed)
         x = b.rng.standard_normal(N_COLS, dtype=np.float32)
         y = np.empty(N_ROWS, dtype=np.float32)
         n = len(copies)
 
         def call(i: int) -> object:
-            return kernels.matmul(copies[i % n], x, wtype=wt, out=y)
+            return kernels.matmul(copies[i % n], x, wtype=None if packed else wt, out=y)
 
         timing, limit = bracket(b.probes[READ], lambda: time_call(call, b.profile.budget))
-        bad = _check_matmul(copies[0], wt, x, y)
-        nbytes = copies[0].nbytes
+        raw = b.weights(wt)[0]
+        bad = _check_matmul(raw, wt, x, y)
+        nbytes = raw.nbytes
         if wt not in BATCHED_TYPES:  # every type's copies together would not fit in memory
             b.drop(wt)
         yield rate_result(
             case=name,
-            kernel="matmul",
+            kernel="matmul" + layout.replace(" ", "-"),
             shape=MATVEC_SHAPE,
             wtype=wt.name,
             batch=1,
@@ -253,29 +266,32 @@ def _matvec(wt: WeightType) -> Case:
     return Case(name, MATVEC_SECTION, frozenset({READ}), run)
 
 
-def _batched(wt: WeightType) -> Case:
-    name = f"batched {wt.name} {MATVEC_SHAPE}"
+def _batched(wt: WeightType, packed: bool = False) -> Case:
+    layout = " packed" if packed else ""
+    name = f"batched {wt.name}{layout} {MATVEC_SHAPE}"
 
     def run(b: Bench) -> Iterator[Result]:
-        copies = b.weights(wt)  # rotated, as in _matvec
+        copies = _operands(b, wt, packed)  # rotated, as in _matvec
         n = len(copies)
         xs = [b.rng.standard_normal((batch, N_COLS), dtype=np.float32) for batch in BATCHES]
         ys = [np.empty((batch, N_ROWS), dtype=np.float32) for batch in BATCHES]
+        wtype = None if packed else wt
 
         def caller(x: np.ndarray, y: np.ndarray) -> Callable[[int], object]:
-            return lambda i: kernels.matmul(copies[i % n], x, wtype=wt, out=y)
+            return lambda i: kernels.matmul(copies[i % n], x, wtype=wtype, out=y)
 
         # Interleaved, so the ratios to B=1 hold even if the machine drifts meanwhile.
         calls = [caller(x, y) for x, y in zip(xs, ys, strict=True)]
         timings, limit = bracket(b.probes[READ], lambda: time_calls(calls, b.profile.budget))
-        nbytes = copies[0].nbytes
+        raw = b.weights(wt)[0]
+        nbytes = raw.nbytes
         t1 = timings[0].median
         for batch, x, y, timing in zip(BATCHES, xs, ys, timings, strict=True):
-            bad = _check_matmul(copies[0], wt, x, y)
+            bad = _check_matmul(raw, wt, x, y)
             vs_b1 = timing.median / t1
             yield rate_result(
                 case=name,
-                kernel="matmul",
+                kernel="matmul" + layout.replace(" ", "-"),
                 shape=MATVEC_SHAPE,
                 wtype=wt.name,
                 batch=batch,
@@ -501,7 +517,9 @@ def _small(op: str, tokens: int) -> Case:
 def all_cases() -> list[Case]:
     return [
         *(_matvec(wt) for wt in MATVEC_TYPES),
+        *(_matvec(wt, packed=True) for wt in PACKED_TYPES),
         *(_batched(wt) for wt in BATCHED_TYPES),
+        *(_batched(wt, packed=True) for wt in PACKED_TYPES),
         _gemm(),
         *(_attention(d, n_kv, 1) for d in HEAD_DIMS for n_kv in CACHE_LENGTHS),
         *(_attention(d, n_kv, PREFILL_QUERIES) for d in HEAD_DIMS for n_kv in CACHE_LENGTHS),
@@ -522,12 +540,12 @@ def targets(b: Bench, ran: set[str]) -> list[Target]:
         return r.ratio if key is None else r.extra[key]
 
     out: list[Target] = []
-    for wt in (WeightType.Q8_0, WeightType.Q4_0):
-        case = f"matvec {wt.name} {MATVEC_SHAPE}"
+    for wt, layout in [(t, lay) for t in PACKED_TYPES for lay in ("", " packed")]:
+        case = f"matvec {wt.name}{layout} {MATVEC_SHAPE}"
         if case in ran:
             out.append(
                 Target(
-                    f"{wt.name} matvec {MATVEC_SHAPE} GB/s / read bandwidth",
+                    f"{wt.name}{layout} matvec {MATVEC_SHAPE} GB/s / read bandwidth",
                     value(case),
                     ">=",
                     MATVEC_MIN_BANDWIDTH_RATIO,
@@ -556,16 +574,17 @@ def targets(b: Bench, ran: set[str]) -> list[Target]:
                 caveat=f"numpy slowed by {', '.join(env)}: not a fair peer" if env else "",
             )
         )
-    case = f"batched Q8_0 {MATVEC_SHAPE}"
-    if case in ran:
-        out.append(
-            Target(
-                f"Q8_0 batched {MATVEC_SHAPE} time(B={BATCHES[-1]}) / time(B=1)",
-                value(case, batch=BATCHES[-1], key="time_vs_b1"),
-                "<=",
-                BATCH_MAX_TIME_RATIO,
+    for layout in ("", " packed"):
+        case = f"batched Q8_0{layout} {MATVEC_SHAPE}"
+        if case in ran:
+            out.append(
+                Target(
+                    f"Q8_0{layout} batched {MATVEC_SHAPE} time(B={BATCHES[-1]}) / time(B=1)",
+                    value(case, batch=BATCHES[-1], key="time_vs_b1"),
+                    "<=",
+                    BATCH_MAX_TIME_RATIO,
+                )
             )
-        )
     return out
 
 
