@@ -533,12 +533,15 @@ def guard(host: Any, name: str) -> Callable[..., int]:
             return int(Status.EINTERNAL)
         if ctx.fatal is not None:  # stopped: nothing more until the trap lands
             return int(Status.EBOUNDS)
+        mem = None
         try:
             if not allowed and ctx.cancelled():
                 ctx.ignored += 1
                 if ctx.ignored > MAX_IGNORED_ERRORS:
                     host.stop_guest(ctx, "the guest kept calling after its call was cancelled")
                 return int(Status.ECANCELLED)
+            mem = host.mem
+            mem.pause()  # the guest waits for this import: its memory stays where it is
             return int(impl(host, ctx, *args))
         except Interrupted:
             ctx.record(f"{name}: interrupted: the call was cancelled or its deadline passed")
@@ -558,6 +561,8 @@ def guard(host: Any, name: str) -> Callable[..., int]:
             host.stop_guest(ctx, f"{name}: internal error: {e!r}")
             return int(Status.EINTERNAL)
         finally:
+            if mem is not None:
+                mem.resume()
             ctx.wasm_since = time.monotonic()  # back to wasm (the CPU share counts from here)
 
     return host_import

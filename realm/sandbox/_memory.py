@@ -44,19 +44,42 @@ class GuestMemory:
     def __init__(self, memory: wasmtime.Memory, store: wasmtime.Store) -> None:
         self.memory = memory
         self.store = store
+        self._bounds: tuple[int, int] | None = None  # (base address, size) while paused
+        self._paused = False
+
+    def pause(self) -> None:
+        """A host import starts: the guest is paused until ``resume``, so its memory cannot
+        grow (and move) meanwhile, and its base and size are read once for the whole import
+        (each read is a foreign call that gives up the GIL, which the imports of many guests
+        then queue for). Outside a pause every access reads them afresh."""
+        self._paused, self._bounds = True, None
+
+    def resume(self) -> None:
+        """The import returns to the guest (which may grow its memory)."""
+        self._paused, self._bounds = False, None
+
+    def _base_size(self) -> tuple[int, int]:
+        b = self._bounds
+        if b is None:
+            size = self.memory.data_len(self.store)
+            base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+            b = (base, size)
+            if self._paused:
+                self._bounds = b
+        return b
 
     def size(self) -> int:
-        return self.memory.data_len(self.store)
+        return self._base_size()[1]
 
     def span(self, ptr: int, n: int) -> int:
         """The host address of ``[ptr, ptr + n)`` after checking it lies in the memory."""
         p = ptr & U32
         if n < 0:
             raise Fail(Status.EINVAL, f"negative length {n}")
-        size = self.size()
+        base, size = self._base_size()
         if p > size or n > size - p:  # overflow-safe
             raise Stop(f"[{p}, {p}+{n}) is outside the guest's {size}-byte memory")
-        return ctypes.addressof(self.memory.data_ptr(self.store).contents) + p
+        return base + p
 
     def read(self, ptr: int, n: int) -> bytes:
         return ctypes.string_at(self.span(ptr, n), n) if n else b""
@@ -81,7 +104,7 @@ class GuestMemory:
         the guest runs again (its memory may grow and move)."""
         dt = np.dtype(dtype)
         self.check_array(ptr, n, dt)
-        addr = self.span(ptr, n * dt.itemsize)
+        addr = self._base_size()[0] + (ptr & U32)  # checked just now
         buf = (ctypes.c_char * (n * dt.itemsize)).from_address(addr)
         a = np.frombuffer(buf, dtype=dt, count=n)
         if not writable:

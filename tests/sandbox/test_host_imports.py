@@ -819,6 +819,27 @@ def test_pointers_into_grown_memory_work(engine: SandboxEngine, tenant: TenantSt
     assert p.read(new + 8, 16) != bytes(16), "the host wrote into the new (zeroed) page"
 
 
+def test_memory_grown_between_two_imports_is_seen_by_the_second(
+    engine: SandboxEngine, tenant: TenantState
+) -> None:
+    """An import reads the memory's base and size once (the guest is paused meanwhile): the
+    next import, after the guest grew its memory, must not reuse them."""
+    page = 0x10000
+    new = 5 * page + 64
+    body = f"""(i32.store8 (i32.const {SCRATCH + 16}) (i32.const 0x43))
+    (i32.store (i32.const {SCRATCH}) (call $emit (i32.const {SCRATCH + 16}) (i32.const 1)))
+    (drop (memory.grow (i32.const 4)))
+    (i32.store8 (i32.const {new}) (i32.const 0x44))
+    (i32.store (i32.const {SCRATCH + 4}) (call $emit (i32.const {new}) (i32.const 1)))
+    (i32.const 0)"""
+    p = Probe(engine, tenant, guest_wat(None, {"grow": body}))
+    assert p.size() == 2 * page
+    seen: list[str] = []
+    p.inst.call("grow", {}, CallContext(seed=3, on_emit=lambda t: seen.append(t) or True))
+    assert seen == ["C", "D"]
+    assert (p.scratch(0), p.scratch(1)) == (OK, OK)
+
+
 def test_wat_bytes_escapes_everything() -> None:
     assert wat_bytes(b'a"\\\n\x00\xff') == "\\61\\22\\5c\\0a\\00\\ff"
     assert wat_bytes("é") == "\\c3\\a9"
