@@ -2,8 +2,10 @@
 
 Guest pointers arrive as signed i32 values, unchecked, into a memory that may move when it
 grows. Every access here masks the pointer to unsigned, checks ``ptr + len`` against the
-memory's current size without overflowing, and re-reads the memory's base address, so a view
-is only ever taken of bytes the guest owns right now. A pointer outside the memory raises
+memory's current size without overflowing, and takes the memory's base address as it is
+now (read once per host import, ``pause`` / ``resume``: the guest cannot grow its memory while
+it waits for an import; afresh on every access otherwise), so a view is only ever taken of
+bytes the guest owns right now. A pointer outside the memory raises
 ``Stop`` (the guest is stopped: the import returns EBOUNDS and the call traps); a bad count,
 alignment or encoding raises ``Fail`` with the status the import returns.
 """
