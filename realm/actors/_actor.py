@@ -23,7 +23,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
 from typing import Any, Final
 
 import attrs
@@ -31,7 +30,6 @@ import numpy as np
 import trio
 
 from .._errors import (
-    CallCancelled,
     GuestABIError,
     GuestError,
     GuestTrap,
@@ -167,6 +165,7 @@ class TenantActor:
             name, models, default_model=default_model, limits=spec.limits, forward=self._forward
         )
         self._idle: list[GuestInstance] = []
+        self._running = threading.local()  # .ctx: the call a worker thread runs now
         self._slots = trio.Semaphore(spec.max_concurrent_calls)
         self._restarts: list[float] = []
         self.failed_until = 0.0
@@ -234,21 +233,17 @@ class TenantActor:
     # --- the guest's forward import, bridged to the Trio batcher ------------------------------
 
     def _forward(self, model: Model, work: Any) -> list[np.ndarray | None]:
-        try:
-            return trio.from_thread.run(
-                partial(
-                    self.batcher.forward,
-                    model,
-                    work,
-                    tenant=self.name,
-                    weight=self.spec.weight,
-                    caller=threading.get_ident(),
-                )
-            )
-        except trio.Cancelled:
-            raise CallCancelled("cancelled while waiting for its forward step") from None
-        except trio.RunFinishedError:
-            raise CallCancelled("the runtime is shut down") from None
+        """In the guest's worker thread: the step through the batcher; the wait ends when the
+        call is cancelled (its guest then sees ECANCELLED)."""
+        ctx: CallContext | None = getattr(self._running, "ctx", None)
+        return self.batcher.forward_from_thread(
+            model,
+            work,
+            tenant=self.name,
+            weight=self.spec.weight,
+            caller=threading.get_ident(),
+            cancelled=ctx.cancelled if ctx is not None else lambda: False,
+        )
 
     # --- supervision -----------------------------------------------------------------------------
 
@@ -405,6 +400,7 @@ class TenantActor:
     ) -> dict[str, Any]:
         """In the worker thread: the call, its errors counted here (whatever Trio does with
         the outcome of a cancelled call), a trap recorded against the restart intensity."""
+        self._running.ctx = ctx  # the call this thread runs (its forward steps' cancel flag)
         try:
             return inst.call(function, params, ctx)
         except GuestTrap as e:
@@ -418,6 +414,8 @@ class TenantActor:
         except Exception as e:  # never a raw exception from rt.call
             self.errors += 1
             raise GuestError(f"tenant {self.name!r}: the call failed in the host: {e!r}") from e
+        finally:
+            self._running.ctx = None
 
     async def _in_thread(
         self, inst: GuestInstance, function: str, params: Any, ctx: CallContext
