@@ -244,6 +244,7 @@ class Batcher:
             async with self._recv:
                 while True:
                     batch, self._carry = self._carry, []
+                    self._in_flight = batch  # failed at shutdown, gathered or not
                     if not batch:
                         batch.append(await self._recv.receive())
                     await self._gather(batch)
