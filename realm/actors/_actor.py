@@ -236,6 +236,11 @@ class TenantActor:
         """In the guest's worker thread: the step through the batcher; the wait ends when the
         call is cancelled (its guest then sees ECANCELLED)."""
         ctx: CallContext | None = getattr(self._running, "ctx", None)
+
+        def wake(event: threading.Event | None) -> None:  # what a cancel of the call sets
+            if ctx is not None:
+                ctx.waker = event
+
         return self.batcher.forward_from_thread(
             model,
             work,
@@ -243,6 +248,7 @@ class TenantActor:
             weight=self.spec.weight,
             caller=threading.get_ident(),
             cancelled=ctx.cancelled if ctx is not None else lambda: False,
+            wake=wake,
         )
 
     # --- supervision -----------------------------------------------------------------------------
@@ -430,6 +436,9 @@ class TenantActor:
                         await trio.sleep_forever()
                     finally:
                         ctx.cancel.set()  # the guest stops within one forward step
+                        waker = ctx.waker
+                        if waker is not None:  # it waits for a step now: it stops waiting
+                            waker.set()
 
                 nursery.start_soon(watch_cancel)
                 try:
@@ -452,6 +461,9 @@ class TenantActor:
         """Ask every running call's guest to stop (shutdown past its grace period)."""
         for ctx in list(self._active):
             ctx.cancel.set()
+            waker = ctx.waker
+            if waker is not None:
+                waker.set()
 
     def close(self) -> None:
         """Stop: no more instances; every session (kept ones too) is closed."""

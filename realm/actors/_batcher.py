@@ -39,8 +39,9 @@ from ..sandbox import COMPUTE
 GATHER_SECONDS: Final = 0.002  # how long a step waits for sessions that are mid-generation
 PREFILL_CHUNK: Final = 256  # a longer step is split so other tenants' decode steps interleave
 MAX_BATCH_TOKENS: Final = 2048  # a step's token budget; long prefills are chunked to fit
-# a guest thread waiting for its step looks at its call's cancel flag this often
-WAIT_POLL_SECONDS: Final = 0.005
+# a guest thread waiting for its step is woken by its call's cancel (``wake``); it also looks
+# at the call's cancel flag and deadline this often
+WAIT_POLL_SECONDS: Final = 0.05
 # While some sessions decode, a step carries at most as many prefill tokens as cost this many
 # decode-only steps more: a tenant flooding the runtime with prefills (the most tokens the ABI
 # lets one forward call take, in a loop) adds at most that to every other tenant's token gap.
@@ -62,12 +63,14 @@ class _Request:
     caller: int = 0  # the guest call's thread: its sessions step one at a time (0: unknown)
     vstart: float | None = None  # fair-queuing start tag (set once, when first queued)
     done: trio.Event = attrs.field(factory=trio.Event)
-    waiter: threading.Event | None = None  # a guest thread's: set as soon as result or error is
+    waiter: threading.Event | None = None  # a guest thread's: set when finished (or cancelled)
+    finished: bool = False  # result or error is set (for the guest thread)
     result: Any = None
     error: BaseException | None = None
 
     def finish(self) -> None:
         """Wake whoever waits (in Trio, and a guest thread): result or error is set."""
+        self.finished = True
         self.done.set()
         if self.waiter is not None:
             self.waiter.set()
@@ -180,14 +183,17 @@ class Batcher:
         weight: float = 1.0,
         caller: int = 0,
         cancelled: Callable[[], bool] = lambda: False,
+        wake: Callable[[threading.Event | None], None] = lambda event: None,
     ) -> list[Any]:
         """``forward`` for a guest's worker thread (one started by ``trio.to_thread``): each
         step (prefill chunk) is queued with one ``trio.from_thread.run_sync`` and its logits
         taken as soon as the step's worker thread has them, without a round trip through the
         Trio loop (eight tenants' results used to wait for the loop to finish each one's
-        task: about a quarter of the time between steps). While waiting, ``cancelled()`` is
-        polled every ``WAIT_POLL_SECONDS``; once it is true the wait ends with CallCancelled
-        (the step may still run; its result is dropped)."""
+        task: about a quarter of the time between steps). ``wake(event)`` is given the event
+        the thread waits on (None when it stops waiting): setting it (the call's cancel) makes
+        the thread look at ``cancelled()``, which it also does every ``WAIT_POLL_SECONDS``;
+        once that is true the wait ends with CallCancelled (the step may still run; its
+        result is dropped)."""
         if not weight > 0:
             raise ValueError(f"weight must be > 0, not {weight!r}")
         out = []
@@ -203,9 +209,15 @@ class Batcher:
                 except trio.RunFinishedError:
                     raise CallCancelled("the runtime is shut down") from None
                 assert r.waiter is not None
-                while not r.waiter.wait(WAIT_POLL_SECONDS):
-                    if cancelled():
-                        raise CallCancelled("cancelled while waiting for its forward step")
+                wake(r.waiter)
+                try:
+                    while not r.finished:
+                        r.waiter.wait(WAIT_POLL_SECONDS)
+                        if not r.finished and cancelled():
+                            raise CallCancelled("cancelled while waiting for its forward step")
+                        r.waiter.clear()  # a wake that was not the end (finished is checked)
+                finally:
+                    wake(None)
                 if r.error is not None:
                     raise r.error
                 pieces.append(r.result)
@@ -447,5 +459,6 @@ def _gated_step(model: Model, reqs: list[_Request]) -> list[Any]:
     for r, res in zip(reqs, results, strict=True):
         if r.waiter is not None:
             r.result = res
+            r.finished = True
             r.waiter.set()
     return results

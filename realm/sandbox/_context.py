@@ -83,6 +83,9 @@ class CallContext:
         )
         self.on_emit = on_emit  # may block (backpressure); False: the caller went away
         self.cancel = cancel or threading.Event()
+        # set (with cancel) to wake the call's thread where it waits for the host (a forward
+        # step); None while it does not wait
+        self.waker: threading.Event | None = None
         self.deadline = deadline  # time.monotonic() value; TIMEOUT past it
         self.expired = False  # the deadline passed (seen by cancelled())
         self.result: dict[str, Any] | None = None

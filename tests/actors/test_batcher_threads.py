@@ -95,6 +95,37 @@ async def test_a_cancelled_call_stops_waiting() -> None:
     assert isinstance(waited, float) and waited < 0.9  # not the whole 1 s step
 
 
+async def test_a_cancel_wakes_the_waiting_thread_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wake`` hands out the event the thread waits on: a cancel sets it (the actor's
+    watch_cancel does), so the thread does not wait for its poll."""
+    from realm.actors import _batcher
+
+    monkeypatch.setattr(_batcher, "WAIT_POLL_SECONDS", 30.0)
+    model, batcher = SlowModel(2.0), Batcher(gather_seconds=0.0)
+    flag = threading.Event()
+    waiting: list[threading.Event | None] = []
+
+    def cancel_soon() -> None:
+        time.sleep(0.1)
+        flag.set()
+        event = waiting[-1]
+        assert event is not None
+        event.set()
+
+    def call(_: int) -> object:
+        threading.Thread(target=cancel_soon).start()
+        work = [(FakeSession(), np.array([1], np.int32), "last")]
+        t0 = time.monotonic()
+        with pytest.raises(CallCancelled):
+            batcher.forward_from_thread(model, work, cancelled=flag.is_set, wake=waiting.append)  # type: ignore[arg-type]
+        return time.monotonic() - t0
+
+    with trio.fail_after(20):
+        (waited,) = await _in_threads(batcher, call, 1)
+    assert isinstance(waited, float) and waited < 1.5  # not the 2 s step, nor the 30 s poll
+    assert waiting[-1] is None  # the thread said it stopped waiting
+
+
 async def test_a_failing_step_reaches_only_its_caller() -> None:
     class Picky(SlowModel):
         def step(self, work):  # type: ignore[no-untyped-def]
