@@ -116,7 +116,7 @@ class Batcher:
         self._carry: list[_Request] = []  # prefills left out of the last round (budget)
         self._costs: dict[int, _StepCost] = {}  # id(model) -> what its steps cost
 
-    # --- called from guest worker threads (through trio.from_thread.run) ---------------------
+    # --- queuing steps: from Trio (forward) and from guest worker threads ---------------------
 
     async def forward(
         self,
@@ -140,38 +140,19 @@ class Batcher:
             raise CallCancelled("the runtime is shut down")
         out = []
         for session, tokens, mode in work:
-            ids = np.asarray(tokens, np.int32)
             # a long prefill goes in chunks, each its own step shared with everyone's decode
-            # steps, so a 2000-token prompt never stalls other tenants' streams for long; while
-            # others decode, a chunk is no bigger than what a step may carry (prefill_budget)
+            # steps, so a 2000-token prompt never stalls other tenants' streams for long
+            ids = np.asarray(tokens, np.int32)
             pieces = []
             i = 0
             while i < len(ids):
-                size = min(self.prefill_chunk, self.prefill_budget(model) or self.prefill_chunk)
-                chunk = ids[i : i + size]
-                i += len(chunk)
-                last = i >= len(ids)
-                r = _Request(
-                    model,
-                    session,
-                    chunk,
-                    mode if last or mode in ("all", "verify") else "none",
-                    tenant=tenant,
-                    weight=weight,
-                    caller=caller,
-                )
-                try:
-                    await self._send.send(r)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise CallCancelled("the runtime is shut down") from None
+                r = self._submit(model, session, ids, i, mode, tenant, weight, caller)
                 await r.done.wait()
                 if r.error is not None:
                     raise r.error
                 pieces.append(r.result)
-            if mode in ("all", "verify") and len(pieces) > 1:
-                out.append(np.concatenate(pieces, axis=0))
-            else:
-                out.append(pieces[-1])
+                i += len(r.tokens)
+            out.append(_joined(pieces, mode))
         return out
 
     def forward_from_thread(
@@ -204,7 +185,7 @@ class Batcher:
             while i < len(ids):
                 try:
                     r = trio.from_thread.run_sync(
-                        self._submit, model, session, ids, i, mode, tenant, weight, caller
+                        self._submit, model, session, ids, i, mode, tenant, weight, caller, True
                     )
                 except trio.RunFinishedError:
                     raise CallCancelled("the runtime is shut down") from None
@@ -222,17 +203,16 @@ class Batcher:
                     raise r.error
                 pieces.append(r.result)
                 i += len(r.tokens)
-            if mode in ("all", "verify") and len(pieces) > 1:
-                out.append(np.concatenate(pieces, axis=0))
-            else:
-                out.append(pieces[-1])
+            out.append(_joined(pieces, mode))
         return out
 
     def _submit(
         self, model: Model, session: Session, ids: np.ndarray, i: int, mode: str, tenant: str,
-        weight: float, caller: int,
+        weight: float, caller: int, thread: bool = False,
     ) -> _Request:  # fmt: skip
-        """In Trio: queue the chunk of ``ids`` from ``i`` (sized as ``forward`` sizes them)."""
+        """In Trio: queue the chunk of ``ids`` from ``i`` (for a guest thread: with its
+        waiter). While others decode, a chunk is no bigger than what a step may carry
+        (``prefill_budget``)."""
         if self.closed:
             raise CallCancelled("the runtime is shut down")
         size = min(self.prefill_chunk, self.prefill_budget(model) or self.prefill_chunk)
@@ -240,7 +220,8 @@ class Batcher:
         last = i + len(chunk) >= len(ids)
         r = _Request(
             model, session, chunk, mode if last or mode in ("all", "verify") else "none",
-            tenant=tenant, weight=weight, caller=caller, waiter=threading.Event(),
+            tenant=tenant, weight=weight, caller=caller,
+            waiter=threading.Event() if thread else None,
         )  # fmt: skip
         try:
             self._send.send_nowait(r)
@@ -414,6 +395,13 @@ class Batcher:
             step_seconds_mean=self._step_time / steps if steps else math.nan,
             queued=self._send.statistics().current_buffer_used,
         )
+
+
+def _joined(pieces: list[Any], mode: str) -> Any:
+    """One request's result from its chunks' (every position's logits, or the last's)."""
+    if mode in ("all", "verify") and len(pieces) > 1:
+        return np.concatenate(pieces, axis=0)
+    return pieces[-1]
 
 
 def _start_tag(r: _Request) -> float:
