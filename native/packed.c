@@ -70,21 +70,26 @@ static void pack_task(void *p, int ith, int nth) {
     const pack_ctx *c = p;
     const int64_t cb = realm_packed_code_bytes(c->wtype), panels = (c->n_rows + PR - 1) / PR;
     const int64_t bb = realm_type_block_bytes(c->wtype);
-    const uint8_t bias = c->wtype == REALM_TYPE_Q8_0 ? 0x80 : 0;
+    const uint32_t bias = c->wtype == REALM_TYPE_Q8_0 ? 0x80808080u : 0;
     int64_t p0, p1;
     realm_split(panels, ith, nth, &p0, &p1);
     for (int64_t pi = p0; pi < p1; pi++) {
         const int64_t pb = realm_packed_panel_bytes(c->nb, cb);
         uint8_t *panel = c->out + pi * pb;
-        memset(panel, 0, (size_t)pb);
-        for (int r = 0; r < PR && pi * PR + r < c->n_rows; r++) {
+        const int rows = c->n_rows - pi * PR < PR ? (int)(c->n_rows - pi * PR) : PR;
+        if (rows < PR || c->nb % 2) memset(panel, 0, (size_t)pb);  /* missing rows, padding */
+        for (int r = 0; r < rows; r++) {
             const uint8_t *row = c->w + (pi * PR + r) * c->stride;
             for (int64_t i = 0; i < c->nb; i++) {
                 const uint8_t *blk = row + i * bb;
                 uint8_t *o = panel + realm_packed_codes_at(i, cb) + 4 * r;
                 memcpy(panel + realm_packed_scales_at(i, cb) + 2 * r, blk, 2);
-                for (int64_t g = 0; g < cb / 64; g++)
-                    for (int b = 0; b < 4; b++) o[g * 64 + b] = (uint8_t)(blk[2 + 4 * g + b] ^ bias);
+                for (int64_t g = 0; g < cb / 64; g++) {  /* a row's 4-byte group at a time */
+                    uint32_t v;
+                    memcpy(&v, blk + 2 + 4 * g, 4);
+                    v ^= bias;
+                    memcpy(o + g * 64, &v, 4);
+                }
             }
         }
     }
