@@ -295,8 +295,13 @@ def _packed(k: str, w: Packed) -> tuple[Packed, int, int, int]:
         raise _fail(k, "w.data of Packed weights must be a 1-D uint8 array")
     if w.wtype not in PACKABLE:
         raise _fail(k, f"Packed weights of type {w.wtype!r}")
+    if not all(isinstance(v, int | np.integer) and 0 < v < 2**40 for v in (w.n_rows, w.n_cols)):
+        raise _fail(k, f"Packed weights of shape ({w.n_rows!r}, {w.n_cols!r})")
     size = lib.realm_packed_bytes(int(w.wtype), int(w.n_rows), int(w.n_cols))
-    if size < 0 or w.data.size != size or not w.data.flags.c_contiguous:
+    if size < 0:
+        raise _fail(k, f"Packed {w.wtype.name} weights need whole blocks of 32 columns, not "
+                       f"{w.n_cols}")  # fmt: skip
+    if w.data.size != size or not w.data.flags.c_contiguous:
         raise _fail(k, f"Packed ({w.n_rows}, {w.n_cols}) {w.wtype.name} weights need "
                        f"{size} contiguous bytes, not {w.data.size}")  # fmt: skip
     return w, int(w.wtype) | int(lib.REALM_PACKED), int(w.n_rows), int(w.n_cols)

@@ -125,3 +125,9 @@ def test_matmul_rejects_tampered_packed_weights() -> None:
         kernels.matmul(p, x, wtype=WeightType.Q4_0)
     with pytest.raises(KernelError, match="Packed weights of type"):
         kernels.matmul(kernels.Packed(p.data, WeightType.F16, 16, 64), x)
+    with pytest.raises(KernelError, match=r"Packed weights of shape \(0, 64\)"):
+        kernels.matmul(kernels.Packed(p.data, p.wtype, 0, 64), x)
+    with pytest.raises(KernelError, match="whole blocks of 32 columns, not 63"):
+        kernels.matmul(kernels.Packed(p.data, p.wtype, 16, 63), np.ones(63, np.float32))
+    with pytest.raises(KernelError, match="1-D uint8"):
+        kernels.matmul(kernels.Packed(p.data.view(np.int8), p.wtype, 16, 64), x)
