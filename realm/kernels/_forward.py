@@ -278,6 +278,7 @@ class NativeTransformer:
         s = spec
         self.packed = bool(pack_preferred() if pack is None else pack) and layers is not None
         self._packs: dict[int, Packed] = {}  # id(matrix data) -> its packed copy
+        self.packed_sources: list[np.ndarray] = []  # the arrays packed (their memory is unread)
         for name in ("n_layers", "n_embd", "n_heads", "n_kv_heads", "head_dim", "n_ff", "n_vocab"):
             _int_arg(_K, name, getattr(s, name), 1, 2**31 - 1)
         if s.n_heads % s.n_kv_heads:
@@ -454,6 +455,7 @@ class NativeTransformer:
             if p is None:
                 p = self._packs[id(m.data)] = pack(m.data, m.wtype)
                 keep.append(m.data)  # the id stays unique while the copy is kept
+                self.packed_sources.append(m.data)
             data, code = p.data, code | int(lib.REALM_PACKED)
         ptr = ffi.from_buffer(data, require_writable=False)
         keep.append(ptr)

@@ -73,6 +73,12 @@ class Model:
                 self.spec, tok_embd=tok_embd, output_norm=mf.vector("output_norm.weight"),
                 output=output, layers=layers, **packing,
             )  # fmt: skip
+            if getattr(self._native, "packed_sources", None):
+                # the packing read the file's pages; the steps read the packed copy: the pages
+                # leave the process (resident memory stays about one copy of the weights)
+                from ._pager import release_pages
+
+                release_pages(mf.reader.data, self._native.packed_sources)
         else:
             from ._pager import LayerPager
 

@@ -71,3 +71,27 @@ def test_pack_must_be_a_bool_or_none(tmp_path: Path, bad: object) -> None:
     path = write_test_model(tmp_path / "m.gguf", n_layers=1)
     with pytest.raises(ModelError, match="pack must be True, False or None"):
         realm.load_model(path, pack=bad)  # type: ignore[arg-type]
+
+
+def test_released_file_pages_read_back_the_same(tmp_path: Path) -> None:
+    """A packed model drops the file pages it copied (``release_pages``); what lies there still
+    reads the same afterwards (the kernel maps it again), and arrays outside the map are left."""
+    from realm.model._pager import PAGE, release_pages
+
+    path = tmp_path / "blob"
+    want = np.arange(4 * PAGE, dtype=np.uint8)
+    want.tofile(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    inner = data[PAGE : 3 * PAGE]
+    assert int(inner.sum()) == int(want[PAGE : 3 * PAGE].sum())  # touched: resident
+    elsewhere = np.ones(PAGE, np.uint8)
+    assert release_pages(data, [inner, elsewhere]) == inner.nbytes
+    assert np.array_equal(np.asarray(data), want)
+    assert elsewhere.all()
+
+
+def test_a_packed_model_embeds_from_the_released_file_pages(model_file: Path) -> None:
+    packed = realm.load_model(model_file, pack=True)
+    plain = realm.load_model(model_file, pack=False)
+    np.testing.assert_array_equal(packed.embed(IDS), packed.embed(IDS))
+    assert np.allclose(packed.embed(IDS), plain.embed(IDS), atol=1e-3)
