@@ -1,5 +1,6 @@
 /* Realm native kernels: Q8_0 / Q4_0 weights times a large batch of activation rows, AVX2 (x86
- * CPUs without AVX-512: no VNNI). The prefill path of realm_matmul at the AVX2 level.
+ * CPUs without AVX-512: no VNNI). The prefill path of realm_matmul at the AVX2 level, and, at
+ * the end, the product of interleaved weight panels (packed.c) at every batch size.
  *
  * The scheme is gemm_q8_avx512.c's with 8 weight rows per panel (one ymm of int32 lanes): the
  * weights of 8 output rows are interleaved so that one product instruction computes a 4-byte

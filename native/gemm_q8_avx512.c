@@ -1,5 +1,7 @@
 /* Realm native kernels: Q8_0 / Q4_0 weights times a large batch of activation rows, AVX-512
- * VNNI (x86 only). The prefill path of realm_matmul (batch >= 16).
+ * VNNI (x86 only). The prefill path of realm_matmul for weights in the file's layout (batch >=
+ * gemm_q_min_batch), and, at the end, the product of interleaved weight panels (packed.c),
+ * which reads panels packed once at load with the same register tile, at every batch size.
  *
  * The row-streaming dots (avx512.c) take one weight block pair against up to 8 activation
  * rows and reduce horizontally at the end; here the weights of 16 output rows are interleaved
