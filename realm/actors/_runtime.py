@@ -564,6 +564,7 @@ async def open_runtime(
     limits: RuntimeLimits | None = None,
     *,
     max_resident_bytes: int | None = None,
+    pack: bool | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open an embedded Realm runtime.
 
@@ -580,6 +581,8 @@ async def open_runtime(
             from a path (``PagingBudget``, docs/models.md): their weights together keep at most
             this many bytes resident (0: none between steps), the rest paged in per step.
             None: no paging.
+        pack: ``load_model``'s ``pack`` for the models loaded from a path (None: packed where
+            the CPU's ISA level has a kernel; False: the file's layout and pages).
 
     Raises:
         ModelError: no model, or one that cannot be loaded.
@@ -591,7 +594,7 @@ async def open_runtime(
         if isinstance(m, Model):
             registry._by_name[name] = m  # an already loaded model, shared as it is
         else:
-            registry.load(name, m)
+            registry.load(name, m, **({} if pack is None else {"pack": pack}))
     if not registry.names():
         raise ModelError("open_runtime needs at least one model")
     batcher = Batcher(gather_seconds=limits.gather_seconds)

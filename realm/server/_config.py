@@ -128,6 +128,9 @@ class ServerConfig:
     device: str = "cpu"
     # one layer-paging budget for every model's weights (bytes resident at most; None: all)
     max_resident_bytes: int | None = None
+    # Q8_0 / Q4_0 weights packed into interleaved panels at load (docs/models.md); None: where
+    # the CPU's ISA level has a kernel for them; False: the file's pages, shared by processes
+    pack_weights: bool | None = None
     # the open server's one tenant: a local user whose many connections share it
     open_tenant: TenantSpec = attrs.field(
         factory=lambda: TenantSpec(OPEN_TENANT, max_concurrent_calls=16, max_queued_calls=1024)
@@ -389,7 +392,7 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
         "server",
         server,
         {"host", "port", "metrics_port", "allowed_origins", "allowed_hosts", "server_id", "device"}
-        | {"trusted_proxies", "max_resident_bytes"}
+        | {"trusted_proxies", "max_resident_bytes", "pack_weights"}
         | {f.name for f in attrs.fields(ServerLimits)},
     )
     models_t = doc.get("models")
@@ -450,4 +453,11 @@ def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None) -> Ser
             if "max_resident_bytes" in server
             else None
         ),
+        pack_weights=_pack_weights(server.get("pack_weights")),
     )
+
+
+def _pack_weights(v: Any) -> bool | None:
+    if v is None or isinstance(v, bool):
+        return v
+    raise ConfigError(f"server.pack_weights must be true or false, got {v!r}")

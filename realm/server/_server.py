@@ -579,6 +579,7 @@ async def open_server(config: ServerConfig) -> AsyncIterator[Server]:
         tenants=tenants,
         limits=runtime_limits(config),
         max_resident_bytes=budget,
+        pack=config.pack_weights,
     ) as rt:
         server = Server(config, rt)
         with single_error():  # an error of the caller's block comes out as itself

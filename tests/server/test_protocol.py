@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import realm
-from realm import ProtocolError
+from realm import ProtocolError, kernels
 from realm._protocol import (
     MAX_DEPTH,
     MAX_FUNCTION_CHARS,
@@ -35,6 +35,7 @@ from realm.client import RateLimited, RemoteError, ServerError
 from realm.client._errors import BY_CODE, error_from_wire
 from realm.server import ConfigError, ServerLimits, config_from_dict, hash_key, load_config, new_key
 from realm.server._limits import TokenBucket
+from realm.testing import write_test_model
 
 # --- parse_message: what is accepted -----------------------------------------------------------
 
@@ -343,6 +344,25 @@ def test_the_paging_budget_key(tmp_path: Path) -> None:
     for bad in ("-1", '"1GB"', "1.5", "true"):
         with pytest.raises(ConfigError, match=r"server\.max_resident_bytes"):
             load_config(_write(tmp_path, f"[server]\nmax_resident_bytes = {bad}\n" + models))
+
+
+def test_the_pack_weights_key(tmp_path: Path) -> None:
+    models = '[models]\ntiny = "m.gguf"\n'
+    assert load_config(_write(tmp_path, models)).pack_weights is None
+    for text, want in (("false", False), ("true", True)):
+        cfg = load_config(_write(tmp_path, f"[server]\npack_weights = {text}\n" + models))
+        assert cfg.pack_weights is want
+    for bad in ("1", '"no"', "0"):
+        with pytest.raises(ConfigError, match=r"server\.pack_weights must be true or false"):
+            load_config(_write(tmp_path, f"[server]\npack_weights = {bad}\n" + models))
+
+
+async def test_open_runtime_passes_pack_to_the_models_it_loads(tmp_path: Path) -> None:
+    path = write_test_model(tmp_path / "q.gguf", n_layers=1, wtype="Q4_0")
+    async with realm.open_runtime(models={"m": path}, pack=False) as rt:
+        assert not rt.registry.get("m")._native.packed
+    async with realm.open_runtime(models={"m": path}) as rt:
+        assert rt.registry.get("m")._native.packed == kernels.pack_preferred()
 
 
 def _replace(old: str, new: str) -> str:
