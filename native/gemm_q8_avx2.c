@@ -345,9 +345,7 @@ AVX2_FN static void ptiles(float *y, int64_t ldy, int nr, int acc, const uint8_t
 }
 #undef PTILE
 
-#define PP 16              /* rows per packed panel (REALM_PACK_ROWS) */
-#define RUNS_PER_THREAD 4  /* as gemm_q8_avx512.c */
-#define PF_AHEAD 4096
+#define PP REALM_PACK_ROWS  /* rows per packed panel */
 
 AVX2_FN static void packed_task(void *p, int ith, int nth) {
     gq_ctx *c = p;
@@ -356,17 +354,10 @@ AVX2_FN static void packed_task(void *p, int ith, int nth) {
     const int64_t rec = cb + 2 * PP, pb = realm_packed_panel_bytes(nb, cb);
     const int64_t n_panels = (c->n_rows + PP - 1) / PP;
     const int64_t kcmax = c->batch <= NA ? nb : KC;
-    const int64_t items = (int64_t)nth * RUNS_PER_THREAD;
-    const int64_t run = n_panels > items ? (n_panels + items - 1) / items : 1;
     const uint8_t *w_end = c->w + n_panels * pb;
     const int q4 = c->wtype == REALM_TYPE_Q4_0;
-    int64_t pi = 0, run_end = 0;
-    for (;;) {
-        if (pi == run_end) {
-            pi = atomic_fetch_add(&c->next, 1) * run;
-            run_end = pi + run < n_panels ? pi + run : n_panels;
-            if (pi >= n_panels) break;
-        }
+    realm_panel_runs runs = realm_panel_runs_of(n_panels, nth);
+    for (int64_t pi; (pi = realm_panel_runs_next(&runs, &c->next)) >= 0;) {
         const uint8_t *panel = c->w + pi * pb;
         for (int half = 0; half < 2; half++) {
             const int64_t r0 = pi * PP + 8 * half;
@@ -374,12 +365,11 @@ AVX2_FN static void packed_task(void *p, int ith, int nth) {
             if (nr <= 0) break;
             for (int64_t k0 = 0; k0 < nb; k0 += kcmax) {
                 const int64_t kc = nb - k0 < kcmax ? nb - k0 : kcmax;
-                const uint8_t *pf = half == 0 ? panel + k0 * rec + PF_AHEAD : NULL;
+                const uint8_t *pf = half == 0 ? panel + k0 * rec + REALM_PACKED_PF_AHEAD : NULL;
                 ptiles(c->y + r0, c->n_rows, nr, k0 > 0, panel, k0, q4, half,
                        (const uint8_t *)(c->xq + k0), xs, kc, c->batch, pf && pf < w_end ? pf : NULL);
             }
         }
-        pi++;
     }
 }
 

@@ -156,6 +156,19 @@ static void pack_panel(uint8_t *dst, const uint8_t *src, int64_t rb, int wtype, 
 INLINE int32_t load_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
 INLINE float load_f32(const void *p) { float v; memcpy(&v, p, 4); return v; }
 
+/* f + (block w's 16 rows dotted with the activation record at xb) x dw x its scale: per block
+ * 8 vpdpbusd in two chains (the first starting at the record's correction), then convert,
+ * scale and accumulate; the one block step of tile() and ptile() */
+INLINE __m512 block_row(__m512 f, const __m512i w[8], __m512 dw, const uint8_t *xb) {
+    __m512i a0 = _mm512_set1_epi32(load_i32(xb)), a1 = _mm512_setzero_si512();
+    for (int g = 0; g < 8; g += 2) {
+        DPBUSD_BCST(a0, w[g], xb + 8 + 4 * g);
+        DPBUSD_BCST(a1, w[g + 1], xb + 12 + 4 * g);
+    }
+    const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(load_f32(xb + 4)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s, f);
+}
+
 /* y[j * ldy + r] for j < n, r < 16 (mask m) (+)= packed panel . x rows j; the x rows are xs
  * bytes apart, each starting at the panel's first block. Per block and activation row: 8
  * vpdpbusd in two chains (the first starting at the correction), then convert, scale and
@@ -171,16 +184,7 @@ INLINE void tile(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint8
         __m512i w[8];
         for (int g = 0; g < 8; g++) w[g] = _mm512_load_si512((const void *)(wb + g * 64));
         const __m512 dw = _mm512_load_ps((const float *)(wb + 512));
-        for (int j = 0; j < n; j++) {
-            const uint8_t *xb = x + j * xs + i * XREC;
-            __m512i a0 = _mm512_set1_epi32(load_i32(xb)), a1 = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g += 2) {
-                DPBUSD_BCST(a0, w[g], xb + 8 + 4 * g);
-                DPBUSD_BCST(a1, w[g + 1], xb + 12 + 4 * g);
-            }
-            const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(load_f32(xb + 4)));
-            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s, f[j]);
-        }
+        for (int j = 0; j < n; j++) f[j] = block_row(f[j], w, dw, x + j * xs + i * XREC);
     }
     for (int j = 0; j < n; j++) _mm512_mask_storeu_ps(y + j * ldy, m, f[j]);
 }
@@ -221,7 +225,6 @@ typedef struct {
     int wtype;
     int64_t n_rows, nb, batch, row_bytes;
     atomic_int_fast64_t next;  /* next unclaimed panel (packed: run of panels) */
-    const uint8_t *w_end;      /* packed: the end of the panels */
 } gq_ctx;
 
 REALM_AVX512_VNNI
@@ -282,10 +285,6 @@ static void panel_task(void *p, int ith, int nth) {
 
 /* ---- interleaved weight panels (packed.c): the same tile, reading the panels in place ---- */
 
-#define RUNS_PER_THREAD 4  /* runs of panels per thread: long sequential streams, a few to balance */
-#define PF_AHEAD 4096    /* bytes the software prefetch runs ahead of the first tile (2-8 KiB
-                          * measured level on a Zen 4) */
-
 /* ptile: tile() over blocks k0 .. k0 + kc of a packed panel (packed.c: pairs of blocks, their
  * scales first; q4: Q4_0's nibbles, unpacked here once for the n activation rows). The
  * per-element operations are tile()'s, block by block in column order: exact whatever the
@@ -314,16 +313,7 @@ INLINE void ptile(float *y, int64_t ldy, __mmask16 m, int accumulate, const uint
             for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512((const void *)(wb + g * 64));
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(panel + realm_packed_scales_at(blk, cb))));
-        for (int j = 0; j < n; j++) {
-            const uint8_t *xb = x + j * xs + i * XREC;
-            __m512i a0 = _mm512_set1_epi32(load_i32(xb)), a1 = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g += 2) {
-                DPBUSD_BCST(a0, w[g], xb + 8 + 4 * g);
-                DPBUSD_BCST(a1, w[g + 1], xb + 12 + 4 * g);
-            }
-            const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(load_f32(xb + 4)));
-            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s, f[j]);
-        }
+        for (int j = 0; j < n; j++) f[j] = block_row(f[j], w, dw, x + j * xs + i * XREC);
     }
     for (int j = 0; j < n; j++) _mm512_mask_storeu_ps(y + j * ldy, m, f[j]);
 }
@@ -359,31 +349,22 @@ static void packed_task(void *p, int ith, int nth) {
     gq_ctx *c = p;
     (void)ith;
     const int64_t cb = realm_packed_code_bytes(c->wtype), nb = c->nb, xs = nb * XREC;
-    const int64_t n_panels = (c->n_rows + PR - 1) / PR;
+    const int64_t n_panels = (c->n_rows + PR - 1) / PR, pb = realm_packed_panel_bytes(nb, cb);
     /* a batch of at most one tile reads each block once: no need to keep chunks in L1 */
     const int64_t kcmax = c->batch <= NA ? nb : KC, rec = cb + 2 * PR;
-    /* threads claim runs of panels, which lie one after another in memory: the prefetches run
-     * PF_AHEAD bytes ahead over the run (codes, scales, the next panel) */
-    const int64_t items = (int64_t)nth * RUNS_PER_THREAD;
-    const int64_t run = n_panels > items ? (n_panels + items - 1) / items : 1;
-    int64_t pi = 0, run_end = 0;
-    for (;;) {
-        if (pi == run_end) {
-            pi = atomic_fetch_add(&c->next, 1) * run;
-            run_end = pi + run < n_panels ? pi + run : n_panels;
-            if (pi >= n_panels) break;
-        }
+    const uint8_t *w_end = c->w + n_panels * pb;
+    realm_panel_runs runs = realm_panel_runs_of(n_panels, nth);
+    for (int64_t pi; (pi = realm_panel_runs_next(&runs, &c->next)) >= 0;) {
         const int64_t r0 = pi * PR;
         const int nr = c->n_rows - r0 < PR ? (int)(c->n_rows - r0) : PR;
         const __mmask16 m = (__mmask16)((1u << nr) - 1u);
-        const uint8_t *panel = c->w + pi * realm_packed_panel_bytes(nb, cb);
+        const uint8_t *panel = c->w + pi * pb;
         for (int64_t k0 = 0; k0 < nb; k0 += kcmax) {
             const int64_t kc = nb - k0 < kcmax ? nb - k0 : kcmax;
-            const uint8_t *pf = panel + k0 * rec + PF_AHEAD;
+            const uint8_t *pf = panel + k0 * rec + REALM_PACKED_PF_AHEAD;
             ptiles(c->y + r0, c->n_rows, m, k0 > 0, panel, k0, c->wtype == REALM_TYPE_Q4_0,
-                   (const uint8_t *)(c->xq + k0), xs, kc, c->batch, pf < c->w_end ? pf : NULL);
+                   (const uint8_t *)(c->xq + k0), xs, kc, c->batch, pf < w_end ? pf : NULL);
         }
-        pi++;
     }
 }
 
@@ -394,7 +375,6 @@ int realm_matmul_packed_avx512(float *y, const void *w, int wtype, const float *
     if ((uint64_t)nb > (SIZE_MAX / XREC) / (uint64_t)batch) return REALM_ENOMEM;
     gq_ctx c = {.y = y, .w = w, .x = x, .wtype = wtype, .n_rows = n_rows, .nb = nb,
                 .batch = batch};
-    c.w_end = c.w + realm_packed_bytes(wtype, n_rows, n_cols);
     c.xq = aligned_alloc(64, ((size_t)(batch * nb) * XREC + 63) / 64 * 64);
     if (!c.xq) return REALM_ENOMEM;
     atomic_store(&c.next, 0);

@@ -215,9 +215,41 @@ typedef struct {
     int8_t q[QK];
 } realm_pq8;       /* one block of activations for the panel products */
 int64_t realm_packed_code_bytes(int wtype);  /* per block of a panel; < 0: not packable */
-int64_t realm_packed_panel_bytes(int64_t nb, int64_t cb);
-int64_t realm_packed_codes_at(int64_t i, int64_t cb);   /* block i's codes in its panel */
-int64_t realm_packed_scales_at(int64_t i, int64_t cb);  /* block i's 16 fp16 scales */
+/* a panel of nb blocks of cb code bytes: pairs of blocks, their 2 x 32 bytes of fp16 scales
+ * first, then their codes (an odd last block's scales are padded to 64 bytes) */
+static inline int64_t realm_packed_panel_bytes(int64_t nb, int64_t cb) {
+    return nb / 2 * (2 * cb + 64) + nb % 2 * (cb + 64);
+}
+static inline int64_t realm_packed_codes_at(int64_t i, int64_t cb) {  /* from the panel */
+    return (i >> 1) * (2 * cb + 64) + 64 + (i & 1) * cb;
+}
+static inline int64_t realm_packed_scales_at(int64_t i, int64_t cb) {  /* 16 fp16 scales */
+    return (i >> 1) * (2 * cb + 64) + (i & 1) * 32;
+}
+
+/* The panel products' threads claim runs of panels, which lie one after another in memory, so
+ * each thread reads long sequential streams (prefetched REALM_PACKED_PF_AHEAD bytes ahead by
+ * the first tile) and a descheduled core takes fewer runs. */
+#define REALM_PACKED_RUNS_PER_THREAD 4
+#define REALM_PACKED_PF_AHEAD 4096  /* 2-8 KiB measured level on a Zen 4 */
+typedef struct {
+    int64_t at, end, run, n;
+} realm_panel_runs;
+
+static inline realm_panel_runs realm_panel_runs_of(int64_t n_panels, int nth) {
+    const int64_t items = (int64_t)nth * REALM_PACKED_RUNS_PER_THREAD;
+    return (realm_panel_runs){0, 0, n_panels > items ? (n_panels + items - 1) / items : 1, n_panels};
+}
+
+/* this thread's next panel (claiming a new run from `next` when its run is done), or -1 */
+static inline int64_t realm_panel_runs_next(realm_panel_runs *r, atomic_int_fast64_t *next) {
+    if (r->at == r->end) {
+        r->at = atomic_fetch_add(next, 1) * r->run;
+        r->end = r->at + r->run < r->n ? r->at + r->run : r->n;
+        if (r->at >= r->n) return -1;
+    }
+    return r->at++;
+}
 void realm_packed_quantize(realm_pq8 *out, const float *src, int64_t nb, int32_t off);
 int realm_matmul_packed_ref(float *y, const void *w, int wtype, const float *x, int64_t n_rows,
                             int64_t n_cols, int64_t batch);

@@ -52,13 +52,6 @@ int64_t realm_packed_bytes(int wtype, int64_t n_rows, int64_t n_cols) {
 
 int realm_pack_preferred(void) { return realm_ops()->matmul_packed != NULL; }
 
-/* bytes of a panel of nb blocks (an odd last block's scales are padded to 64 bytes) */
-int64_t realm_packed_panel_bytes(int64_t nb, int64_t cb) { return nb / 2 * (2 * cb + 64) + nb % 2 * (cb + 64); }
-
-/* offsets of block i's codes and scales from its panel's start */
-int64_t realm_packed_codes_at(int64_t i, int64_t cb) { return (i >> 1) * (2 * cb + 64) + 64 + (i & 1) * cb; }
-int64_t realm_packed_scales_at(int64_t i, int64_t cb) { return (i >> 1) * (2 * cb + 64) + (i & 1) * 32; }
-
 typedef struct {
     uint8_t *out;
     const uint8_t *w;
